@@ -1,0 +1,53 @@
+"""fxsparse: weight masks as an explicit torch.fx graph rewrite.
+
+``torch.ao.pruning.FakeSparsity`` masks a weight through ``torch.nn.utils.parametrize``:
+the mask hides inside a parametrization, where scripting, ``state_dict``, ``torch.save``
+and FX tracing cannot see it. fxsparse computes the same ``mask * weight``, bit for bit,
+as an ordinary buffer and an ordinary ``mul`` node in an FX graph::
+
+    model ──plan──▶ Plan ──capture──▶ fx.Graph ──rewrite──▶ masked fx.Graph ──emit──▶ output
+           which parameters,  copy the model,       one mask*weight node        GraphModule,
+           which masks,       lower FakeSparsity,   per masked parameter,       FakeSparsity module,
+           which modules      trace it              Linear/Conv/Embedding       TorchScript,
+           to open                                  opened to functional calls  torch.export
+
+Example:
+    >>> import torch, fxsparse
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    >>> out = fxsparse.transform(model, {"0.weight": torch.eye(3)})
+    >>> print(out.code.strip())  # doctest: +NORMALIZE_WHITESPACE
+    def forward(self, input):
+        input_1 = input
+        _0_weight = getattr(self, "0").weight
+        _0_weight_mask = getattr(self, "0").weight_mask
+        _0_weight_masked = torch.mul(_0_weight_mask, _0_weight);  _0_weight_mask = _0_weight = None
+        _0_bias = getattr(self, "0").bias
+        _0 = torch._C._nn.linear(input_1, _0_weight_masked, _0_bias);  input_1 = _0_weight_masked = _0_bias = None
+        _1 = getattr(self, "1")(_0);  _0 = None
+        return _1
+    >>> x = torch.randn(2, 3)
+    >>> torch.equal(out(x), torch.relu(x @ (torch.eye(3) * model[0].weight).T + model[0].bias))
+    True
+"""
+
+from ._emit import EMITS
+from ._errors import EmitError, FxsparseError, MaskError, TraceError
+from ._plan import MaskedParameter, Plan
+from ._rewrite import META_KEY, ROLES
+from ._transform import plan, transform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMITS",
+    "META_KEY",
+    "ROLES",
+    "EmitError",
+    "FxsparseError",
+    "MaskError",
+    "MaskedParameter",
+    "Plan",
+    "TraceError",
+    "plan",
+    "transform",
+]

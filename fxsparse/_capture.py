@@ -1,0 +1,179 @@
+"""Capture: copy the model, lower ``FakeSparsity`` parametrizations, trace it into an FX graph.
+
+Nothing here edits a graph; it only produces one. The copy is what the result will own,
+so the caller's model is never touched, not even temporarily.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ._errors import MaskError, TraceError
+from ._plan import Plan
+
+__all__ = ["copy_model", "lower_fake_sparsity", "trace"]
+
+_EMPTY_COPYABLE = (dict, OrderedDict, set, list)
+_ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` that shares no parameter, buffer or submodule with it.
+
+    Equivalent to ``copy.deepcopy`` (ties and shared submodules stay shared within the
+    copy), but copies the module registries directly instead of through the generic
+    ``__reduce_ex__`` machinery, which is most of deepcopy's cost on models with
+    thousands of modules. Modules that define their own ``__deepcopy__`` (GraphModule,
+    parametrized modules) get it.
+    """
+    memo: dict[int, Any] = {}
+    try:
+        return _copy_module(model, memo)
+    except Exception as exc:  # a user attribute that refuses to be copied
+        raise TraceError(f"cannot copy {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+
+
+def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    done = memo.get(id(module))
+    if done is not None:
+        return done  # type: ignore[no-any-return]
+    if getattr(type(module), "__deepcopy__", None) is not None:
+        return copy.deepcopy(module, memo)
+    new = object.__new__(type(module))
+    memo[id(module)] = new
+    state = {}
+    for key, value in module.__dict__.items():
+        if key == "_modules":
+            state[key] = {n: None if m is None else _copy_module(m, memo) for n, m in value.items()}
+        elif key in ("_parameters", "_buffers"):
+            state[key] = {n: None if t is None else copy.deepcopy(t, memo) for n, t in value.items()}
+        elif isinstance(value, _ATOMIC):
+            state[key] = value
+        elif type(value) in _EMPTY_COPYABLE and not value:
+            state[key] = type(value)()
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    return new
+
+
+def lower_fake_sparsity(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Remove every ``FakeSparsity`` parametrization from ``model`` (a copy we own), returning its masks.
+
+    The weight keeps its unmasked value (``parametrizations.weight.original``); the
+    masks come back keyed by the parameter's name, to become graph-level masks.
+    """
+    from torch.ao.pruning import FakeSparsity
+
+    masks: dict[str, torch.Tensor] = {}
+    for module_name, module in list(model.named_modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, chain in list(module.parametrizations.items()):  # type: ignore[union-attr,operator]
+            kinds = [type(p) for p in chain]
+            if FakeSparsity not in kinds:
+                continue
+            name = f"{module_name}.{tensor_name}" if module_name else tensor_name
+            if kinds != [FakeSparsity]:
+                raise MaskError(
+                    f"cannot lower the parametrizations of {name!r}: fxsparse lowers a FakeSparsity that is the "
+                    f"only parametrization of its tensor, found {[k.__name__ for k in kinds]}"
+                )
+            masks[name] = chain[0].mask
+            _own_class(module)
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+    return masks
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a copied parametrized module a class of its own.
+
+    parametrize injects a class per module and stores the parametrized properties on
+    it; a deepcopy shares that class with the original, so removing a parametrization
+    from the copy would delete the property from under the original too.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+class _MaskTracer(torch.fx.Tracer):
+    """``torch.fx.Tracer`` that traces into the modules the plan names and finds attributes in O(1)."""
+
+    def __init__(self, traced_into: frozenset[str] = frozenset(), opened: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self._traced_into = traced_into
+        self._opened = opened
+        self._names: dict[int, str] = {}
+        self._hints: dict[str, Any] = {}
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> torch.fx.Graph:
+        if isinstance(root, nn.Module):
+            # FX finds a parameter's name by scanning named_parameters() at every access,
+            # which is quadratic on a model that is traced into (thousands of modules).
+            self._names = {id(t): n for n, t in root.named_buffers()}
+            self._names.update((id(t), n) for n, t in root.named_parameters())
+        self._hints = _type_hints(root.forward if isinstance(root, nn.Module) else root)
+        return super().trace(root, concrete_args)
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                    type_expr: Any | None = None) -> torch.fx.Node:
+        if isinstance(type_expr, str):
+            # A module written with `from __future__ import annotations` gives string
+            # annotations, which FX would print as unknown names that TorchScript rejects.
+            key = "return" if kind == "output" else str(target).lstrip("*")
+            type_expr = self._hints.get(key)
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._opened:
+            return True
+        if module_qualified_name in self._traced_into:
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if isinstance(attr_val, torch.Tensor):
+            name = self._names.get(id(attr_val))
+            if name is not None and (isinstance(attr_val, nn.Parameter) or self.proxy_buffer_attributes):
+                proxy = parameter_proxy_cache.get(name)
+                if proxy is None:
+                    proxy = parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return proxy
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def _type_hints(function: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(function)
+    except Exception:  # an annotation that does not evaluate: leave it out
+        return {}
+
+
+def trace(model: nn.Module, plan: Plan) -> torch.fx.Graph:
+    """Trace ``model`` (the copy) with leaves chosen by ``plan``; raise ``TraceError`` on failure."""
+    tracer = _MaskTracer(plan.traced_into, frozenset(plan.opened))
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        into = ""
+        if plan.traced_into:
+            shown = ", ".join(sorted(plan.traced_into)[:3]) + (", ..." if len(plan.traced_into) > 3 else "")
+            into = f" (fxsparse traces into the modules that hold a masked parameter: {shown})"
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}{into}: {type(exc).__name__}: {exc}. "
+            "fxsparse needs a model that torch.fx.symbolic_trace can trace: remove data-dependent "
+            "control flow from forward, or wrap the untraceable part in a function marked with "
+            "torch.fx.wrap or in a module that holds no masked parameter"
+        ) from exc
+    # Pickling a GraphModule re-traces its code with the graph's tracer class; ours needs none of its extras.
+    graph._tracer_cls = None
+    return graph

@@ -1,0 +1,279 @@
+"""The plan: which parameters get masked, with which masks, and which modules get opened.
+
+A :class:`Plan` is pure data computed from a model and a mapping of masks, before any
+graph exists. Capture reads it to decide what to trace into, the rewrite reads it to
+decide what to edit, and tests, diffs and pictures read it to know what was asked for.
+
+Mask rules (the "documented rule" for dtypes and devices):
+
+* a mask is keyed by a parameter's fully qualified name (``"seq.0.weight"``), by any
+  alias of a tied parameter, or by a module's name (meaning its ``weight``);
+* its shape must equal the parameter's shape exactly (no broadcasting);
+* a ``bool`` mask stays ``bool`` (1 byte an element); an integer or floating mask is
+  cast to the parameter's dtype, so the weight is never promoted to another dtype;
+* a mask on another device is moved to its parameter's device;
+* the mask is copied: later changes to the caller's tensor do not reach the result.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._errors import MaskError
+
+__all__ = ["MaskedParameter", "OpenedModule", "Opening", "Plan", "build_plan", "OPENINGS"]
+
+MASK_SUFFIX = "_mask"
+
+
+@dataclass(frozen=True)
+class Opening:
+    """How to replace a call of a leaf module by the functional call its ``forward`` makes.
+
+    The call becomes ``function(input, *parameters, *attributes)`` with the module's
+    parameters (``None`` where unset) and the current values of its attributes.
+    """
+
+    function: Callable[..., Any]
+    parameters: tuple[str, ...]
+    attributes: tuple[str, ...] = ()
+    applies: Callable[[nn.Module], bool] = lambda module: True
+
+
+_CONV_ATTRIBUTES = ("stride", "padding", "dilation", "groups")
+
+
+def _zero_padded(module: nn.Module) -> bool:
+    return getattr(module, "padding_mode", None) == "zeros"
+
+
+# Exact types only: a subclass may override forward, so it is traced into instead.
+OPENINGS: dict[type[nn.Module], Opening] = {
+    nn.Linear: Opening(F.linear, ("weight", "bias")),
+    nn.Conv1d: Opening(F.conv1d, ("weight", "bias"), _CONV_ATTRIBUTES, _zero_padded),
+    nn.Conv2d: Opening(F.conv2d, ("weight", "bias"), _CONV_ATTRIBUTES, _zero_padded),
+    nn.Conv3d: Opening(F.conv3d, ("weight", "bias"), _CONV_ATTRIBUTES, _zero_padded),
+    nn.Embedding: Opening(
+        F.embedding,
+        ("weight",),
+        ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class MaskedParameter:
+    """One parameter to mask.
+
+    ``name`` is the name the mask was given under; ``aliases`` are all the names of
+    the same ``Parameter`` object (more than one when it is tied between modules).
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    mask: torch.Tensor
+
+    @property
+    def owner(self) -> str:
+        """The module that gets the mask buffer: the one named by ``name``."""
+        return self.name.rpartition(".")[0]
+
+    @property
+    def mask_name(self) -> str:
+        """Fully qualified name of the mask buffer, e.g. ``"seq.0.weight_mask"``."""
+        return self.name + MASK_SUFFIX
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weight the mask keeps (mean of the mask)."""
+        return float(self.mask.float().mean()) if self.mask.numel() else 1.0
+
+
+@dataclass(frozen=True)
+class OpenedModule:
+    """A leaf module whose calls become a functional call on masked parameters."""
+
+    name: str
+    opening: Opening
+    parameters: tuple[str | None, ...]  # FQN of each parameter slot, None where unset
+    constants: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the rewrite needs to know, decided before tracing."""
+
+    parameters: tuple[MaskedParameter, ...]
+    opened: Mapping[str, OpenedModule]
+    traced_into: frozenset[str]
+
+    def by_alias(self) -> dict[str, MaskedParameter]:
+        """Every alias of every masked parameter, mapped to its entry."""
+        return {alias: p for p in self.parameters for alias in p.aliases}
+
+    def __repr__(self) -> str:
+        lines = [f"Plan({len(self.parameters)} masked parameters)"]
+        for p in self.parameters:
+            tied = f" tied to {', '.join(a for a in p.aliases if a != p.name)}" if len(p.aliases) > 1 else ""
+            lines.append(
+                f"  {p.name} {tuple(p.mask.shape)} {str(p.mask.dtype).removeprefix('torch.')} "
+                f"density {p.density:.3f}{tied}"
+            )
+        return "\n".join(lines)
+
+
+def build_plan(
+    model: nn.Module,
+    masks: Mapping[str, Any],
+    inherited: Mapping[str, torch.Tensor] | None = None,
+) -> Plan:
+    """Resolve ``masks`` against ``model`` and decide which modules to open or trace into.
+
+    ``inherited`` holds masks already carried by the model (lowered ``FakeSparsity``
+    parametrizations, keyed by parameter name); an explicit mask for the same
+    parameter replaces the inherited one.
+    """
+    if not isinstance(masks, Mapping):
+        raise MaskError(f"masks must be a mapping from parameter or module names to tensors, got {type(masks).__name__}")
+    aliases_of: dict[int, list[str]] = {}
+    parameter_by_name: dict[str, nn.Parameter] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        parameter_by_name[name] = parameter
+        aliases_of.setdefault(id(parameter), []).append(name)
+    modules = dict(model.named_modules(remove_duplicate=False))
+
+    chosen: dict[int, MaskedParameter] = {}
+    key_of: dict[int, str] = {}
+    for key, value in masks.items():
+        name = _resolve_key(key, parameter_by_name, modules, model)
+        parameter = parameter_by_name[name]
+        if id(parameter) in chosen:
+            raise MaskError(
+                f"mask keys {key_of[id(parameter)]!r} and {key!r} name the same parameter "
+                f"{aliases_of[id(parameter)][0]!r}; give one mask per parameter"
+            )
+        mask = _normalize(key, value, name, parameter)
+        chosen[id(parameter)] = MaskedParameter(name, tuple(aliases_of[id(parameter)]), mask)
+        key_of[id(parameter)] = key
+    for name, value in (inherited or {}).items():
+        parameter = parameter_by_name[name]
+        if id(parameter) not in chosen:
+            chosen[id(parameter)] = MaskedParameter(
+                name, tuple(aliases_of[id(parameter)]), _normalize(name, value, name, parameter)
+            )
+    parameters = tuple(chosen.values())
+    _check_buffer_names(parameters, modules)
+    opened, traced_into = _choose_openings(model, parameters, modules)
+    return Plan(parameters, opened, traced_into)
+
+
+def _resolve_key(
+    key: object,
+    parameter_by_name: Mapping[str, nn.Parameter],
+    modules: Mapping[str, nn.Module],
+    model: nn.Module,
+) -> str:
+    if not isinstance(key, str):
+        raise MaskError(f"mask keys must be parameter or module names (str), got {key!r} of type {type(key).__name__}")
+    if key in parameter_by_name:
+        return key
+    if key in modules:
+        weight_name = f"{key}.weight" if key else "weight"
+        if weight_name in parameter_by_name:
+            return weight_name
+        what = "the root module" if not key else f"module {key!r}"
+        raise MaskError(
+            f"mask key {key!r} names {what} ({type(modules[key]).__name__}), which has no parameter "
+            f"'weight'; name one of its parameters instead: {_own_parameters(key, parameter_by_name) or 'it has none'}"
+        )
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    if key in buffers:
+        raise MaskError(f"mask key {key!r} names a buffer; masks apply to parameters only")
+    candidates = list(parameter_by_name) + [m for m in modules if m and f"{m}.weight" in parameter_by_name]
+    close = difflib.get_close_matches(key, candidates, n=5, cutoff=0.5)
+    hint = f"closest valid names: {', '.join(repr(c) for c in close)}" if close else (
+        f"valid names include: {', '.join(repr(c) for c in candidates[:5])}" if candidates else "the model has no parameters"
+    )
+    raise MaskError(f"mask key {key!r} names no parameter or module of the model; {hint}")
+
+
+def _own_parameters(module_name: str, parameter_by_name: Mapping[str, nn.Parameter]) -> str:
+    prefix = f"{module_name}." if module_name else ""
+    own = [n for n in parameter_by_name if n.startswith(prefix) and "." not in n[len(prefix):]]
+    return ", ".join(repr(n) for n in own)
+
+
+def _normalize(key: str, value: object, name: str, parameter: torch.Tensor) -> torch.Tensor:
+    what = f"mask for {name!r}" if key == name else f"mask for {name!r} (key {key!r})"
+    if not isinstance(value, torch.Tensor):
+        raise MaskError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(parameter.shape):
+        raise MaskError(f"{what} has shape {tuple(value.shape)}, but the parameter has shape {tuple(parameter.shape)}")
+    if value.is_complex():
+        raise MaskError(f"{what} must be bool, integer or floating, got {value.dtype}")
+    if value.is_meta and not parameter.is_meta:
+        raise MaskError(f"{what} is on the meta device and holds no values")
+    if value.is_floating_point() and not value.is_meta and not bool(torch.isfinite(value).all()):
+        raise MaskError(f"{what} holds NaN or infinite values")
+    dtype = torch.bool if value.dtype == torch.bool else parameter.dtype
+    return value.detach().to(device=parameter.device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def _check_buffer_names(parameters: tuple[MaskedParameter, ...], modules: Mapping[str, nn.Module]) -> None:
+    for p in parameters:
+        owner = modules[p.owner]
+        buffer = p.name.rpartition(".")[2] + MASK_SUFFIX
+        if hasattr(owner, buffer):
+            raise MaskError(
+                f"cannot add the mask buffer {p.mask_name!r}: module {p.owner or 'root'!r} already has an "
+                f"attribute {buffer!r} (a model pruned with torch.nn.utils.prune? remove its pruning first)"
+            )
+
+
+def _choose_openings(
+    model: nn.Module, parameters: tuple[MaskedParameter, ...], modules: Mapping[str, nn.Module]
+) -> tuple[dict[str, OpenedModule], frozenset[str]]:
+    """Open exact-type leaf modules that own a masked parameter; trace into everything else that holds one."""
+    first_name = {id(m): n for n, m in model.named_modules()}
+    global_hooks = _has_global_forward_hooks()
+    opened: dict[str, OpenedModule] = {}
+    traced_into: set[str] = set()
+    for p in parameters:
+        for alias in p.aliases:
+            owner_name = alias.rpartition(".")[0]
+            parts = owner_name.split(".") if owner_name else []
+            for depth in range(len(parts)):
+                traced_into.add(first_name[id(modules[".".join(parts[:depth])])])
+            owner = modules[owner_name]
+            name = first_name[id(owner)]
+            opening = OPENINGS.get(type(owner))
+            if (
+                opening is not None
+                and opening.applies(owner)
+                and not owner._forward_hooks
+                and not owner._forward_pre_hooks
+                and not global_hooks
+            ):
+                slots = tuple(
+                    None if getattr(owner, slot) is None else (f"{name}.{slot}" if name else slot)
+                    for slot in opening.parameters
+                )
+                constants = tuple(getattr(owner, attribute) for attribute in opening.attributes)
+                opened[name] = OpenedModule(name, opening, slots, constants)
+            else:
+                traced_into.add(name)
+    traced_into.discard("")
+    return opened, frozenset(traced_into - set(opened))
+
+
+def _has_global_forward_hooks() -> bool:
+    from torch.nn.modules import module as module_impl
+
+    return bool(module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks)

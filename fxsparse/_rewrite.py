@@ -1,0 +1,122 @@
+"""The rewrite: the one place fxsparse edits a graph.
+
+For each masked parameter the graph fetches the weight and its mask buffer once and
+multiplies them in one ``mul`` node (``mask * weight``, as ``FakeSparsity`` computes
+it); every use of the parameter reads that product. Leaf modules that own a masked
+parameter (``nn.Linear``, ``nn.Conv*d``, ``nn.Embedding``) are opened in place into the
+functional call their ``forward`` makes, keeping the node's name::
+
+    seq_0_weight = getattr(self.seq, "0").weight
+    seq_0_weight_mask = getattr(self.seq, "0").weight_mask
+    seq_0_weight_masked = torch.mul(seq_0_weight_mask, seq_0_weight)
+    seq_0_bias = getattr(self.seq, "0").bias
+    seq_0 = torch._C._nn.linear(x, seq_0_weight_masked, seq_0_bias)
+
+Every node the rewrite creates or changes carries ``node.meta["fxsparse"]``, a dict
+whose ``"role"`` is one of :data:`ROLES`, with ``"param"`` naming the parameter
+(``"mask"`` the buffer, ``"module"`` the opened module) where it applies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+
+from ._errors import TraceError
+from ._plan import MaskedParameter, Plan
+
+__all__ = ["META_KEY", "ROLES", "rewrite"]
+
+META_KEY = "fxsparse"
+ROLES = {
+    "weight": "fetches a masked parameter",
+    "mask": "fetches a mask buffer",
+    "masked": "mask * weight, read by every use of the parameter",
+    "param": "fetches an unmasked parameter of an opened module",
+    "opened": "a leaf module call opened into its functional form",
+}
+
+
+def rewrite(root: nn.Module, graph: torch.fx.Graph, plan: Plan) -> None:
+    """Register the plan's mask buffers on ``root`` and mask every use in ``graph``, in place."""
+    for p in plan.parameters:
+        owner, _, attribute = p.mask_name.rpartition(".")
+        root.get_submodule(owner).register_buffer(attribute, p.mask, persistent=True)
+    _Rewriter(graph, plan).run()
+    graph.lint()
+
+
+class _Rewriter:
+    def __init__(self, graph: torch.fx.Graph, plan: Plan) -> None:
+        self.graph = graph
+        self.plan = plan
+        self.by_alias = plan.by_alias()
+        self.masked: dict[str, torch.fx.Node] = {}
+        self.plain: dict[str, torch.fx.Node] = {}
+
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.op == "get_attr":
+                p = self.by_alias.get(node.target)  # type: ignore[call-overload]
+                if p is not None:
+                    self._mask_fetch(node, p)
+            elif node.op == "call_module" and node.target in self.plan.opened:
+                self._open(node)
+        for node in self.graph.find_nodes(op="call_module"):
+            if node.target in self.plan.traced_into or node.target in self.plan.opened:
+                raise TraceError(f"module {node.target!r} holds a masked parameter but stayed a leaf call")
+
+    def _mask_fetch(self, fetch: torch.fx.Node, p: MaskedParameter) -> None:
+        product = self.masked.get(p.name)
+        if product is not None:
+            fetch.replace_all_uses_with(product)
+            self.graph.erase_node(fetch)
+            return
+        fetch.target = p.name
+        fetch.meta[META_KEY] = {"role": "weight", "param": p.name}
+        with self.graph.inserting_before(fetch.next):
+            product = self._multiply(fetch, p)
+        fetch.replace_all_uses_with(product, delete_user_cb=lambda user: user is not product)
+
+    def _multiply(self, weight: torch.fx.Node, p: MaskedParameter) -> torch.fx.Node:
+        mask = self.graph.get_attr(p.mask_name)
+        mask.meta[META_KEY] = {"role": "mask", "param": p.name, "mask": p.mask_name}
+        product = self.graph.call_function(torch.mul, (mask, weight), name=f"{weight.name}_masked")
+        product.meta[META_KEY] = {"role": "masked", "param": p.name, "mask": p.mask_name}
+        self.masked[p.name] = product
+        return product
+
+    def _fetch(self, name: str) -> torch.fx.Node:
+        """The node reading parameter ``name``, masked if it is; inserted at the current point."""
+        p = self.by_alias.get(name)
+        if p is not None:
+            product = self.masked.get(p.name)
+            if product is None:
+                weight = self.graph.get_attr(p.name)
+                weight.meta[META_KEY] = {"role": "weight", "param": p.name}
+                product = self._multiply(weight, p)
+            return product
+        fetch = self.plain.get(name)
+        if fetch is None:
+            fetch = self.plain[name] = self.graph.get_attr(name)
+            fetch.meta[META_KEY] = {"role": "param", "param": name}
+        return fetch
+
+    def _open(self, call: torch.fx.Node) -> None:
+        opened = self.plan.opened[call.target]  # type: ignore[index]
+        if len(call.args) == 1 and not call.kwargs:
+            (x,) = call.args
+        elif not call.args and set(call.kwargs) == {"input"}:
+            x = call.kwargs["input"]
+        else:
+            raise TraceError(
+                f"cannot open the call of {opened.name!r}: expected one input, got args {call.args} kwargs {call.kwargs}"
+            )
+        with self.graph.inserting_before(call):
+            tensors = [None if slot is None else self._fetch(slot) for slot in opened.parameters]
+        call.op = "call_function"
+        call.target = opened.opening.function
+        call.args = (x, *tensors, *opened.constants)
+        call.kwargs = {}
+        call.meta[META_KEY] = {"role": "opened", "module": opened.name}

@@ -1,0 +1,41 @@
+"""References that fxsparse is compared against: FakeSparsity and plain eager torch."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.ao.pruning import FakeSparsity
+from torch.nn.utils import parametrize
+
+from zoo import parameter_name
+
+
+def fake_sparsity(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` with ``FakeSparsity(mask)`` on each masked parameter, as torch.ao.pruning does it."""
+    reference = copy.deepcopy(model)
+    for key, mask in masks.items():
+        owner, _, attribute = parameter_name(model, key).rpartition(".")
+        parametrize.register_parametrization(reference.get_submodule(owner), attribute, FakeSparsity(mask.clone()))
+    return reference
+
+
+def eager(model: nn.Module, masks: dict[str, torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """``model(*args)`` with every name of every masked parameter replaced by ``mask * weight``."""
+    aliases: dict[int, list[str]] = {}
+    slots = set()  # (module, attribute) pairs: a module registered twice must be swapped once
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for name, parameter in named.items():
+        owner, _, attribute = name.rpartition(".")
+        slot = (id(model.get_submodule(owner)), attribute)
+        if slot not in slots:
+            slots.add(slot)
+            aliases.setdefault(id(parameter), []).append(name)
+    replaced = {}
+    for key, mask in masks.items():
+        parameter = named[parameter_name(model, key)]
+        masked = mask * parameter
+        for alias in aliases[id(parameter)]:
+            replaced[alias] = masked
+    return torch.func.functional_call(model, replaced, args, tie_weights=False)  # type: ignore[no-any-return]
