@@ -49,7 +49,7 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         return copy.deepcopy(module, memo)
     new = object.__new__(type(module))
     memo[id(module)] = new
-    state = {}
+    state: dict[str, Any] = {}
     for key, value in module.__dict__.items():
         if key == "_modules":
             state[key] = {n: None if m is None else _copy_module(m, memo) for n, m in value.items()}
@@ -59,6 +59,10 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[key] = value
         elif type(value) in _EMPTY_COPYABLE and not value:
             state[key] = type(value)()
+        elif isinstance(value, torch.Tensor) and not value.is_leaf:
+            # deepcopy refuses non-leaf tensors; such an attribute is recomputed state
+            # (torch.nn.utils.prune's `weight`), so a detached copy is the faithful one.
+            state[key] = memo.setdefault(id(value), value.detach().clone())
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
@@ -71,13 +75,13 @@ def lower_fake_sparsity(model: nn.Module) -> dict[str, torch.Tensor]:
     The weight keeps its unmasked value (``parametrizations.weight.original``); the
     masks come back keyed by the parameter's name, to become graph-level masks.
     """
-    from torch.ao.pruning import FakeSparsity
+    from torch.ao.pruning.sparsifier.utils import FakeSparsity
 
     masks: dict[str, torch.Tensor] = {}
     for module_name, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
             continue
-        for tensor_name, chain in list(module.parametrizations.items()):  # type: ignore[union-attr,operator]
+        for tensor_name, chain in list(module.parametrizations.items()):
             kinds = [type(p) for p in chain]
             if FakeSparsity not in kinds:
                 continue
@@ -124,8 +128,9 @@ class _MaskTracer(torch.fx.Tracer):
         self._hints = _type_hints(root.forward if isinstance(root, nn.Module) else root)
         return super().trace(root, concrete_args)
 
-    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
-                    type_expr: Any | None = None) -> torch.fx.Node:
+    def create_node(
+        self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None, type_expr: Any | None = None
+    ) -> torch.fx.Node:
         if isinstance(type_expr, str):
             # A module written with `from __future__ import annotations` gives string
             # annotations, which FX would print as unknown names that TorchScript rejects.

@@ -65,7 +65,8 @@ def run_demo(out_dir: Path, sparsity: float, seed: int) -> int:
     torch.export.save(exported, out_dir / "model.pt2")
     torch.save(out.state_dict(), out_dir / "state_dict.pt")
     with torch.no_grad():
-        script_equal = torch.equal(torch.jit.load(str(out_dir / "model.script.pt"))(ids), expected)
+        reloaded = torch.jit.load(str(out_dir / "model.script.pt"))  # type: ignore[no-untyped-call]
+        script_equal = torch.equal(reloaded(ids), expected)
         export_equal = torch.equal(torch.export.load(out_dir / "model.pt2").module()(ids), expected)
     masks_kept = sum(k.endswith("_mask") for k in torch.load(out_dir / "state_dict.pt"))
     print(f"  wrote      {out_dir / 'model.script.pt'} (TorchScript, reloaded output equal: {_yes(script_equal)})")

@@ -23,7 +23,8 @@ class TinyLM(nn.Module):
         x = self.embed(ids)
         for block in self.blocks:
             x = x + block(x)
-        return self.lm_head(self.norm(x))
+        logits: torch.Tensor = self.lm_head(self.norm(x))
+        return logits
 
 
 def magnitude_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
@@ -32,7 +33,7 @@ def magnitude_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             weight = module.weight.detach().abs().flatten()
-            pruned = int(round(sparsity * weight.numel()))
+            pruned = round(sparsity * weight.numel())
             keep = torch.ones_like(weight, dtype=torch.bool)
             if pruned:
                 keep[weight.argsort()[:pruned]] = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -46,27 +46,28 @@ def graph_module(root: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule
 
 def parametrized(root: nn.Module, plan: Plan) -> nn.Module:
     """``root`` with a ``FakeSparsity(mask)`` on every name of every masked parameter."""
-    from torch.ao.pruning import FakeSparsity
+    from torch.ao.pruning.sparsifier.utils import FakeSparsity
 
     for p in plan.parameters:
         for alias in p.aliases:
             owner, _, attribute = alias.rpartition(".")
-            parametrize.register_parametrization(root.get_submodule(owner), attribute, FakeSparsity(p.mask))
+            parametrize.register_parametrization(root.get_submodule(owner), attribute, FakeSparsity(p.mask))  # type: ignore[no-untyped-call]
     return root
 
 
 def to_script(gm: torch.fx.GraphModule) -> torch.jit.ScriptModule:
     # Script only what the graph reads: the rest of the module tree (user classes with
     # arbitrary Python in forward) would be compiled too and need not be scriptable.
-    return _run("script", torch.jit.script, torch.fx.GraphModule(gm, gm.graph, class_name=gm.__class__.__name__))
+    minimal = torch.fx.GraphModule(gm, gm.graph, class_name=gm.__class__.__name__)
+    return cast(torch.jit.ScriptModule, _run("script", torch.jit.script, minimal))
 
 
 def to_trace(gm: torch.fx.GraphModule, example_inputs: tuple[Any, ...]) -> torch.jit.ScriptModule:
-    return _run("trace", torch.jit.trace, gm, example_inputs)
+    return cast(torch.jit.ScriptModule, _run("trace", torch.jit.trace, gm, example_inputs))
 
 
 def to_export(gm: torch.fx.GraphModule, example_inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
-    return _run("export", torch.export.export, gm, example_inputs, strict=False)
+    return cast(torch.export.ExportedProgram, _run("export", torch.export.export, gm, example_inputs, strict=False))
 
 
 def _run(emit: str, backend: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

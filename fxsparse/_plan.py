@@ -28,7 +28,7 @@ from torch import nn
 
 from ._errors import MaskError
 
-__all__ = ["MaskedParameter", "OpenedModule", "Opening", "Plan", "build_plan", "OPENINGS"]
+__all__ = ["OPENINGS", "MaskedParameter", "OpenedModule", "Opening", "Plan", "build_plan"]
 
 MASK_SUFFIX = "_mask"
 
@@ -141,7 +141,9 @@ def build_plan(
     parameter replaces the inherited one.
     """
     if not isinstance(masks, Mapping):
-        raise MaskError(f"masks must be a mapping from parameter or module names to tensors, got {type(masks).__name__}")
+        raise MaskError(
+            f"masks must be a mapping from parameter or module names to tensors, got {type(masks).__name__}"
+        )
     aliases_of: dict[int, list[str]] = {}
     parameter_by_name: dict[str, nn.Parameter] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
@@ -198,15 +200,21 @@ def _resolve_key(
         raise MaskError(f"mask key {key!r} names a buffer; masks apply to parameters only")
     candidates = list(parameter_by_name) + [m for m in modules if m and f"{m}.weight" in parameter_by_name]
     close = difflib.get_close_matches(key, candidates, n=5, cutoff=0.5)
-    hint = f"closest valid names: {', '.join(repr(c) for c in close)}" if close else (
-        f"valid names include: {', '.join(repr(c) for c in candidates[:5])}" if candidates else "the model has no parameters"
+    hint = (
+        f"closest valid names: {', '.join(repr(c) for c in close)}"
+        if close
+        else (
+            f"valid names include: {', '.join(repr(c) for c in candidates[:5])}"
+            if candidates
+            else "the model has no parameters"
+        )
     )
     raise MaskError(f"mask key {key!r} names no parameter or module of the model; {hint}")
 
 
 def _own_parameters(module_name: str, parameter_by_name: Mapping[str, nn.Parameter]) -> str:
     prefix = f"{module_name}." if module_name else ""
-    own = [n for n in parameter_by_name if n.startswith(prefix) and "." not in n[len(prefix):]]
+    own = [n for n in parameter_by_name if n.startswith(prefix) and "." not in n[len(prefix) :]]
     return ", ".join(repr(n) for n in own)
 
 

@@ -58,7 +58,7 @@ class _Rewriter:
     def run(self) -> None:
         for node in list(self.graph.nodes):
             if node.op == "get_attr":
-                p = self.by_alias.get(node.target)  # type: ignore[call-overload]
+                p = self.by_alias.get(str(node.target))
                 if p is not None:
                     self._mask_fetch(node, p)
             elif node.op == "call_module" and node.target in self.plan.opened:
@@ -111,7 +111,8 @@ class _Rewriter:
             x = call.kwargs["input"]
         else:
             raise TraceError(
-                f"cannot open the call of {opened.name!r}: expected one input, got args {call.args} kwargs {call.kwargs}"
+                f"cannot open the call of {opened.name!r}: expected one input, "
+                f"got args {call.args} kwargs {call.kwargs}"
             )
         with self.graph.inserting_before(call):
             tensors = [None if slot is None else self._fetch(slot) for slot in opened.parameters]

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import fxsparse
+
 from reference import eager, fake_sparsity
 from zoo import MASK_KINDS, ZOO, build, inputs, make_masks, parameter_name
 
@@ -135,7 +136,9 @@ def test_graph_fetches_each_masked_parameter_once_and_multiplies_once() -> None:
     assert len(weights) == 1
     assert not [n for n in out.graph.nodes if n.op == "call_module" and n.target in ("shared", "out")]
     linears = [n for n in out.graph.nodes if n.target is torch.nn.functional.linear]
-    assert [n.meta["fxsparse"] for n in linears] == [{"role": "opened", "module": m} for m in ("shared", "shared", "out")]
+    assert [n.meta["fxsparse"] for n in linears] == [
+        {"role": "opened", "module": m} for m in ("shared", "shared", "out")
+    ]
 
 
 def test_every_created_node_is_tagged() -> None:

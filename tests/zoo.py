@@ -188,13 +188,16 @@ ZOO: dict[str, Case] = {
         Case(
             "nested_sequential",
             lambda: nn.Sequential(
-                nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 6))),
+                nn.Linear(8, 8),
+                nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 6))),
                 nn.Linear(6, 4, bias=False),
             ),
             _float(5, 8),
             ("0.weight", "1.0.weight", "1.2.0", "2.weight"),
         ),
-        Case("lists_and_dicts", ListsAndDicts, _float(4, 8), ("blocks.0", "blocks.1.weight", "heads.a", "heads.b.weight")),
+        Case(
+            "lists_and_dicts", ListsAndDicts, _float(4, 8), ("blocks.0", "blocks.1.weight", "heads.a", "heads.b.weight")
+        ),
         Case("linear_called_twice", CalledTwice, _float(4, 8), ("shared.weight", "out.weight")),
         Case("functional_linear", FunctionalNet, _float(4, 8), ("proj.weight", "head.weight")),
         Case("addmm_custom", AddmmNet, _float(4, 8), ("c_fc.weight", "c_proj.weight")),
