@@ -1,0 +1,101 @@
+"""How long does fxsparse.transform take, next to symbolic_trace and torch.ao.pruning?
+
+Times, in one process and on the same models (N × (Linear(16, 16) + ReLU)), the best of a
+few runs of:
+
+* ``torch.fx.symbolic_trace(model)``: the floor, tracing alone;
+* ``fxsparse.transform(model, masks)``: copy + trace + rewrite + codegen, every Linear masked;
+* ``copy.deepcopy(model)``: what copying the model costs on its own;
+* ``WeightNormSparsifier().prepare(model, config=None)``: torch.ao.pruning's set-up (on a copy
+  made outside the timing).
+
+and prints ratios to symbolic_trace (absolute times only for scale). Usage::
+
+    python tools/bench_transform.py [--sizes 100 1000 5000] [--repeat 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+import fxsparse
+
+
+def make_model(layers: int) -> nn.Sequential:
+    modules: list[nn.Module] = []
+    for _ in range(layers):
+        modules += [nn.Linear(16, 16), nn.ReLU()]
+    return nn.Sequential(*modules)
+
+
+def best_time(function: Callable[[], Any], repeat: int, setup: Callable[[], Any] | None = None) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        argument = setup() if setup else None
+        gc.collect()
+        start = time.perf_counter()
+        function() if setup is None else function(argument)  # type: ignore[call-arg]
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def prepare_sparsifier(model: nn.Module) -> None:
+    from torch.ao.pruning import WeightNormSparsifier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        WeightNormSparsifier().prepare(model, config=None)
+
+
+def measure(layers: int, repeat: int) -> dict[str, float]:
+    model = make_model(layers)
+    masks = {f"{2 * i}": torch.rand(16, 16) > 0.5 for i in range(layers)}
+    row = {"layers": float(layers)}
+    row["symbolic_trace_s"] = best_time(lambda: torch.fx.symbolic_trace(model), repeat)
+    row["transform_s"] = best_time(lambda: fxsparse.transform(model, masks), repeat)
+    row["deepcopy_s"] = best_time(lambda: copy.deepcopy(model), repeat)
+    row["prepare_s"] = best_time(prepare_sparsifier, max(1, repeat - 1), setup=lambda: copy.deepcopy(model))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 5000])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = [measure(n, args.repeat) for n in args.sizes]
+    print(
+        f"# transform cost, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeat}"
+    )
+    print()
+    print("| layers | symbolic_trace | transform ÷ trace | deepcopy ÷ trace | prepare ÷ trace | transform µs/layer |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        trace = row["symbolic_trace_s"]
+        print(
+            f"| {int(row['layers'])} | {trace:.3f} s | {row['transform_s'] / trace:.2f}× | "
+            f"{row['deepcopy_s'] / trace:.2f}× | {row['prepare_s'] / trace:.2f}× | "
+            f"{row['transform_s'] / row['layers'] * 1e6:.0f} |"
+        )
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(rows, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
