@@ -37,7 +37,7 @@ MASK_SUFFIX = "_mask"
 class Opening:
     """How to replace a call of a leaf module by the functional call its ``forward`` makes.
 
-    The call becomes ``function(input, *parameters, *attributes)`` with the module's
+    The call becomes ``function(input, *parameters, **attributes)`` with the module's
     parameters (``None`` where unset) and the current values of its attributes.
     """
 

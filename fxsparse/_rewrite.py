@@ -118,6 +118,6 @@ class _Rewriter:
             tensors = [None if slot is None else self._fetch(slot) for slot in opened.parameters]
         call.op = "call_function"
         call.target = opened.opening.function
-        call.args = (x, *tensors, *opened.constants)
-        call.kwargs = {}
+        call.args = (x, *tensors)
+        call.kwargs = dict(zip(opened.opening.attributes, opened.constants, strict=True))
         call.meta[META_KEY] = {"role": "opened", "module": opened.name}
