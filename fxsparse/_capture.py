@@ -7,6 +7,7 @@ so the caller's model is never touched, not even temporarily.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import typing
 from collections import OrderedDict
 from typing import Any
@@ -110,14 +111,23 @@ def _own_class(module: nn.Module) -> None:
 
 
 class _MaskTracer(torch.fx.Tracer):
-    """``torch.fx.Tracer`` that traces into the modules the plan names and finds attributes in O(1)."""
+    """``torch.fx.Tracer`` that traces into the modules holding masked parameters.
+
+    A module FX keeps as a leaf by default (a ``torch.nn`` module such as
+    ``nn.MultiheadAttention`` or ``nn.BatchNorm2d``) is traced into if it can be; if
+    its ``forward`` cannot be traced (control flow on input shapes), the attempt is
+    rolled back and the module stays a leaf call, ``kept`` with the reason, for the
+    rewrite to call with its masked parameters swapped in.
+    """
 
     def __init__(self, traced_into: frozenset[str] = frozenset(), opened: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self._traced_into = traced_into
         self._opened = opened
+        self.kept: dict[str, str] = {}
         self._names: dict[int, str] = {}
         self._hints: dict[str, Any] = {}
+        self._proxy_cache: dict[str, Any] = {}
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> torch.fx.Graph:
         if isinstance(root, nn.Module):
@@ -139,13 +149,38 @@ class _MaskTracer(torch.fx.Tracer):
         return super().create_node(kind, target, args, kwargs, name, type_expr)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._opened:
+        if module_qualified_name in self._opened or module_qualified_name in self.kept:
             return True
         if module_qualified_name in self._traced_into:
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        name = self.path_of_module(m)
+        if name not in self._traced_into or name in self.kept or not super().is_leaf_module(m, name):
+            return super().call_module(m, forward, args, kwargs)
+        last = next(iter(reversed(self.graph.nodes)))
+        module_stack, num_calls = self.module_stack.copy(), dict(self.num_calls)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            self._roll_back(last)
+            self.module_stack.clear()
+            self.module_stack.update(module_stack)
+            self.num_calls = num_calls
+            self.kept[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            return super().call_module(m, forward, args, kwargs)
+
+    def _roll_back(self, last: torch.fx.Node) -> None:
+        """Erase every node created after ``last``, and forget proxies of erased nodes."""
+        while (node := next(iter(reversed(self.graph.nodes)))) is not last:
+            self.graph.erase_node(node)
+        for key, proxy in list(self._proxy_cache.items()):
+            if proxy.node._erased:
+                del self._proxy_cache[key]
+
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        self._proxy_cache = parameter_proxy_cache
         if isinstance(attr_val, torch.Tensor):
             name = self._names.get(id(attr_val))
             if name is not None and (isinstance(attr_val, nn.Parameter) or self.proxy_buffer_attributes):
@@ -163,11 +198,15 @@ def _type_hints(function: Any) -> dict[str, Any]:
         return {}
 
 
-def trace(model: nn.Module, plan: Plan) -> torch.fx.Graph:
-    """Trace ``model`` (the copy) with leaves chosen by ``plan``; raise ``TraceError`` on failure."""
+def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = None) -> tuple[torch.fx.Graph, Plan]:
+    """Trace ``model`` (the copy) with leaves chosen by ``plan``; raise ``TraceError`` on failure.
+
+    Returns the graph and the plan with the modules that had to stay leaves (``kept``).
+    """
     tracer = _MaskTracer(plan.traced_into, frozenset(plan.opened))
+    attributes = [(module, dict(vars(module))) for module in model.modules()]
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args)
     except Exception as exc:
         into = ""
         if plan.traced_into:
@@ -176,9 +215,26 @@ def trace(model: nn.Module, plan: Plan) -> torch.fx.Graph:
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}{into}: {type(exc).__name__}: {exc}. "
             "fxsparse needs a model that torch.fx.symbolic_trace can trace: remove data-dependent "
-            "control flow from forward, or wrap the untraceable part in a function marked with "
-            "torch.fx.wrap or in a module that holds no masked parameter"
+            "control flow from forward (or fix it with concrete_args), or wrap the untraceable part "
+            "in a function marked with torch.fx.wrap or in a module that holds no masked parameter"
         ) from exc
+    finally:
+        _restore_traced_attributes(attributes)
     # Pickling a GraphModule re-traces its code with the graph's tracer class; ours needs none of its extras.
     graph._tracer_cls = None
-    return graph
+    if not tracer.kept:
+        return graph, plan
+    inside_kept = {name for name in plan.opened for kept in tracer.kept if name.startswith(f"{kept}.")}
+    opened = {name: o for name, o in plan.opened.items() if name not in inside_kept}
+    return graph, dataclasses.replace(plan, opened=opened, kept=dict(tracer.kept))
+
+
+def _restore_traced_attributes(attributes: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    """Undo attributes that code run during tracing set to proxies (e.g. torch.nn.utils.prune's hook)."""
+    for module, before in attributes:
+        for key, value in list(vars(module).items()):
+            if isinstance(value, torch.fx.Proxy):
+                if key in before:
+                    setattr(module, key, before[key])
+                else:
+                    delattr(module, key)

@@ -13,7 +13,10 @@ import torch
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fxsparse import __version__
+
     parser = argparse.ArgumentParser(prog="fxsparse", description="Weight masks as an explicit torch.fx graph rewrite.")
+    parser.add_argument("--version", action="version", version=f"fxsparse {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -25,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.sparsity <= 1.0:
         parser.error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out must be a folder, but {args.out} is a file")
     return run_demo(args.out, args.sparsity, args.seed)
 
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ._errors import EmitError
 from ._plan import Plan
+from ._rewrite import retag
+from ._runtime import call_with_parameters
 
-__all__ = ["EMITS", "graph_module", "parametrized", "to_export", "to_script", "to_trace"]
+__all__ = ["EMITS", "MaskedGraphModule", "graph_module", "parametrized", "to_export", "to_script", "to_trace"]
 
 EMITS: dict[str, str] = {
     "graph": "a torch.fx.GraphModule with an explicit mask * weight node per masked parameter",
@@ -24,24 +28,51 @@ EMITS: dict[str, str] = {
 }
 NEEDS_INPUTS = frozenset({"trace", "export"})
 
+# Instance attributes a GraphModule keeps for its code; everything else is the module's own state.
+_GRAPH_MODULE_ONLY = frozenset(vars(torch.fx.GraphModule(nn.Module(), torch.fx.Graph()))) - frozenset(vars(nn.Module()))
 
-def graph_module(root: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
-    """A GraphModule running ``graph`` over ``root``'s whole module tree.
 
-    ``GraphModule(root, graph)`` would keep only the attributes the graph reads, under
-    plain ``nn.Module`` containers; keeping the whole tree keeps every key of the
-    model's ``state_dict`` and lets users index ``out.seq[0]`` as before.
+class MaskedGraphModule(torch.fx.GraphModule):
+    """The ``GraphModule`` fxsparse returns: the graph over the model's whole module tree.
+
+    ``GraphModule(root, graph)`` keeps only the attributes the graph reads, under plain
+    containers, and rebuilds itself that way on ``copy.deepcopy`` and pickling (so
+    unused parameters vanish and non-persistent buffers turn persistent). This one
+    keeps every module, parameter, buffer (persistent or not), hook and attribute of
+    the model, so ``state_dict`` round-trips exactly through every copy and save.
     """
-    out = torch.fx.GraphModule(nn.Module(), torch.fx.Graph(), class_name=type(root).__name__)
-    out.__dict__.update(
-        _parameters=root._parameters,
-        _buffers=root._buffers,
-        _modules=root._modules,
-        _non_persistent_buffers_set=root._non_persistent_buffers_set,
-        training=root.training,
-    )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MaskedGraphModule:
+        state = copy.deepcopy(_module_state(self), memo)
+        return _assemble(state, copy.deepcopy(self.graph, memo), type(self).__name__)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # GraphModule pickles its code, not its Graph (the code is the stable format);
+        # ours adds the module state the code-based rebuild would drop.
+        return (_unpickle, (super().__reduce__(), _module_state(self), type(self).__name__))
+
+
+def graph_module(root: nn.Module, graph: torch.fx.Graph) -> MaskedGraphModule:
+    """A ``MaskedGraphModule`` running ``graph`` over ``root``'s whole module tree and state."""
+    return _assemble(_module_state(root), graph, type(root).__name__)
+
+
+def _module_state(module: nn.Module) -> dict[str, Any]:
+    return {key: value for key, value in vars(module).items() if key not in _GRAPH_MODULE_ONLY}
+
+
+def _assemble(state: dict[str, Any], graph: torch.fx.Graph, class_name: str) -> MaskedGraphModule:
+    out = MaskedGraphModule(nn.Module(), torch.fx.Graph(), class_name=class_name)
+    out.__dict__.update(state)
     out.graph = graph  # compiles forward once
     return out
+
+
+def _unpickle(reduced: tuple[Any, ...], state: dict[str, Any], class_name: str) -> MaskedGraphModule:
+    rebuild, arguments = reduced
+    graph = rebuild(*arguments).graph
+    retag(graph)
+    return _assemble(state, graph, class_name)
 
 
 def parametrized(root: nn.Module, plan: Plan) -> nn.Module:
@@ -51,15 +82,32 @@ def parametrized(root: nn.Module, plan: Plan) -> nn.Module:
     for p in plan.parameters:
         for alias in p.aliases:
             owner, _, attribute = alias.rpartition(".")
-            parametrize.register_parametrization(root.get_submodule(owner), attribute, FakeSparsity(p.mask))  # type: ignore[no-untyped-call]
+            parametrization = FakeSparsity(p.mask)  # type: ignore[no-untyped-call]
+            parametrize.register_parametrization(root.get_submodule(owner), attribute, parametrization)
     return root
 
 
 def to_script(gm: torch.fx.GraphModule) -> torch.jit.ScriptModule:
+    kept = [str(n.args[0].target) for n in gm.graph.find_nodes(op="call_function", target=call_with_parameters)]
+    if kept:
+        raise EmitError(
+            f"emit='script' cannot compile {', '.join(repr(k) for k in sorted(set(kept)))}: fxsparse calls these "
+            "modules with their masked parameters swapped in because their forward cannot be traced, and "
+            "TorchScript cannot swap parameters; use emit='trace' or emit='export'"
+        )
+    renormed = [n.name for n in gm.graph.find_nodes(op="call_function", target=F.embedding) if n.kwargs.get("max_norm")]
+    if renormed:
+        raise EmitError(
+            f"emit='script' would compute {', '.join(renormed)} wrongly: TorchScript's embedding ignores "
+            "max_norm (a torch bug, with or without masks); use emit='trace' or emit='export'"
+        )
+
     # Script only what the graph reads: the rest of the module tree (user classes with
     # arbitrary Python in forward) would be compiled too and need not be scriptable.
-    minimal = torch.fx.GraphModule(gm, gm.graph, class_name=gm.__class__.__name__)
-    return cast(torch.jit.ScriptModule, _run("script", torch.jit.script, minimal))
+    def script_graph() -> Any:
+        return torch.jit.script(torch.fx.GraphModule(gm, gm.graph, class_name=type(gm).__name__))
+
+    return cast(torch.jit.ScriptModule, _run("script", script_graph))
 
 
 def to_trace(gm: torch.fx.GraphModule, example_inputs: tuple[Any, ...]) -> torch.jit.ScriptModule:
@@ -75,6 +123,5 @@ def _run(emit: str, backend: Callable[..., Any], *args: Any, **kwargs: Any) -> A
         return backend(*args, **kwargs)
     except Exception as exc:
         raise EmitError(
-            f"emit={emit!r} failed in {backend.__module__}.{backend.__name__}: {type(exc).__name__}: {exc}; "
-            "the masked graph itself is available with emit='graph'"
+            f"emit={emit!r} failed: {type(exc).__name__}: {exc}; the masked graph itself is available with emit='graph'"
         ) from exc

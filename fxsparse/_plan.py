@@ -18,8 +18,9 @@ Mask rules (the "documented rule" for dtypes and devices):
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from ._errors import MaskError
 __all__ = ["OPENINGS", "MaskedParameter", "OpenedModule", "Opening", "Plan", "build_plan"]
 
 MASK_SUFFIX = "_mask"
+_PARAMETRIZED = re.compile(r"(.*?)parametrizations\.(\w+)\.original")
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,18 @@ class OpenedModule:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything the rewrite needs to know, decided before tracing."""
+    """Everything the rewrite needs to know: decided before tracing, except ``kept``.
+
+    ``opened``: leaf modules whose calls become functional calls. ``traced_into``:
+    modules whose ``forward`` is traced so that their parameter uses show in the graph.
+    ``kept``: modules of ``traced_into`` whose ``forward`` turned out untraceable (the
+    reason as value); their calls run with the masked parameters swapped in.
+    """
 
     parameters: tuple[MaskedParameter, ...]
     opened: Mapping[str, OpenedModule]
     traced_into: frozenset[str]
+    kept: Mapping[str, str] = field(default_factory=dict)
 
     def by_alias(self) -> dict[str, MaskedParameter]:
         """Every alias of every masked parameter, mapped to its entry."""
@@ -126,6 +135,7 @@ class Plan:
                 f"  {p.name} {tuple(p.mask.shape)} {str(p.mask.dtype).removeprefix('torch.')} "
                 f"density {p.density:.3f}{tied}"
             )
+        lines.extend(f"  kept as a leaf call: {name} ({why})" for name, why in self.kept.items())
         return "\n".join(lines)
 
 
@@ -186,6 +196,9 @@ def _resolve_key(
         raise MaskError(f"mask keys must be parameter or module names (str), got {key!r} of type {type(key).__name__}")
     if key in parameter_by_name:
         return key
+    lowered = _PARAMETRIZED.fullmatch(key)
+    if lowered and f"{lowered[1]}{lowered[2]}" in parameter_by_name:
+        return f"{lowered[1]}{lowered[2]}"  # the name of a FakeSparsity-parametrized weight, lowered
     if key in modules:
         weight_name = f"{key}.weight" if key else "weight"
         if weight_name in parameter_by_name:
@@ -224,6 +237,8 @@ def _normalize(key: str, value: object, name: str, parameter: torch.Tensor) -> t
         raise MaskError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
     if tuple(value.shape) != tuple(parameter.shape):
         raise MaskError(f"{what} has shape {tuple(value.shape)}, but the parameter has shape {tuple(parameter.shape)}")
+    if value.layout != torch.strided:
+        raise MaskError(f"{what} must be a dense tensor, got layout {value.layout}; convert it with .to_dense()")
     if value.is_complex():
         raise MaskError(f"{what} must be bool, integer or floating, got {value.dtype}")
     if value.is_meta and not parameter.is_meta:
@@ -231,19 +246,25 @@ def _normalize(key: str, value: object, name: str, parameter: torch.Tensor) -> t
     if value.is_floating_point() and not value.is_meta and not bool(torch.isfinite(value).all()):
         raise MaskError(f"{what} holds NaN or infinite values")
     dtype = torch.bool if value.dtype == torch.bool else parameter.dtype
-    # .to() only where needed: it costs ten times a clone, which adds up over thousands of masks.
-    moved = value.detach().to(device=parameter.device, dtype=dtype)
-    return (
-        moved.clone(memory_format=torch.contiguous_format)
-        if moved is value or moved.data_ptr() == value.data_ptr()
-        else moved.contiguous()
-    )
+    # .to() converts only where needed; the copy is explicit (cheaper than .to(copy=True)).
+    mask = value.detach().to(device=parameter.device, dtype=dtype)
+    if mask.is_floating_point() and not mask.is_meta and not bool(torch.isfinite(mask).all()):
+        raise MaskError(f"{what} overflows {dtype}, the parameter's dtype it is cast to")
+    if mask.data_ptr() == value.data_ptr():
+        return mask.clone(memory_format=torch.contiguous_format)
+    return mask.contiguous()
 
 
 def _check_buffer_names(parameters: tuple[MaskedParameter, ...], modules: Mapping[str, nn.Module]) -> None:
     for p in parameters:
         owner = modules[p.owner]
         buffer = p.name.rpartition(".")[2] + MASK_SUFFIX
+        if buffer in owner._buffers:
+            raise MaskError(
+                f"{p.name!r} already has a mask buffer {p.mask_name!r} (is the model an fxsparse output?); "
+                f"change the mask in place with out.get_buffer({p.mask_name!r}).copy_(mask), "
+                "or transform the original model"
+            )
         if hasattr(owner, buffer):
             raise MaskError(
                 f"cannot add the mask buffer {p.mask_name!r}: module {p.owner or 'root'!r} already has an "

@@ -24,9 +24,10 @@ import torch.fx
 from torch import nn
 
 from ._errors import TraceError
-from ._plan import MaskedParameter, Plan
+from ._plan import MASK_SUFFIX, MaskedParameter, Plan
+from ._runtime import call_with_parameters
 
-__all__ = ["META_KEY", "ROLES", "rewrite"]
+__all__ = ["META_KEY", "ROLES", "retag", "rewrite"]
 
 META_KEY = "fxsparse"
 ROLES = {
@@ -35,6 +36,8 @@ ROLES = {
     "masked": "mask * weight, read by every use of the parameter",
     "param": "fetches an unmasked parameter of an opened module",
     "opened": "a leaf module call opened into its functional form",
+    "module": "fetches a module that is called with masked parameters swapped in",
+    "called": "a call of a module whose forward cannot be traced, with masked parameters swapped in",
 }
 
 
@@ -43,8 +46,30 @@ def rewrite(root: nn.Module, graph: torch.fx.Graph, plan: Plan) -> None:
     for p in plan.parameters:
         owner, _, attribute = p.mask_name.rpartition(".")
         root.get_submodule(owner).register_buffer(attribute, p.mask, persistent=True)
+    retag(graph)
     _Rewriter(graph, plan).run()
     graph.lint()
+
+
+def retag(graph: torch.fx.Graph) -> None:
+    """Tag the ``mask * weight`` pattern of a graph re-traced from fxsparse-generated code.
+
+    Node meta does not survive code-based round trips (pickling a GraphModule, or
+    transforming an fxsparse output again); the pattern ``torch.mul(<p>_mask, <p>)`` does,
+    and is what the ``"weight"``, ``"mask"`` and ``"masked"`` tags describe. Which calls
+    were opened cannot be told from the code, so ``"opened"``/``"param"`` tags are not restored.
+    """
+    for product in graph.find_nodes(op="call_function", target=torch.mul):
+        if len(product.args) != 2 or product.kwargs or META_KEY in product.meta:
+            continue
+        mask, weight = product.args
+        if not (isinstance(mask, torch.fx.Node) and isinstance(weight, torch.fx.Node)):
+            continue
+        if mask.op == weight.op == "get_attr" and mask.target == f"{weight.target}{MASK_SUFFIX}":
+            param, buffer = str(weight.target), str(mask.target)
+            weight.meta.setdefault(META_KEY, {"role": "weight", "param": param})
+            mask.meta.setdefault(META_KEY, {"role": "mask", "param": param, "mask": buffer})
+            product.meta[META_KEY] = {"role": "masked", "param": param, "mask": buffer}
 
 
 class _Rewriter:
@@ -54,6 +79,7 @@ class _Rewriter:
         self.by_alias = plan.by_alias()
         self.masked: dict[str, torch.fx.Node] = {}
         self.plain: dict[str, torch.fx.Node] = {}
+        self.modules: dict[str, torch.fx.Node] = {}
 
     def run(self) -> None:
         for node in list(self.graph.nodes):
@@ -63,6 +89,8 @@ class _Rewriter:
                     self._mask_fetch(node, p)
             elif node.op == "call_module" and node.target in self.plan.opened:
                 self._open(node)
+            elif node.op == "call_module" and node.target in self.plan.kept:
+                self._call_with_masked(node)
         for node in self.graph.find_nodes(op="call_module"):
             if node.target in self.plan.traced_into or node.target in self.plan.opened:
                 raise TraceError(f"module {node.target!r} holds a masked parameter but stayed a leaf call")
@@ -121,3 +149,22 @@ class _Rewriter:
         call.args = (x, *tensors)
         call.kwargs = dict(zip(opened.opening.attributes, opened.constants, strict=True))
         call.meta[META_KEY] = {"role": "opened", "module": opened.name}
+
+    def _call_with_masked(self, call: torch.fx.Node) -> None:
+        name = str(call.target)
+        prefix = f"{name}."
+        with self.graph.inserting_before(call):
+            module = self.modules.get(name)
+            if module is None:
+                module = self.modules[name] = self.graph.get_attr(name)
+                module.meta[META_KEY] = {"role": "module", "module": name}
+            swapped = {
+                alias[len(prefix) :]: self._fetch(alias)
+                for p in self.plan.parameters
+                for alias in p.aliases
+                if alias.startswith(prefix)
+            }
+        call.op = "call_function"
+        call.target = call_with_parameters
+        call.args = (module, swapped, *call.args)
+        call.meta[META_KEY] = {"role": "called", "module": name}

@@ -22,6 +22,7 @@ def transform(
     *,
     emit: str = "graph",
     example_inputs: tuple[Any, ...] | torch.Tensor | None = None,
+    concrete_args: dict[str, Any] | None = None,
 ) -> Any:
     """Mask weights of ``model`` as ``torch.ao.pruning.FakeSparsity`` would, as an explicit FX graph rewrite.
 
@@ -39,6 +40,8 @@ def transform(
             ``"trace"``, ``"export"`` (see :data:`fxsparse.EMITS`).
         example_inputs: the positional inputs for ``emit="trace"`` and ``"export"``
             (a tuple; a lone tensor is taken as a 1-tuple).
+        concrete_args: inputs of ``model.forward`` to fix while tracing, as in
+            ``torch.fx.symbolic_trace`` (e.g. ``{"use_cache": False}``).
 
     Returns:
         For ``"graph"`` a ``torch.fx.GraphModule`` whose ``state_dict`` holds every key
@@ -67,7 +70,7 @@ def transform(
         root, the_plan = _prepare(model, masks)
         if emit == "parametrize":
             return _emit.parametrized(root, the_plan)
-        graph = _capture.trace(root, the_plan)
+        graph, the_plan = _capture.trace(root, the_plan, concrete_args)
         _rewrite.rewrite(root, graph, the_plan)
         out = _emit.graph_module(root, graph)
     finally:

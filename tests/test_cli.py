@@ -35,3 +35,20 @@ def test_demo_rejects_a_bad_sparsity(capsys: pytest.CaptureFixture[str]) -> None
 def test_module_entry_point_help() -> None:
     result = subprocess.run([sys.executable, "-m", "fxsparse", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [(["--seed", "99999999999999999999"], "--seed must be between"), (["--out", __file__], "is a file")],
+)
+def test_demo_rejects_bad_arguments(arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", *arguments])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("fxsparse 0.")

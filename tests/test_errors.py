@@ -78,6 +78,17 @@ def test_nan_or_inf_mask(model: nn.Module, bad: float) -> None:
     transform_fails(model, fxsparse.MaskError, "NaN or infinite", {"linear.weight": mask})
 
 
+def test_sparse_mask(model: nn.Module) -> None:
+    transform_fails(
+        model, fxsparse.MaskError, "must be a dense tensor", {"linear.weight": torch.ones(16, 16).to_sparse()}
+    )
+
+
+def test_mask_overflowing_the_parameter_dtype() -> None:
+    model = nn.Sequential(nn.Linear(2, 2)).half()
+    transform_fails(model, fxsparse.MaskError, "overflows torch.float16", {"0": torch.full((2, 2), 1e6)})
+
+
 def test_complex_mask(model: nn.Module) -> None:
     transform_fails(model, fxsparse.MaskError, "complex", {"linear.weight": torch.ones(16, 16, dtype=torch.complex64)})
 
@@ -101,8 +112,15 @@ def test_masks_none_without_parametrizations(model: nn.Module) -> None:
 
 def test_existing_attribute_named_like_the_mask_buffer() -> None:
     model = nn.Sequential(nn.Linear(4, 4))
-    model[0].register_buffer("weight_mask", torch.ones(4, 4))
+    model[0].weight_mask = "taken"
     transform_fails(model, fxsparse.MaskError, "already has an attribute 'weight_mask'", {"0": torch.ones(4, 4)})
+
+
+def test_masking_a_masked_parameter_again_says_how_to_update_it() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    out = fxsparse.transform(model, {"0": torch.ones(4, 4)})
+    message = transform_fails(out, fxsparse.MaskError, "already has a mask buffer '0.weight_mask'", {"0": torch.eye(4)})
+    assert "out.get_buffer('0.weight_mask').copy_(mask)" in message
 
 
 def test_module_pruned_with_torch_prune_names_its_parameters() -> None:
@@ -135,22 +153,6 @@ def test_untraceable_model_raises_trace_error() -> None:
     model = DataDependent()
     message = transform_fails(model, fxsparse.TraceError, "could not trace DataDependent", {"linear": torch.ones(4, 4)})
     assert "control flow" in message
-
-
-class UntraceableLeafHolder(nn.Module):
-    """A torch.nn module that FX keeps as a leaf but must trace into to mask its weight."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attention = nn.MultiheadAttention(4, 1, batch_first=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attention(x, x, x, need_weights=False)[0]
-
-
-def test_trace_error_names_the_modules_traced_into() -> None:
-    model = UntraceableLeafHolder()
-    transform_fails(model, fxsparse.TraceError, "attention", {"attention.out_proj.weight": torch.ones(4, 4)})
 
 
 def test_unknown_emit(model: nn.Module) -> None:

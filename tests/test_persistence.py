@@ -132,3 +132,74 @@ class TestFakeSparsityGaps:
         model, out, masks, _ = transformed("seed_model")
         assert not any(n.target is torch.mul for n in torch.fx.symbolic_trace(fake_sparsity(model, masks)).graph.nodes)
         assert sum(n.target is torch.mul for n in out.graph.nodes) == len(masks)
+
+
+def _add_one(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+    return output + 1
+
+
+class RootState(nn.Module):
+    """State on the root module: a plain tensor, a constant made in forward, a non-persistent
+    buffer, an unused submodule, a plain attribute and a forward hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.scale = torch.tensor(2.0)
+        self.register_buffer("offset", torch.arange(4.0), persistent=False)
+        self.unused = nn.Linear(2, 2)
+        self.num_classes = 4
+        self.register_forward_hook(_add_one)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.scale + torch.ones(4) + self.offset
+
+
+def _round_trips(out: nn.Module, tmp_path: Path) -> list[nn.Module]:
+    torch.save(out, tmp_path / "out.pt")
+    return [copy.deepcopy(out), pickle.loads(pickle.dumps(out)), torch.load(tmp_path / "out.pt", weights_only=False)]
+
+
+def test_root_state_survives_transform_and_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = RootState()
+    masks = {"linear": torch.rand(4, 4) > 0.5}
+    x = torch.randn(2, 4)
+    out = fxsparse.transform(model, masks)
+    assert torch.equal(out(x), fake_sparsity(model, masks)(x))
+    assert out.num_classes == 4
+    assert set(out.state_dict()) == set(model.state_dict()) | {"linear.weight_mask"}
+    for clone in _round_trips(out, tmp_path):
+        assert torch.equal(clone(x), out(x))
+        assert list(clone.state_dict()) == list(out.state_dict())
+        clone.load_state_dict(out.state_dict(), strict=True)
+        assert clone.num_classes == 4
+
+
+def test_node_tags_survive_round_trips(tmp_path: Path) -> None:
+    _model, out, _masks, _args = transformed("seed_model")
+
+    def mask_tags(module: nn.Module) -> list[tuple[str, str]]:
+        tags = [n.meta["fxsparse"] for n in module.graph.nodes if "fxsparse" in n.meta]  # type: ignore[union-attr]
+        return sorted((t["role"], t["param"]) for t in tags if t["role"] in ("weight", "mask", "masked"))
+
+    assert len(mask_tags(out)) == 9
+    for clone in _round_trips(out, tmp_path):
+        assert mask_tags(clone) == mask_tags(out)
+
+
+def test_transform_of_a_transform_keeps_the_first_masks_tagged() -> None:
+    case = ZOO["seed_model"]
+    model = build(case)
+    first = fxsparse.transform(model, {"linear": torch.rand(16, 16) > 0.5})
+    second = fxsparse.transform(first, {"seq.1": torch.rand(16, 16) > 0.5})
+    masked = {
+        n.meta["fxsparse"]["param"] for n in second.graph.nodes if n.meta.get("fxsparse", {}).get("role") == "masked"
+    }
+    assert masked == {"linear.weight", "seq.1.weight"}
+    x = inputs(case)[0]
+    state = second.state_dict()
+    expected = eager(
+        model, {"linear.weight": state["linear.weight_mask"], "seq.1.weight": state["seq.1.weight_mask"]}, x
+    )
+    assert torch.equal(second(x), expected)

@@ -312,3 +312,12 @@ def test_deepcopy_of_input_unaffected_by_transform_of_copy() -> None:
     fxsparse.transform(model, make_masks(model, case, "zeros"))
     args = inputs(case)
     assert torch.equal(model(*args), twin(*args))
+
+
+def test_parametrized_names_are_accepted_as_mask_keys() -> None:
+    case = ZOO["seed_model"]
+    model = build(case)
+    prepared = fake_sparsity(model, make_masks(model, case, "random"))
+    zeros = torch.zeros(16, 16)
+    out = fxsparse.transform(prepared, {"seq.1.parametrizations.weight.original": zeros})
+    assert torch.equal(out.state_dict()["seq.1.weight_mask"], zeros)
