@@ -30,7 +30,7 @@ Example:
     True
 """
 
-from ._emit import EMITS
+from ._emit import EMITS, MaskedGraphModule
 from ._errors import EmitError, FxsparseError, MaskError, TraceError
 from ._plan import MaskedParameter, Plan
 from ._rewrite import META_KEY, ROLES
@@ -45,6 +45,7 @@ __all__ = [
     "EmitError",
     "FxsparseError",
     "MaskError",
+    "MaskedGraphModule",
     "MaskedParameter",
     "Plan",
     "TraceError",

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import typing
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -125,6 +126,7 @@ class _MaskTracer(torch.fx.Tracer):
         self._traced_into = traced_into
         self._opened = opened
         self.kept: dict[str, str] = {}
+        self.ran: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
         self._names: dict[int, str] = {}
         self._hints: dict[str, Any] = {}
         self._proxy_cache: dict[str, Any] = {}
@@ -135,6 +137,7 @@ class _MaskTracer(torch.fx.Tracer):
             # which is quadratic on a model that is traced into (thousands of modules).
             self._names = {id(t): n for n, t in root.named_buffers()}
             self._names.update((id(t), n) for n, t in root.named_parameters())
+            self.ran[id(root)] = (root, dict(vars(root)))
         self._hints = _type_hints(root.forward if isinstance(root, nn.Module) else root)
         return super().trace(root, concrete_args)
 
@@ -157,7 +160,11 @@ class _MaskTracer(torch.fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         name = self.path_of_module(m)
-        if name not in self._traced_into or name in self.kept or not super().is_leaf_module(m, name):
+        if self.is_leaf_module(m, name):
+            return super().call_module(m, forward, args, kwargs)
+        # Its forward runs on proxies and may store one on the module (torch.nn.utils.prune's hook does).
+        self.ran.setdefault(id(m), (m, dict(vars(m))))
+        if name not in self._traced_into or not super().is_leaf_module(m, name):
             return super().call_module(m, forward, args, kwargs)
         last = next(iter(reversed(self.graph.nodes)))
         module_stack, num_calls = self.module_stack.copy(), dict(self.num_calls)
@@ -204,7 +211,6 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
     Returns the graph and the plan with the modules that had to stay leaves (``kept``).
     """
     tracer = _MaskTracer(plan.traced_into, frozenset(plan.opened))
-    attributes = [(module, dict(vars(module))) for module in model.modules()]
     try:
         graph = tracer.trace(model, concrete_args)
     except Exception as exc:
@@ -219,7 +225,7 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
             "in a function marked with torch.fx.wrap or in a module that holds no masked parameter"
         ) from exc
     finally:
-        _restore_traced_attributes(attributes)
+        _restore_traced_attributes(tracer.ran.values())
     # Pickling a GraphModule re-traces its code with the graph's tracer class; ours needs none of its extras.
     graph._tracer_cls = None
     if not tracer.kept:
@@ -229,7 +235,7 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
     return graph, dataclasses.replace(plan, opened=opened, kept=dict(tracer.kept))
 
 
-def _restore_traced_attributes(attributes: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+def _restore_traced_attributes(attributes: Iterable[tuple[nn.Module, dict[str, Any]]]) -> None:
     """Undo attributes that code run during tracing set to proxies (e.g. torch.nn.utils.prune's hook)."""
     for module, before in attributes:
         for key, value in list(vars(module).items()):
