@@ -10,7 +10,7 @@ import copy
 import dataclasses
 import typing
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from ._errors import MaskError, TraceError
 from ._plan import Plan
 
-__all__ = ["copy_model", "lower_fake_sparsity", "trace"]
+__all__ = ["Tracer", "copy_model", "lower_fake_sparsity", "trace"]
 
 _EMPTY_COPYABLE = (dict, OrderedDict, set, list)
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
@@ -36,25 +36,23 @@ def copy_model(model: nn.Module) -> nn.Module:
     thousands of modules. Modules that define their own ``__deepcopy__`` (GraphModule,
     parametrized modules) get it.
     """
-    memo: dict[int, Any] = {}
-    try:
-        return _copy_module(model, memo)
-    except Exception as exc:  # a user attribute that refuses to be copied
-        raise TraceError(f"cannot copy {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+    return _copy_module(model, memo={}, path="")
 
 
-def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+def _copy_module(module: nn.Module, memo: dict[int, Any], path: str) -> nn.Module:
     done = memo.get(id(module))
     if done is not None:
         return done  # type: ignore[no-any-return]
     if getattr(type(module), "__deepcopy__", None) is not None:
-        return copy.deepcopy(module, memo)
+        return _copy_value(module, memo, path, "")  # type: ignore[no-any-return]
     new = object.__new__(type(module))
     memo[id(module)] = new
     state: dict[str, Any] = {}
     for key, value in module.__dict__.items():
         if key == "_modules":
-            state[key] = {n: None if m is None else _copy_module(m, memo) for n, m in value.items()}
+            state[key] = {
+                n: None if m is None else _copy_module(m, memo, f"{path}.{n}" if path else n) for n, m in value.items()
+            }
         elif key in ("_parameters", "_buffers"):
             state[key] = {n: None if t is None else copy.deepcopy(t, memo) for n, t in value.items()}
         elif isinstance(value, _ATOMIC):
@@ -66,9 +64,20 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             # (torch.nn.utils.prune's `weight`), so a detached copy is the faithful one.
             state[key] = memo.setdefault(id(value), value.detach().clone())
         else:
-            state[key] = copy.deepcopy(value, memo)
+            state[key] = _copy_value(value, memo, path, key)
     new.__dict__.update(state)
     return new
+
+
+def _copy_value(value: Any, memo: dict[int, Any], path: str, attribute: str) -> Any:
+    try:
+        return copy.deepcopy(value, memo)
+    except Exception as exc:
+        where = f"attribute {attribute!r} of module {path or '(root)'!r}" if attribute else f"module {path!r}"
+        raise TraceError(
+            f"cannot copy the model: {where} ({type(value).__name__}) refuses to be copied: "
+            f"{type(exc).__name__}: {exc}; fxsparse works on a copy so that your model is never changed"
+        ) from exc
 
 
 def lower_fake_sparsity(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -111,7 +120,7 @@ def _own_class(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
-class _MaskTracer(torch.fx.Tracer):
+class Tracer(torch.fx.Tracer):
     """``torch.fx.Tracer`` that traces into the modules holding masked parameters.
 
     A module FX keeps as a leaf by default (a ``torch.nn`` module such as
@@ -121,11 +130,16 @@ class _MaskTracer(torch.fx.Tracer):
     rewrite to call with its masked parameters swapped in.
     """
 
-    def __init__(self, traced_into: frozenset[str] = frozenset(), opened: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        traced_into: frozenset[str] = frozenset(),
+        opened: frozenset[str] = frozenset(),
+        kept: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__()
         self._traced_into = traced_into
         self._opened = opened
-        self.kept: dict[str, str] = {}
+        self.kept: dict[str, str] = dict(kept or {})
         self.ran: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
         self._names: dict[int, str] = {}
         self._hints: dict[str, Any] = {}
@@ -175,7 +189,9 @@ class _MaskTracer(torch.fx.Tracer):
             self.module_stack.clear()
             self.module_stack.update(module_stack)
             self.num_calls = num_calls
-            self.kept[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            for inner in [k for k in self.kept if k.startswith(f"{name}.")]:
+                del self.kept[inner]  # kept inside a module that is now kept whole
+            self.kept[name] = f"its forward cannot be traced: {type(exc).__name__}: {exc}".splitlines()[0]
             return super().call_module(m, forward, args, kwargs)
 
     def _roll_back(self, last: torch.fx.Node) -> None:
@@ -185,6 +201,12 @@ class _MaskTracer(torch.fx.Tracer):
         for key, proxy in list(self._proxy_cache.items()):
             if proxy.node._erased:
                 del self._proxy_cache[key]
+
+    def create_arg(self, a: Any) -> Any:
+        # A parameter or buffer used as a plain tensor: FX would scan named_buffers() for its name.
+        if isinstance(a, torch.Tensor) and (name := self._names.get(id(a))) is not None:
+            return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         self._proxy_cache = parameter_proxy_cache
@@ -210,7 +232,7 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
 
     Returns the graph and the plan with the modules that had to stay leaves (``kept``).
     """
-    tracer = _MaskTracer(plan.traced_into, frozenset(plan.opened))
+    tracer = Tracer(plan.traced_into, frozenset(plan.opened), plan.kept)
     try:
         graph = tracer.trace(model, concrete_args)
     except Exception as exc:
@@ -226,21 +248,19 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
         ) from exc
     finally:
         _restore_traced_attributes(tracer.ran.values())
-    # Pickling a GraphModule re-traces its code with the graph's tracer class; ours needs none of its extras.
-    graph._tracer_cls = None
-    if not tracer.kept:
-        return graph, plan
-    inside_kept = {name for name in plan.opened for kept in tracer.kept if name.startswith(f"{kept}.")}
-    opened = {name: o for name, o in plan.opened.items() if name not in inside_kept}
-    return graph, dataclasses.replace(plan, opened=opened, kept=dict(tracer.kept))
+    return graph, plan if tracer.kept == plan.kept else dataclasses.replace(plan, kept=dict(tracer.kept))
 
 
 def _restore_traced_attributes(attributes: Iterable[tuple[nn.Module, dict[str, Any]]]) -> None:
-    """Undo attributes that code run during tracing set to proxies (e.g. torch.nn.utils.prune's hook)."""
+    """Undo what code run during tracing set on modules (torch.nn.utils.prune's hook, RNN weight lists).
+
+    New attributes stay unless they are proxies: the tracer itself adds the tensor
+    constants the graph reads.
+    """
     for module, before in attributes:
         for key, value in list(vars(module).items()):
-            if isinstance(value, torch.fx.Proxy):
-                if key in before:
-                    setattr(module, key, before[key])
-                else:
-                    delattr(module, key)
+            if key in before:
+                if value is not before[key]:
+                    object.__setattr__(module, key, before[key])
+            elif isinstance(value, torch.fx.Proxy):
+                delattr(module, key)

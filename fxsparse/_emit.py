@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import _capture
 from ._errors import EmitError
 from ._plan import Plan
 from ._rewrite import retag
@@ -28,8 +30,11 @@ EMITS: dict[str, str] = {
 }
 NEEDS_INPUTS = frozenset({"trace", "export"})
 
-# Instance attributes a GraphModule keeps for its code; everything else is the module's own state.
-_GRAPH_MODULE_ONLY = frozenset(vars(torch.fx.GraphModule(nn.Module(), torch.fx.Graph()))) - frozenset(vars(nn.Module()))
+
+@functools.cache
+def _graph_module_only() -> frozenset[str]:
+    """Instance attributes a GraphModule keeps for its code; everything else is the module's own state."""
+    return frozenset(vars(torch.fx.GraphModule(nn.Module(), torch.fx.Graph()))) - frozenset(vars(nn.Module()))
 
 
 class MaskedGraphModule(torch.fx.GraphModule):
@@ -43,8 +48,10 @@ class MaskedGraphModule(torch.fx.GraphModule):
     """
 
     def __deepcopy__(self, memo: dict[int, Any]) -> MaskedGraphModule:
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied  # before the state: a submodule may refer back to its root
         state = copy.deepcopy(_module_state(self), memo)
-        return _assemble(state, copy.deepcopy(self.graph, memo), type(self).__name__)
+        return _assemble(state, copy.deepcopy(self.graph, memo), type(self).__name__, copied)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # GraphModule pickles its code, not its Graph (the code is the stable format);
@@ -58,12 +65,19 @@ def graph_module(root: nn.Module, graph: torch.fx.Graph) -> MaskedGraphModule:
 
 
 def _module_state(module: nn.Module) -> dict[str, Any]:
-    return {key: value for key, value in vars(module).items() if key not in _GRAPH_MODULE_ONLY}
+    graph_module_only = _graph_module_only()
+    return {key: value for key, value in vars(module).items() if key not in graph_module_only}
 
 
-def _assemble(state: dict[str, Any], graph: torch.fx.Graph, class_name: str) -> MaskedGraphModule:
-    out = MaskedGraphModule(nn.Module(), torch.fx.Graph(), class_name=class_name)
+def _assemble(
+    state: dict[str, Any], graph: torch.fx.Graph, class_name: str, out: MaskedGraphModule | None = None
+) -> MaskedGraphModule:
+    if out is None:
+        out = MaskedGraphModule.__new__(MaskedGraphModule)
+    torch.fx.GraphModule.__init__(out, nn.Module(), torch.fx.Graph(), class_name=class_name)
     out.__dict__.update(state)
+    # Unpickling traces the code again with this tracer: it finds parameters by a dict, not by a scan.
+    out._tracer_cls = _capture.Tracer
     out.graph = graph  # compiles forward once
     return out
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -50,6 +51,7 @@ class Opening:
 
 
 _CONV_ATTRIBUTES = ("stride", "padding", "dilation", "groups")
+_DEFAULT_TRACER = torch.fx.Tracer()  # for its is_leaf_module: which modules FX keeps as calls
 
 
 def _zero_padded(module: nn.Module) -> bool:
@@ -88,6 +90,11 @@ class MaskedParameter:
         return self.name.rpartition(".")[0]
 
     @property
+    def mask_attribute(self) -> str:
+        """Name of the mask buffer on its module, e.g. ``"weight_mask"``."""
+        return self.name.rpartition(".")[2] + MASK_SUFFIX
+
+    @property
     def mask_name(self) -> str:
         """Fully qualified name of the mask buffer, e.g. ``"seq.0.weight_mask"``."""
         return self.name + MASK_SUFFIX
@@ -114,8 +121,9 @@ class Plan:
 
     ``opened``: leaf modules whose calls become functional calls. ``traced_into``:
     modules whose ``forward`` is traced so that their parameter uses show in the graph.
-    ``kept``: modules of ``traced_into`` whose ``forward`` turned out untraceable (the
-    reason as value); their calls run with the masked parameters swapped in.
+    ``kept``: modules of ``traced_into`` that stay calls, run with the masked parameters
+    swapped in, with the reason: torch.nn modules with hooks (decided here) or whose
+    ``forward`` turned out untraceable (found by capture, which returns the updated plan).
     """
 
     parameters: tuple[MaskedParameter, ...]
@@ -182,8 +190,8 @@ def build_plan(
             )
     parameters = tuple(chosen.values())
     _check_buffer_names(parameters, modules)
-    opened, traced_into = _choose_openings(model, parameters, modules)
-    return Plan(parameters, opened, traced_into)
+    opened, traced_into, kept = _choose_openings(model, parameters, modules)
+    return Plan(parameters, opened, traced_into, kept)
 
 
 def _resolve_key(
@@ -243,12 +251,12 @@ def _normalize(key: str, value: object, name: str, parameter: torch.Tensor) -> t
         raise MaskError(f"{what} must be bool, integer or floating, got {value.dtype}")
     if value.is_meta and not parameter.is_meta:
         raise MaskError(f"{what} is on the meta device and holds no values")
-    if value.is_floating_point() and not value.is_meta and not bool(torch.isfinite(value).all()):
-        raise MaskError(f"{what} holds NaN or infinite values")
     dtype = torch.bool if value.dtype == torch.bool else parameter.dtype
     # .to() converts only where needed; the copy is explicit (cheaper than .to(copy=True)).
     mask = value.detach().to(device=parameter.device, dtype=dtype)
     if mask.is_floating_point() and not mask.is_meta and not bool(torch.isfinite(mask).all()):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise MaskError(f"{what} holds NaN or infinite values")
         raise MaskError(f"{what} overflows {dtype}, the parameter's dtype it is cast to")
     if mask.data_ptr() == value.data_ptr():
         return mask.clone(memory_format=torch.contiguous_format)
@@ -258,7 +266,7 @@ def _normalize(key: str, value: object, name: str, parameter: torch.Tensor) -> t
 def _check_buffer_names(parameters: tuple[MaskedParameter, ...], modules: Mapping[str, nn.Module]) -> None:
     for p in parameters:
         owner = modules[p.owner]
-        buffer = p.name.rpartition(".")[2] + MASK_SUFFIX
+        buffer = p.mask_attribute
         if buffer in owner._buffers:
             raise MaskError(
                 f"{p.name!r} already has a mask buffer {p.mask_name!r} (is the model an fxsparse output?); "
@@ -274,7 +282,7 @@ def _check_buffer_names(parameters: tuple[MaskedParameter, ...], modules: Mappin
 
 def _choose_openings(
     model: nn.Module, parameters: tuple[MaskedParameter, ...], modules: Mapping[str, nn.Module]
-) -> tuple[dict[str, OpenedModule], frozenset[str]]:
+) -> tuple[dict[str, OpenedModule], frozenset[str], dict[str, str]]:
     """Open exact-type leaf modules that own a masked parameter; trace into everything else that holds one."""
     first_name = {id(m): n for n, m in model.named_modules()}
     global_hooks = _has_global_forward_hooks()
@@ -305,7 +313,16 @@ def _choose_openings(
             else:
                 traced_into.add(name)
     traced_into.discard("")
-    return opened, frozenset(traced_into - set(opened))
+    traced_into -= set(opened)
+    # Tracing into a module runs its hooks once, at trace time; FX keeps torch.nn modules as
+    # calls, whose hooks run at every call (as with FakeSparsity). Keep hooked ones as calls.
+    kept = {
+        name: "has forward hooks, which must run at every call"
+        for name in traced_into
+        if _DEFAULT_TRACER.is_leaf_module(modules[name], name)
+        and (modules[name]._forward_hooks or modules[name]._forward_pre_hooks)
+    }
+    return opened, frozenset(traced_into), kept
 
 
 def _has_global_forward_hooks() -> bool:

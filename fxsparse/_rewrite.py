@@ -44,8 +44,7 @@ ROLES = {
 def rewrite(root: nn.Module, graph: torch.fx.Graph, plan: Plan) -> None:
     """Register the plan's mask buffers on ``root`` and mask every use in ``graph``, in place."""
     for p in plan.parameters:
-        owner, _, attribute = p.mask_name.rpartition(".")
-        root.get_submodule(owner).register_buffer(attribute, p.mask, persistent=True)
+        root.get_submodule(p.owner).register_buffer(p.mask_attribute, p.mask, persistent=True)
     retag(graph)
     _Rewriter(graph, plan).run()
     graph.lint()
@@ -80,6 +79,7 @@ class _Rewriter:
         self.masked: dict[str, torch.fx.Node] = {}
         self.plain: dict[str, torch.fx.Node] = {}
         self.modules: dict[str, torch.fx.Node] = {}
+        self.under: dict[str, dict[str, str]] | None = None
 
     def run(self) -> None:
         for node in list(self.graph.nodes):
@@ -91,6 +91,8 @@ class _Rewriter:
                 self._open(node)
             elif node.op == "call_module" and node.target in self.plan.kept:
                 self._call_with_masked(node)
+            elif node.op == "call_function" and node.target is call_with_parameters:
+                self._swap_in_new_masks(node)  # a kept call from an earlier transform
         for node in self.graph.find_nodes(op="call_module"):
             if node.target in self.plan.traced_into or node.target in self.plan.opened:
                 raise TraceError(f"module {node.target!r} holds a masked parameter but stayed a leaf call")
@@ -150,21 +152,36 @@ class _Rewriter:
         call.kwargs = dict(zip(opened.opening.attributes, opened.constants, strict=True))
         call.meta[META_KEY] = {"role": "opened", "module": opened.name}
 
+    def _masked_under(self, module: str) -> dict[str, str]:
+        """The masked parameters held by ``module``: name relative to it -> FQN."""
+        if self.under is None:
+            self.under = {}
+            for p in self.plan.parameters:
+                for alias in p.aliases:
+                    parts = alias.split(".")
+                    for depth in range(1, len(parts)):
+                        prefix = ".".join(parts[:depth])
+                        self.under.setdefault(prefix, {})[".".join(parts[depth:])] = alias
+        return self.under.get(module, {})
+
     def _call_with_masked(self, call: torch.fx.Node) -> None:
         name = str(call.target)
-        prefix = f"{name}."
         with self.graph.inserting_before(call):
             module = self.modules.get(name)
             if module is None:
-                module = self.modules[name] = self.graph.get_attr(name)
+                module = self.modules[name] = self.graph.create_node("get_attr", name, name=f"{call.name}_module")
                 module.meta[META_KEY] = {"role": "module", "module": name}
-            swapped = {
-                alias[len(prefix) :]: self._fetch(alias)
-                for p in self.plan.parameters
-                for alias in p.aliases
-                if alias.startswith(prefix)
-            }
+            swapped = {relative: self._fetch(alias) for relative, alias in self._masked_under(name).items()}
         call.op = "call_function"
         call.target = call_with_parameters
         call.args = (module, swapped, *call.args)
-        call.meta[META_KEY] = {"role": "called", "module": name}
+        call.meta[META_KEY] = {"role": "called", "module": name, "why": self.plan.kept[name]}
+
+    def _swap_in_new_masks(self, call: torch.fx.Node) -> None:
+        module, swapped, *args = call.args
+        name = str(module.target)  # type: ignore[union-attr]
+        new = {relative: alias for relative, alias in self._masked_under(name).items() if relative not in swapped}  # type: ignore[operator]
+        if new:
+            with self.graph.inserting_before(call):
+                added = {relative: self._fetch(alias) for relative, alias in new.items()}
+            call.args = (module, {**swapped, **added}, *args)  # type: ignore[dict-item]

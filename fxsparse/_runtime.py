@@ -12,7 +12,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 __all__ = ["call_with_parameters"]
 
 
-def call_with_parameters(module: nn.Module, parameters: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+def call_with_parameters(module: nn.Module, parameters: dict[str, torch.Tensor], /, *args: Any, **kwargs: Any) -> Any:
     """``module(*args, **kwargs)`` with some of its parameters replaced for the call.
 
     The rewrite calls a module whose ``forward`` cannot be traced this way, with the

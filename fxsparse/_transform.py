@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import _capture, _emit, _rewrite
 from ._errors import EmitError, MaskError
@@ -95,6 +96,8 @@ def plan(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> P
         Plan(1 masked parameters)
           0.weight (4, 4) float32 density 0.250
     """
+    if isinstance(model, nn.Module) and not any(parametrize.is_parametrized(m) for m in model.modules()):
+        return build_plan(model, _require_masks(masks, {}), {})  # no lowering, so no copy needed
     return _prepare(model, masks)[1]
 
 
@@ -103,12 +106,18 @@ def _prepare(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> tupl
         raise MaskError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     root = _capture.copy_model(model)
     inherited = _capture.lower_fake_sparsity(root)
+    return root, build_plan(root, _require_masks(masks, inherited), inherited)
+
+
+def _require_masks(
+    masks: Mapping[str, torch.Tensor] | None, inherited: Mapping[str, torch.Tensor]
+) -> Mapping[str, Any]:
     if masks is None and not inherited:
         raise MaskError(
             "masks is None and the model carries no FakeSparsity parametrizations; pass a mapping "
             "from parameter or module names to mask tensors, e.g. {'seq.0.weight': mask}"
         )
-    return root, build_plan(root, masks or {}, inherited)
+    return {} if masks is None else masks
 
 
 def _check_emit(emit: str, example_inputs: tuple[Any, ...] | torch.Tensor | None) -> tuple[Any, ...] | None:

@@ -202,3 +202,11 @@ def test_backend_failure_is_an_emit_error() -> None:
 def test_model_must_be_a_module() -> None:
     with pytest.raises(fxsparse.FxsparseError, match=r"torch\.nn\.Module"):
         fxsparse.transform(lambda x: x, {})  # type: ignore[arg-type]
+
+
+def test_uncopyable_attribute_is_named() -> None:
+    import threading
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
+    model[0].lock = threading.Lock()
+    transform_fails(model, fxsparse.TraceError, "attribute 'lock' of module '0'", {"0.0": torch.ones(2, 2)})

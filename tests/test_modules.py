@@ -161,3 +161,85 @@ def test_concrete_args_fix_an_input_while_tracing() -> None:
     out = fxsparse.transform(model, {"linear": mask}, concrete_args={"scale": None})
     x = torch.randn(2, 4)
     assert torch.equal(out(x), fake_sparsity(model, {"linear": mask})(x))
+
+
+class ChildCalledOutside(nn.Module):
+    """A Linear inside a kept module, also called on its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x) + self.encoder.linear2(self.encoder.linear1(x))
+
+
+def test_child_of_a_kept_module_called_outside_it_is_masked() -> None:
+    torch.manual_seed(0)
+    model = ChildCalledOutside()
+    masks = {"encoder.linear1": torch.rand(16, 8) > 0.5}
+    x = torch.randn(2, 5, 8)
+    out = fxsparse.transform(model, masks)
+    assert torch.equal(out(x), fake_sparsity(model, masks)(x))
+    tags = [n.meta["fxsparse"] for n in out.graph.nodes if "fxsparse" in n.meta]
+    assert {"role": "opened", "module": "encoder.linear1"} in tags
+    called = [t for t in tags if t["role"] == "called"]
+    assert [t["module"] for t in called] == ["encoder"]
+    assert called[0]["why"].startswith("its forward cannot be traced")
+
+
+def test_transform_of_a_transform_masks_more_of_a_kept_module() -> None:
+    torch.manual_seed(0)
+    model = Recurrent()
+    first_mask, second_mask = torch.rand(24, 6) > 0.5, torch.rand(24, 8) > 0.5
+    first = fxsparse.transform(model, {"lstm.weight_hh_l0": first_mask})
+    second = fxsparse.transform(first, {"lstm.weight_ih_l0": second_mask})
+    x = torch.randn(2, 3, 8)
+    expected = fake_sparsity(model, {"lstm.weight_hh_l0": first_mask, "lstm.weight_ih_l0": second_mask})(x)
+    assert torch.equal(second(x), expected)
+
+
+class Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.calls: list[int] = []
+        self.linear.register_forward_hook(self._count)
+
+    def _count(self, module: nn.Module, args: object, output: torch.Tensor) -> None:
+        self.calls.append(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def test_hooks_of_a_module_holding_a_masked_weight_run_at_every_call() -> None:
+    model = Counting()
+    out = fxsparse.transform(model, {"linear": torch.rand(4, 4) > 0.5})
+    calls = out.calls
+    before = len(calls)
+    out(torch.randn(2, 4))
+    out(torch.randn(2, 4))
+    assert len(calls) == before + 2
+    tags = [n.meta["fxsparse"] for n in out.graph.nodes if n.meta.get("fxsparse", {}).get("role") == "called"]
+    assert tags == [{"role": "called", "module": "linear", "why": "has forward hooks, which must run at every call"}]
+
+
+def test_no_tracing_proxy_is_left_on_kept_modules() -> None:
+    model, masks, _ = build("lstm")
+    out = fxsparse.transform(model, masks)
+    leftovers = [
+        (name, key)
+        for name, module in out.named_modules()
+        for key, value in vars(module).items()
+        if isinstance(value, torch.fx.Proxy)
+        or (isinstance(value, list) and any(isinstance(v, torch.fx.Proxy) for v in value))
+    ]
+    assert leftovers == []
+
+
+def test_deepcopy_keeps_references_back_to_the_root() -> None:
+    out = fxsparse.transform(nn.Sequential(nn.Linear(2, 2)), {"0": torch.ones(2, 2)})
+    out.get_submodule("0").owner = [out]
+    clone = copy.deepcopy(out)
+    assert clone.get_submodule("0").owner[0] is clone

@@ -174,6 +174,7 @@ class Case:
     masked: tuple[str, ...]  # mask keys: parameter or module names
     tied: bool = False
     integer_inputs: bool = False
+    scriptable: bool = True  # False where a module is kept as a call (TorchScript cannot swap its parameters)
 
 
 def _float(*shape: int) -> Callable[[], tuple[torch.Tensor, ...]]:
@@ -213,7 +214,7 @@ ZOO: dict[str, Case] = {
         ),
         Case("conv_net", ConvNet, _float(2, 3, 6, 6), ("conv.weight", "conv1d", "fc.weight")),
         Case("shared_module", SharedModule, _float(4, 8), ("first.weight", "norm.weight")),
-        Case("subclass_and_hook", SubclassAndHook, _float(4, 8), ("custom.weight", "hooked.weight")),
+        Case("subclass_and_hook", SubclassAndHook, _float(4, 8), ("custom.weight", "hooked.weight"), scriptable=False),
     ]
 }
 
