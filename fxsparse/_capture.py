@@ -121,7 +121,7 @@ def _own_class(module: nn.Module) -> None:
 
 
 class Tracer(torch.fx.Tracer):
-    """``torch.fx.Tracer`` that traces into the modules holding masked parameters.
+    """``torch.fx.Tracer`` that traces into the modules holding masked parameters, finding names in O(1).
 
     A module FX keeps as a leaf by default (a ``torch.nn`` module such as
     ``nn.MultiheadAttention`` or ``nn.BatchNorm2d``) is traced into if it can be; if
