@@ -67,13 +67,14 @@ def test_graph_equals_reference(name: str, kind: str, dtype: torch.dtype) -> Non
 EMITS = ["graph", "parametrize", "script", "trace", "export"]
 
 
+@pytest.mark.parametrize("kind", ["random", "zeros", "ones"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("emit", EMITS)
 @pytest.mark.parametrize("name", list(ZOO))
-def test_every_emit_equals_reference(name: str, emit: str, dtype: torch.dtype) -> None:
+def test_every_emit_equals_reference(name: str, emit: str, dtype: torch.dtype, kind: str) -> None:
     case = ZOO[name]
     model = build(case, dtype)
-    masks = make_masks(model, case, "random")
+    masks = make_masks(model, case, kind)
     args = inputs(case, dtype)
     before = snapshot(model)
     if emit == "script" and not case.scriptable:
