@@ -92,6 +92,7 @@ def lower_fake_sparsity(model: nn.Module) -> dict[str, torch.Tensor]:
     for module_name, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
             continue
+        _own_class(module)
         for tensor_name, chain in list(module.parametrizations.items()):
             kinds = [type(p) for p in chain]
             if FakeSparsity not in kinds:
@@ -103,7 +104,6 @@ def lower_fake_sparsity(model: nn.Module) -> dict[str, torch.Tensor]:
                     f"only parametrization of its tensor, found {[k.__name__ for k in kinds]}"
                 )
             masks[name] = chain[0].mask
-            _own_class(module)
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
     return masks
 
@@ -127,7 +127,8 @@ class Tracer(torch.fx.Tracer):
     ``nn.MultiheadAttention`` or ``nn.BatchNorm2d``) is traced into if it can be; if
     its ``forward`` cannot be traced (control flow on input shapes), the attempt is
     rolled back and the module stays a leaf call, ``kept`` with the reason, for the
-    rewrite to call with its masked parameters swapped in.
+    rewrite to call with its masked parameters swapped in. Modules the plan already
+    keeps (those with hooks) stay leaf calls from the start.
     """
 
     def __init__(

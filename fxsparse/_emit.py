@@ -102,12 +102,13 @@ def parametrized(root: nn.Module, plan: Plan) -> nn.Module:
 
 
 def to_script(gm: torch.fx.GraphModule) -> torch.jit.ScriptModule:
-    kept = [str(n.args[0].target) for n in gm.graph.find_nodes(op="call_function", target=call_with_parameters)]
+    calls = gm.graph.find_nodes(op="call_function", target=call_with_parameters)
+    kept = {str(n.args[0].target): n.meta.get("fxsparse", {}).get("why", "kept") for n in calls}
     if kept:
+        reasons = "; ".join(f"{name!r} {why}" for name, why in sorted(kept.items()))
         raise EmitError(
-            f"emit='script' cannot compile {', '.join(repr(k) for k in sorted(set(kept)))}: fxsparse calls these "
-            "modules with their masked parameters swapped in because their forward cannot be traced, and "
-            "TorchScript cannot swap parameters; use emit='trace' or emit='export'"
+            f"emit='script' cannot compile modules that fxsparse calls with their masked parameters swapped in "
+            f"({reasons}): TorchScript cannot swap parameters; use emit='trace' or emit='export'"
         )
     renormed = [n.name for n in gm.graph.find_nodes(op="call_function", target=F.embedding) if n.kwargs.get("max_norm")]
     if renormed:

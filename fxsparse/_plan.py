@@ -297,13 +297,7 @@ def _choose_openings(
             owner = modules[owner_name]
             name = first_name[id(owner)]
             opening = OPENINGS.get(type(owner))
-            if (
-                opening is not None
-                and opening.applies(owner)
-                and not owner._forward_hooks
-                and not owner._forward_pre_hooks
-                and not global_hooks
-            ):
+            if opening is not None and opening.applies(owner) and not _has_hooks(owner) and not global_hooks:
                 slots = tuple(
                     None if getattr(owner, slot) is None else (f"{name}.{slot}" if name else slot)
                     for slot in opening.parameters
@@ -319,10 +313,13 @@ def _choose_openings(
     kept = {
         name: "has forward hooks, which must run at every call"
         for name in traced_into
-        if _DEFAULT_TRACER.is_leaf_module(modules[name], name)
-        and (modules[name]._forward_hooks or modules[name]._forward_pre_hooks)
+        if _DEFAULT_TRACER.is_leaf_module(modules[name], name) and _has_hooks(modules[name])
     }
     return opened, frozenset(traced_into), kept
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _has_global_forward_hooks() -> bool:

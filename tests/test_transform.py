@@ -78,7 +78,7 @@ def test_every_emit_equals_reference(name: str, emit: str, dtype: torch.dtype, k
     args = inputs(case, dtype)
     before = snapshot(model)
     if emit == "script" and not case.scriptable:
-        with pytest.raises(fxsparse.EmitError, match="cannot compile"):
+        with pytest.raises(fxsparse.EmitError, match=r"cannot compile .*has forward hooks"):
             fxsparse.transform(model, masks, emit=emit)
         return
 
