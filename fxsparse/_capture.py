@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from ._errors import MaskError, TraceError
 from ._plan import Plan
+from ._runtime import InputGuards
 
 __all__ = ["Tracer", "copy_model", "lower_fake_sparsity", "trace"]
 
@@ -265,3 +266,82 @@ def _restore_traced_attributes(attributes: Iterable[tuple[nn.Module, dict[str, A
                     object.__setattr__(module, key, before[key])
             elif isinstance(value, torch.fx.Proxy):
                 delattr(module, key)
+
+
+def export(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None,
+    dynamic_shapes: Any = None,
+) -> torch.fx.Graph:
+    """Capture ``model`` (the copy) with ``torch.export`` (non-strict); raise ``TraceError`` on failure.
+
+    Returns the graph of ``ExportedProgram.module()``: ATen operators, in which every
+    parameter and buffer is a ``get_attr`` of its name in ``model``. What else the graph
+    reads (tensor constants export lifted out, the input guards) is installed on ``model``.
+    """
+    try:
+        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+        raise TraceError(f"torch.export could not capture {type(model).__name__}: {reason}") from exc
+    unlifted = program.module()
+    graph = unlifted.graph
+    for node in graph.nodes:
+        target = str(node.target)
+        if node.op == "call_module" and target == _EXPORT_GUARDS:
+            _install(model, target, _input_guards(graph, program.range_constraints))
+        elif node.op in ("get_attr", "call_module") and _lookup(model, target) is None:
+            _install(model, target, _lookup(unlifted, target))
+    graph.owning_module = model  # type: ignore[assignment]  # what it now runs over, for lint's checks
+    return graph
+
+
+_EXPORT_GUARDS = "_guards_fn"  # the module ExportedProgram.module() calls to check input shapes
+
+
+def _lookup(module: nn.Module, dotted: str) -> Any:
+    value: Any = module
+    for part in dotted.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def _install(model: nn.Module, dotted: str, value: Any) -> None:
+    owner: nn.Module = model
+    *path, name = dotted.split(".")
+    for part in path:
+        if not isinstance(getattr(owner, part, None), nn.Module):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if isinstance(value, nn.Module):
+        owner.add_module(name, value)
+    else:
+        setattr(owner, name, value)  # a plain attribute, not a buffer: state_dict keeps the model's keys
+
+
+def _input_guards(graph: torch.fx.Graph, range_constraints: Mapping[Any, Any]) -> InputGuards:
+    """The shape checks of an exported graph's inputs, as data (see :class:`InputGuards`)."""
+    inputs: list[tuple[str, tuple[int | str | None, ...] | None]] = []
+    for placeholder in graph.find_nodes(op="placeholder"):
+        value = placeholder.meta.get("val")
+        dims = None
+        if isinstance(value, torch.Tensor):
+            dims = tuple(_dimension(size) for size in value.shape)
+        inputs.append((placeholder.name, dims))
+    ranges: dict[str, tuple[int, int | None]] = {}
+    for symbol, bounds in range_constraints.items():
+        upper = bounds.upper
+        lower = int(bounds.lower) if bounds.lower.is_Integer else 0
+        ranges[str(symbol)] = (lower, int(upper) if upper.is_Integer else None)
+    return InputGuards(inputs, ranges)
+
+
+def _dimension(size: int | torch.SymInt) -> int | str | None:
+    """A static size, the symbol of a dynamic one, or None for a derived one (``s0 + 1``): left unchecked."""
+    if isinstance(size, int):
+        return size
+    expression = size.node.expr
+    return str(expression) if expression.is_symbol else None

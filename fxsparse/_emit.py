@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable
+import importlib.util
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
@@ -16,19 +17,29 @@ from torch.nn.utils import parametrize
 from . import _capture
 from ._errors import EmitError
 from ._plan import Plan
-from ._rewrite import retag
+from ._rewrite import META_KEY, retag
 from ._runtime import call_with_parameters
 
-__all__ = ["EMITS", "MaskedGraphModule", "graph_module", "parametrized", "to_export", "to_script", "to_trace"]
+__all__ = [
+    "EMITS",
+    "MaskedGraphModule",
+    "graph_module",
+    "parametrized",
+    "to_export",
+    "to_onnx",
+    "to_script",
+    "to_trace",
+]
 
 EMITS: dict[str, str] = {
     "graph": "a torch.fx.GraphModule with an explicit mask * weight node per masked parameter",
     "parametrize": "a copy of the model with torch.ao.pruning.FakeSparsity registered on each masked weight",
-    "script": "a torch.jit.ScriptModule scripted from the masked graph",
-    "trace": "a torch.jit.ScriptModule traced from the masked graph with example_inputs",
-    "export": "a torch.export.ExportedProgram of the masked graph with example_inputs",
+    "script": "a torch.jit.ScriptModule scripted from the masked graph (torch.fx captures only)",
+    "trace": "a torch.jit.ScriptModule traced from the masked graph with the example inputs",
+    "export": "a torch.export.ExportedProgram of the masked graph with the example inputs",
+    "onnx": "a torch.onnx.ONNXProgram in which each mask is a named initializer feeding a visible Mul",
 }
-NEEDS_INPUTS = frozenset({"trace", "export"})
+NEEDS_INPUTS = frozenset({"trace", "export", "onnx"})
 
 
 @functools.cache
@@ -56,16 +67,39 @@ class MaskedGraphModule(torch.fx.GraphModule):
     def __reduce__(self) -> tuple[Any, ...]:
         # GraphModule pickles its code, not its Graph (the code is the stable format);
         # ours adds the module state the code-based rebuild would drop.
-        return (_unpickle, (super().__reduce__(), _module_state(self), type(self).__name__))
+        codegen = self.graph._codegen
+        if type(codegen) is torch.fx.graph.CodeGen:
+            return (_unpickle, (super().__reduce__(), _module_state(self), type(self).__name__))
+        # A torch.export graph flattens and rebuilds its inputs and outputs with pytree
+        # code, which the rebuild's tracing would flatten away (a ModelOutput would come
+        # back a dict): pickle the plain code, and the codegen that wraps it.
+        self.graph._codegen = torch.fx.graph.CodeGen()
+        try:
+            self.recompile()
+            reduced = super().__reduce__()
+        finally:
+            self.graph._codegen = codegen
+            self.recompile()
+        return (_unpickle, (reduced, _module_state(self), type(self).__name__, codegen))
 
 
-def graph_module(root: nn.Module, graph: torch.fx.Graph) -> MaskedGraphModule:
-    """A ``MaskedGraphModule`` running ``graph`` over ``root``'s whole module tree and state."""
-    return _assemble(_module_state(root), graph, type(root).__name__)
+def graph_module(root: nn.Module, graph: torch.fx.Graph, capture: str) -> MaskedGraphModule:
+    """A ``MaskedGraphModule`` running ``graph`` over ``root``'s whole module tree and state.
+
+    ``out.meta["fxsparse"]["capture"]`` records which capture made the graph (``"fx"`` or ``"export"``).
+    """
+    out = _assemble(_module_state(root), graph, type(root).__name__)
+    out.meta[META_KEY] = {"capture": capture}
+    return out
+
+
+def captured_by(gm: torch.fx.GraphModule) -> str:
+    """``"export"`` for a graph captured by ``torch.export``, else ``"fx"``."""
+    return str(gm.meta.get(META_KEY, {}).get("capture", "fx"))
 
 
 def _module_state(module: nn.Module) -> dict[str, Any]:
-    graph_module_only = _graph_module_only()
+    graph_module_only = _graph_module_only() - {"meta"}  # GraphModule.meta is state worth keeping
     return {key: value for key, value in vars(module).items() if key not in graph_module_only}
 
 
@@ -82,9 +116,13 @@ def _assemble(
     return out
 
 
-def _unpickle(reduced: tuple[Any, ...], state: dict[str, Any], class_name: str) -> MaskedGraphModule:
+def _unpickle(
+    reduced: tuple[Any, ...], state: dict[str, Any], class_name: str, codegen: torch.fx.graph.CodeGen | None = None
+) -> MaskedGraphModule:
     rebuild, arguments = reduced
     graph = rebuild(*arguments).graph
+    if codegen is not None:
+        graph._codegen = codegen
     retag(graph)
     return _assemble(state, graph, class_name)
 
@@ -102,6 +140,11 @@ def parametrized(root: nn.Module, plan: Plan) -> nn.Module:
 
 
 def to_script(gm: torch.fx.GraphModule) -> torch.jit.ScriptModule:
+    if captured_by(gm) == "export":
+        raise EmitError(
+            "emit='script' is not available for a model captured with torch.export: TorchScript cannot compile "
+            "its graph (ATen operator overloads, pytree input handling); use emit='trace', 'export' or 'onnx'"
+        )
     calls = gm.graph.find_nodes(op="call_function", target=call_with_parameters)
     kept = {str(n.args[0].target): n.meta.get("fxsparse", {}).get("why", "kept") for n in calls}
     if kept:
@@ -125,12 +168,74 @@ def to_script(gm: torch.fx.GraphModule) -> torch.jit.ScriptModule:
     return cast(torch.jit.ScriptModule, _run("script", script_graph))
 
 
-def to_trace(gm: torch.fx.GraphModule, example_inputs: tuple[Any, ...]) -> torch.jit.ScriptModule:
-    return cast(torch.jit.ScriptModule, _run("trace", torch.jit.trace, gm, example_inputs))
+def to_trace(
+    gm: torch.fx.GraphModule, args: tuple[Any, ...] | None, kwargs: dict[str, Any] | None
+) -> torch.jit.ScriptModule:
+    if args is not None and kwargs is not None:
+        raise EmitError(
+            "emit='trace' takes example_inputs or example_kwargs, not both: torch.jit.trace cannot mix them"
+        )
+    # strict=False: models that return dicts (Hugging Face's ModelOutput) are traceable too.
+    traced = _run("trace", torch.jit.trace, gm, args, example_kwarg_inputs=kwargs, strict=False)
+    return cast(torch.jit.ScriptModule, traced)
 
 
-def to_export(gm: torch.fx.GraphModule, example_inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
-    return cast(torch.export.ExportedProgram, _run("export", torch.export.export, gm, example_inputs, strict=False))
+def to_export(
+    gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any] | None, dynamic_shapes: Any
+) -> torch.export.ExportedProgram:
+    exported = _run("export", torch.export.export, gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    return cast(torch.export.ExportedProgram, exported)
+
+
+def to_onnx(
+    gm: torch.fx.GraphModule,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None,
+    dynamic_shapes: Any,
+    mask_names: Iterable[str],
+) -> Any:
+    """An ``ONNXProgram`` whose masks are named initializers, each feeding a ``Mul`` the optimizer leaves alone.
+
+    ``torch.onnx.export`` optimizes by default, and its constant folding multiplies
+    each mask into its weight (two initializers) ahead of time: the mask vanishes into
+    an anonymous tensor. The same optimizer runs here, told not to fold what reads a mask.
+    """
+    for module in ("onnx", "onnxscript"):
+        if importlib.util.find_spec(module) is None:
+            raise EmitError(
+                f"emit='onnx' needs the packages onnx and onnxscript ({module} is missing): "
+                "pip install 'fxsparse[onnx]'"
+            )
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    program = _run(
+        "onnx",
+        torch.onnx.export,
+        gm,
+        args,
+        kwargs=kwargs,
+        dynamic_shapes=dynamic_shapes,
+        dynamo=True,
+        optimize=False,
+        verbose=False,
+    )
+    masks = set(mask_names)
+
+    def reads_a_mask(value: Any) -> bool:
+        if value is None:
+            return False
+        if value.name in masks and value.is_initializer():
+            return True
+        producer = value.producer()  # a Cast of a bool mask to the weight's dtype
+        return producer is not None and producer.op_type == "Cast" and reads_a_mask(producer.inputs[0])
+
+    def should_fold(node: Any) -> bool | None:
+        return False if any(reads_a_mask(value) for value in node.inputs) else None
+
+    onnxscript.optimizer.optimize_ir(program.model, should_fold=should_fold)
+    onnxscript.rewriter.onnx_fusions.fuse(program.model)
+    return program
 
 
 def _run(emit: str, backend: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

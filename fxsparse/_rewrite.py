@@ -98,6 +98,9 @@ class _Rewriter:
                 raise TraceError(f"module {node.target!r} holds a masked parameter but stayed a leaf call")
 
     def _mask_fetch(self, fetch: torch.fx.Node, p: MaskedParameter) -> None:
+        if not fetch.users:  # a dead read (torch.export keeps one per name of a tied parameter)
+            self.graph.erase_node(fetch)
+            return
         product = self.masked.get(p.name)
         if product is not None:
             fetch.replace_all_uses_with(product)

@@ -11,49 +11,67 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _capture, _emit, _rewrite
-from ._errors import EmitError, MaskError
+from ._errors import EmitError, MaskError, TraceError
 from ._plan import Plan, build_plan
 
-__all__ = ["plan", "transform"]
+__all__ = ["CAPTURES", "plan", "transform"]
+
+
+CAPTURES = ("auto", "fx", "export")
 
 
 def transform(
     model: nn.Module,
     masks: Mapping[str, torch.Tensor] | None = None,
     *,
+    capture: str = "auto",
     emit: str = "graph",
     example_inputs: tuple[Any, ...] | torch.Tensor | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
     concrete_args: dict[str, Any] | None = None,
 ) -> Any:
     """Mask weights of ``model`` as ``torch.ao.pruning.FakeSparsity`` would, as an explicit FX graph rewrite.
 
     Args:
-        model: any ``nn.Module`` that ``torch.fx.symbolic_trace`` can trace (a
-            ``GraphModule`` too). It is never modified, and the result shares no
-            parameter or buffer storage with it.
+        model: any ``nn.Module`` (a ``GraphModule`` too). It is never modified, and
+            the result shares no parameter or buffer storage with it.
         masks: maps a parameter's fully qualified name (``"seq.0.weight"``, any alias of
             a tied parameter) or a module's name (``"seq.0"``, meaning its ``weight``)
             to a mask of exactly the parameter's shape; bool, integer or floating, soft
             values allowed (the weight becomes ``mask * weight``). ``None`` takes the
             masks of the ``FakeSparsity`` parametrizations the model carries (as
             ``torch.ao.pruning`` sparsifiers leave them); explicit masks replace those.
+        capture: how to get the model's graph. ``"fx"``: ``torch.fx`` symbolic tracing,
+            which needs no inputs and keeps the model's own functions in the graph.
+            ``"export"``: ``torch.export`` (non-strict) on the example inputs, which
+            handles most models FX cannot (Hugging Face transformers) and gives a graph
+            of ATen operators that accepts the inputs it was exported with.
+            ``"auto"`` (default): ``"fx"``, and ``"export"`` if FX fails and example
+            inputs are given. ``out.meta["fxsparse"]["capture"]`` says which one ran.
         emit: the output format, one of ``"graph"``, ``"parametrize"``, ``"script"``,
-            ``"trace"``, ``"export"`` (see :data:`fxsparse.EMITS`).
-        example_inputs: the positional inputs for ``emit="trace"`` and ``"export"``
-            (a tuple; a lone tensor is taken as a 1-tuple).
-        concrete_args: inputs of ``model.forward`` to fix while tracing, as in
+            ``"trace"``, ``"export"``, ``"onnx"`` (see :data:`fxsparse.EMITS`).
+        example_inputs: positional inputs for capturing with ``torch.export`` and for
+            ``emit="trace"``, ``"export"`` and ``"onnx"`` (a tuple; a lone tensor is
+            taken as a 1-tuple).
+        example_kwargs: keyword inputs for the same (``{"input_ids": ids}``).
+        dynamic_shapes: dimensions that stay dynamic, as ``torch.export.export`` takes
+            them (``{"input_ids": {0: Dim("batch"), 1: Dim("seq")}}``); passed to
+            every export fxsparse runs. Without it, every size is fixed at the example's.
+        concrete_args: inputs of ``model.forward`` to fix while tracing with FX, as in
             ``torch.fx.symbolic_trace`` (e.g. ``{"use_cache": False}``).
 
     Returns:
         For ``"graph"`` a ``torch.fx.GraphModule`` whose ``state_dict`` holds every key
         of ``model.state_dict()`` plus ``"<param>_mask"`` per masked parameter; for
         ``"parametrize"`` an ``nn.Module``; for ``"script"``/``"trace"`` a
-        ``torch.jit.ScriptModule``; for ``"export"`` a ``torch.export.ExportedProgram``.
+        ``torch.jit.ScriptModule``; for ``"export"`` a ``torch.export.ExportedProgram``;
+        for ``"onnx"`` a ``torch.onnx.ONNXProgram`` (needs ``fxsparse[onnx]``).
 
     Raises:
         MaskError: a mask or key is unusable (the message names it and what was expected).
-        TraceError: the model cannot be traced.
-        EmitError: ``emit`` is unknown, lacks ``example_inputs``, or its backend failed.
+        TraceError: the model cannot be captured (with ``"auto"``, the reasons of both captures).
+        EmitError: ``emit`` is unknown, lacks example inputs, or its backend failed.
 
     Example:
         >>> import torch, fxsparse
@@ -62,7 +80,7 @@ def transform(
         >>> sorted(k for k in out.state_dict() if k.endswith("_mask"))
         ['0.weight_mask', '2.weight_mask']
     """
-    inputs = _check_emit(emit, example_inputs)
+    args, kwargs = _check_arguments(capture, emit, example_inputs, example_kwargs)
     # The pass allocates many small objects that all live on; generational GC scans
     # would only re-walk them (measured: up to 1.3x the whole transform on big models).
     gc_was_enabled = gc.isenabled()
@@ -71,19 +89,56 @@ def transform(
         root, the_plan = _prepare(model, masks)
         if emit == "parametrize":
             return _emit.parametrized(root, the_plan)
-        graph, the_plan = _capture.trace(root, the_plan, concrete_args)
+        if capture == "export":
+            captured, graph = "export", _capture.export(root, args or (), kwargs, dynamic_shapes)
+        else:
+            try:
+                captured, (graph, the_plan) = "fx", _capture.trace(root, the_plan, concrete_args)
+            except TraceError as fx_failure:
+                if capture == "fx":
+                    raise
+                root, the_plan, graph = _export_instead(model, masks, fx_failure, args, kwargs, dynamic_shapes)
+                captured = "export"
         _rewrite.rewrite(root, graph, the_plan)
-        out = _emit.graph_module(root, graph)
+        out = _emit.graph_module(root, graph, captured)
     finally:
         if gc_was_enabled:
             gc.enable()
     if emit == "script":
         return _emit.to_script(out)
     if emit == "trace":
-        return _emit.to_trace(out, inputs)  # type: ignore[arg-type]
+        return _emit.to_trace(out, args, kwargs)
     if emit == "export":
-        return _emit.to_export(out, inputs)  # type: ignore[arg-type]
+        return _emit.to_export(out, args or (), kwargs, dynamic_shapes)
+    if emit == "onnx":
+        return _emit.to_onnx(out, args or (), kwargs, dynamic_shapes, (p.mask_name for p in the_plan.parameters))
     return out
+
+
+def _export_instead(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor] | None,
+    fx_failure: TraceError,
+    args: tuple[Any, ...] | None,
+    kwargs: dict[str, Any] | None,
+    dynamic_shapes: Any,
+) -> tuple[nn.Module, Plan, torch.fx.Graph]:
+    """``capture="auto"`` after FX failed: capture a fresh copy (tracing may have left attributes) with torch.export."""
+    if args is None and kwargs is None:
+        raise TraceError(
+            f"{fx_failure} -- or pass example_inputs and/or example_kwargs: with them, fxsparse captures "
+            "models that torch.fx cannot trace with torch.export instead"
+        ) from fx_failure
+    root, the_plan = _prepare(model, masks)
+    try:
+        graph = _capture.export(root, args or (), kwargs, dynamic_shapes)
+    except TraceError as export_failure:
+        raise TraceError(
+            f"fxsparse could not capture {type(model).__name__} either way. With torch.fx: {fx_failure} "
+            f"With torch.export: {export_failure}. Fix one of the two, or pass capture='fx' or capture='export' "
+            "to see only that one"
+        ) from export_failure
+    return root, the_plan, graph
 
 
 def plan(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> Plan:
@@ -120,13 +175,31 @@ def _require_masks(
     return {} if masks is None else masks
 
 
-def _check_emit(emit: str, example_inputs: tuple[Any, ...] | torch.Tensor | None) -> tuple[Any, ...] | None:
+def _check_arguments(
+    capture: str,
+    emit: str,
+    example_inputs: tuple[Any, ...] | torch.Tensor | None,
+    example_kwargs: dict[str, Any] | None,
+) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None]:
+    if capture not in CAPTURES:
+        raise TraceError(f"capture must be one of {', '.join(repr(c) for c in CAPTURES)}, got {capture!r}")
     if emit not in _emit.EMITS:
         raise EmitError(f"emit must be one of {', '.join(repr(e) for e in _emit.EMITS)}, got {emit!r}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         raise EmitError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}")
-    if emit in _emit.NEEDS_INPUTS and example_inputs is None:
-        raise EmitError(f"emit={emit!r} runs the model: pass example_inputs, a tuple of positional inputs")
-    return example_inputs
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise EmitError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
+    if example_inputs is None and example_kwargs is None:
+        if capture == "export":
+            raise TraceError(
+                "capture='export' runs the model: pass example_inputs (a tuple of positional inputs) "
+                "and/or example_kwargs (a dict of keyword inputs)"
+            )
+        if emit in _emit.NEEDS_INPUTS:
+            raise EmitError(
+                f"emit={emit!r} runs the model: pass example_inputs (a tuple of positional inputs) "
+                "and/or example_kwargs (a dict of keyword inputs)"
+            )
+    return example_inputs, example_kwargs
