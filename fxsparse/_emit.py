@@ -120,10 +120,11 @@ def _unpickle(
     reduced: tuple[Any, ...], state: dict[str, Any], class_name: str, codegen: torch.fx.graph.CodeGen | None = None
 ) -> MaskedGraphModule:
     rebuild, arguments = reduced
-    graph = rebuild(*arguments).graph
+    rebuilt = rebuild(*arguments)
+    graph = rebuilt.graph
     if codegen is not None:
         graph._codegen = codegen
-    retag(graph)
+    retag(graph, rebuilt)
     return _assemble(state, graph, class_name)
 
 

@@ -45,18 +45,20 @@ def rewrite(root: nn.Module, graph: torch.fx.Graph, plan: Plan) -> None:
     """Register the plan's mask buffers on ``root`` and mask every use in ``graph``, in place."""
     for p in plan.parameters:
         root.get_submodule(p.owner).register_buffer(p.mask_attribute, p.mask, persistent=True)
-    retag(graph)
+    retag(graph, root)
     _Rewriter(graph, plan).run()
     graph.lint()
 
 
-def retag(graph: torch.fx.Graph) -> None:
+def retag(graph: torch.fx.Graph, root: nn.Module | None = None) -> None:
     """Tag the ``mask * weight`` pattern of a graph re-traced from fxsparse-generated code.
 
     Node meta does not survive code-based round trips (pickling a GraphModule, or
     transforming an fxsparse output again); the pattern ``torch.mul(<p>_mask, <p>)`` does,
-    and is what the ``"weight"``, ``"mask"`` and ``"masked"`` tags describe. Which calls
-    were opened cannot be told from the code, so ``"opened"``/``"param"`` tags are not restored.
+    and is what the ``"weight"``, ``"mask"`` and ``"masked"`` tags describe. Tracing names a
+    tied parameter by its first name, which may not be the one its mask is named after;
+    given ``root``, such a fetch is recognized and renamed back. Which calls were opened
+    cannot be told from the code, so ``"opened"``/``"param"`` tags are not restored.
     """
     for product in graph.find_nodes(op="call_function", target=torch.mul):
         if len(product.args) != 2 or product.kwargs or META_KEY in product.meta:
@@ -64,11 +66,23 @@ def retag(graph: torch.fx.Graph) -> None:
         mask, weight = product.args
         if not (isinstance(mask, torch.fx.Node) and isinstance(weight, torch.fx.Node)):
             continue
-        if mask.op == weight.op == "get_attr" and mask.target == f"{weight.target}{MASK_SUFFIX}":
-            param, buffer = str(weight.target), str(mask.target)
-            weight.meta.setdefault(META_KEY, {"role": "weight", "param": param})
-            mask.meta.setdefault(META_KEY, {"role": "mask", "param": param, "mask": buffer})
-            product.meta[META_KEY] = {"role": "masked", "param": param, "mask": buffer}
+        if not (mask.op == weight.op == "get_attr" and str(mask.target).endswith(MASK_SUFFIX)):
+            continue
+        param, buffer = str(mask.target).removesuffix(MASK_SUFFIX), str(mask.target)
+        if weight.target != param:
+            if root is None or not _same_parameter(root, param, str(weight.target)):
+                continue
+            weight.target = param
+        weight.meta.setdefault(META_KEY, {"role": "weight", "param": param})
+        mask.meta.setdefault(META_KEY, {"role": "mask", "param": param, "mask": buffer})
+        product.meta[META_KEY] = {"role": "masked", "param": param, "mask": buffer}
+
+
+def _same_parameter(root: nn.Module, name: str, other: str) -> bool:
+    try:
+        return root.get_parameter(name) is root.get_parameter(other)
+    except AttributeError:
+        return False
 
 
 class _Rewriter:
