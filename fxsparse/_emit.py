@@ -6,6 +6,7 @@ import copy
 import functools
 import importlib.util
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -65,22 +66,10 @@ class MaskedGraphModule(torch.fx.GraphModule):
         return _assemble(state, copy.deepcopy(self.graph, memo), type(self).__name__, copied)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # GraphModule pickles its code, not its Graph (the code is the stable format);
-        # ours adds the module state the code-based rebuild would drop.
-        codegen = self.graph._codegen
-        if type(codegen) is torch.fx.graph.CodeGen:
-            return (_unpickle, (super().__reduce__(), _module_state(self), type(self).__name__))
-        # A torch.export graph flattens and rebuilds its inputs and outputs with pytree
-        # code, which the rebuild's tracing would flatten away (a ModelOutput would come
-        # back a dict): pickle the plain code, and the codegen that wraps it.
-        self.graph._codegen = torch.fx.graph.CodeGen()
-        try:
-            self.recompile()
-            reduced = super().__reduce__()
-        finally:
-            self.graph._codegen = codegen
-            self.recompile()
-        return (_unpickle, (reduced, _module_state(self), type(self).__name__, codegen))
+        # GraphModule pickles its generated code and traces it again on loading, which
+        # cannot rebuild a graph of ATen operators (torch.export's) and renames nodes,
+        # dropping their tags. The nodes themselves pickle as plain data.
+        return (_unpickle_graph, (_module_state(self), _graph_as_data(self.graph), type(self).__name__))
 
 
 def graph_module(root: nn.Module, graph: torch.fx.Graph, capture: str) -> MaskedGraphModule:
@@ -116,9 +105,90 @@ def _assemble(
     return out
 
 
+@dataclass(frozen=True)
+class _NodeRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class _Operator:
+    """An ATen operator overload (not picklable itself), by its name."""
+
+    namespace: str
+    name: str
+    overload: str
+
+    def resolve(self) -> Any:
+        return getattr(getattr(getattr(torch.ops, self.namespace), self.name), self.overload)
+
+
+def _graph_as_data(graph: torch.fx.Graph) -> tuple[list[tuple[Any, ...]], torch.fx.graph.CodeGen]:
+    """Each node's op, name, target, arguments (other nodes by name), type and fxsparse tag; and the codegen."""
+
+    def as_data(value: Any) -> Any:
+        if isinstance(value, torch.fx.Node):
+            return _NodeRef(value.name)
+        if isinstance(value, torch._ops.OpOverload):
+            namespace, name = value._schema.name.split("::")
+            return _Operator(namespace, name, value._overloadname)
+        return value
+
+    def each_as_data(value: Any) -> Any:
+        return torch.fx.node.map_aggregate(value, as_data)
+
+    nodes = [
+        (
+            node.op,
+            node.name,
+            as_data(node.target),
+            each_as_data(node.args),
+            each_as_data(node.kwargs),
+            node.type,
+            node.meta.get(META_KEY),
+        )
+        for node in graph.nodes
+    ]
+    return nodes, graph._codegen
+
+
+def _graph_from_data(data: tuple[list[tuple[Any, ...]], torch.fx.graph.CodeGen]) -> torch.fx.Graph:
+    nodes, codegen = data
+    graph = torch.fx.Graph(tracer_cls=_capture.Tracer)
+    graph._codegen = codegen
+    made: dict[str, torch.fx.Node] = {}
+
+    def live(value: Any) -> Any:
+        if isinstance(value, _NodeRef):
+            return made[value.name]
+        return value.resolve() if isinstance(value, _Operator) else value
+
+    for op, name, target, args, kwargs, type_expr, tag in nodes:
+        node = graph.create_node(
+            op,
+            live(target),
+            torch.fx.node.map_aggregate(args, live),
+            torch.fx.node.map_aggregate(kwargs, live),
+            name,
+            type_expr,
+        )
+        if node.name != name:
+            raise RuntimeError(f"unpickling renamed node {name!r} to {node.name!r}")  # names are code: keep them
+        if tag is not None:
+            node.meta[META_KEY] = tag
+        made[name] = node
+    return graph
+
+
+def _unpickle_graph(
+    state: dict[str, Any], data: tuple[list[tuple[Any, ...]], torch.fx.graph.CodeGen], class_name: str
+) -> MaskedGraphModule:
+    return _assemble(state, _graph_from_data(data), class_name)
+
+
 def _unpickle(
     reduced: tuple[Any, ...], state: dict[str, Any], class_name: str, codegen: torch.fx.graph.CodeGen | None = None
 ) -> MaskedGraphModule:
+    """Loads what fxsparse 0.1.0 pickled: a GraphModule's code, traced again."""
     rebuild, arguments = reduced
     rebuilt = rebuild(*arguments)
     graph = rebuilt.graph
