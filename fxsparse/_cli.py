@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
 import sys
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,12 +18,21 @@ import torch
 def main(argv: Sequence[str] | None = None) -> int:
     from fxsparse import __version__
 
+    from ._demo import DEMOS
+
     parser = argparse.ArgumentParser(prog="fxsparse", description="Weight masks as an explicit torch.fx graph rewrite.")
     parser.add_argument("--version", action="version", version=f"fxsparse {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="mask a small built-in model, check it against FakeSparsity, write TorchScript and torch.export files",
+        help="mask a small model, check it against FakeSparsity, write and reload graph, export, TorchScript, ONNX",
+    )
+    demo.add_argument(
+        "--model",
+        choices=list(DEMOS),
+        default="tiny-lm",
+        help="tiny-lm: fxsparse's own model, traced by torch.fx; gpt2-tiny: a Hugging Face GPT-2 from a tiny "
+        "config (random weights, needs transformers), captured by torch.export (default: %(default)s)",
     )
     demo.add_argument("--out", type=Path, default=Path("fxsparse-demo"), help="output folder (default: %(default)s)")
     demo.add_argument("--sparsity", type=float, default=0.5, help="fraction of each weight to prune (default: 0.5)")
@@ -32,57 +44,99 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out must be a folder, but {args.out} is a file")
-    return run_demo(args.out, args.sparsity, args.seed)
+    needs = DEMOS[args.model][1]
+    if needs is not None and importlib.util.find_spec(needs) is None:
+        parser.error(f"--model {args.model} needs the {needs} package: pip install {needs}")
+    return run_demo(args.model, args.out, args.sparsity, args.seed)
 
 
-def run_demo(out_dir: Path, sparsity: float, seed: int) -> int:
+def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     import fxsparse
 
-    from ._demo import TinyLM, magnitude_masks
+    from ._demo import DEMOS, magnitude_masks
 
     # TorchScript is deprecated in torch 2.13 and warns on every call; the demo writes it on purpose.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message="The TorchScript type system", category=UserWarning)
-    torch.manual_seed(seed)
-    model = TinyLM().eval()
+    # torch's own noise: it warns when it copies a pytree spec, and logs that torchvision's ops are absent.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    demo = DEMOS[name][0](seed)
+    model, inputs, other = demo.model, demo.inputs, demo.other_inputs
     masks = magnitude_masks(model, sparsity)
-    ids = torch.randint(0, 64, (4, 16))
-    print(f"fxsparse demo: {type(model).__name__}, {len(masks)} Linear weights, lm_head tied to embed")
+    print(f"fxsparse demo: {demo.description}; {len(masks)} projection weights", flush=True)
 
+    options: dict[str, Any] = {"example_kwargs": inputs, "dynamic_shapes": demo.dynamic_shapes}
     start = time.perf_counter()
-    out = fxsparse.transform(model, masks)
+    out = fxsparse.transform(model, masks, **options)
     elapsed = time.perf_counter() - start
+    capture = out.meta[fxsparse.META_KEY]["capture"]
     products = [n for n in out.graph.nodes if n.meta.get(fxsparse.META_KEY, {}).get("role") == "masked"]
-    opened = [n for n in out.graph.nodes if n.meta.get(fxsparse.META_KEY, {}).get("role") == "opened"]
     density = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    how = "torch.fx" if capture == "fx" else "torch.export (torch.fx cannot trace it)"
     print(f"  masks      {sparsity:.0%} magnitude sparsity per layer (density {density:.3f})")
-    print(f"  transform  {elapsed * 1000:.0f} ms: {len(products)} mask*weight nodes, {len(opened)} module calls opened")
+    print(f"  transform  {elapsed:.2f} s, captured with {how}: {len(products)} mask*weight nodes", flush=True)
 
     reference = fxsparse.transform(model, masks, emit="parametrize")
     with torch.no_grad():
-        expected = reference(ids)
-        equal = torch.equal(out(ids), expected)
-    print(f"  check      output bitwise equal to torch.ao.pruning.FakeSparsity: {'yes' if equal else 'NO'}")
+        expected = {id(x): demo.logits(reference(**x)) for x in (inputs, other)}
+        equal = all(torch.equal(demo.logits(out(**x)), expected[id(x)]) for x in (inputs, other))
+    print(f"  check      bitwise equal to torch.ao.pruning.FakeSparsity at two input shapes: {_yes(equal)}", flush=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    checks = [equal]
     (out_dir / "graph.py").write_text(out.code)
-    scripted = fxsparse.transform(model, masks, emit="script")
-    torch.jit.save(scripted, str(out_dir / "model.script.pt"))
-    exported = fxsparse.transform(model, masks, emit="export", example_inputs=(ids,))
-    torch.export.save(exported, out_dir / "model.pt2")
     torch.save(out.state_dict(), out_dir / "state_dict.pt")
-    with torch.no_grad():
-        reloaded = torch.jit.load(str(out_dir / "model.script.pt"))  # type: ignore[no-untyped-call]
-        script_equal = torch.equal(reloaded(ids), expected)
-        export_equal = torch.equal(torch.export.load(out_dir / "model.pt2").module()(ids), expected)
     masks_kept = sum(k.endswith("_mask") for k in torch.load(out_dir / "state_dict.pt"))
-    print(f"  wrote      {out_dir / 'model.script.pt'} (TorchScript, reloaded output equal: {_yes(script_equal)})")
-    print(f"             {out_dir / 'model.pt2'} (torch.export, reloaded output equal: {_yes(export_equal)})")
-    print(f"             {out_dir / 'state_dict.pt'} ({masks_kept} masks kept), {out_dir / 'graph.py'} (the code)")
-    ok = equal and script_equal and export_equal and masks_kept == len(masks)
-    if not ok:
+    checks.append(masks_kept == len(masks))
+    print(f"  wrote      {out_dir / 'state_dict.pt'} ({masks_kept} masks kept), {out_dir / 'graph.py'} (the code)")
+
+    exported = fxsparse.transform(model, masks, emit="export", **options)
+    torch.export.save(exported, out_dir / "model.pt2")
+    reloaded = torch.export.load(out_dir / "model.pt2").module()
+    checks.append(_reloads_equal(reloaded, demo.logits, (inputs, other), expected))
+    print(f"             {out_dir / 'model.pt2'} (torch.export, reloaded equal: {_yes(checks[-1])})", flush=True)
+
+    if capture == "fx":
+        torch.jit.save(fxsparse.transform(model, masks, emit="script"), str(out_dir / "model.script.pt"))
+        scripted = torch.jit.load(str(out_dir / "model.script.pt"))  # type: ignore[no-untyped-call]
+        checks.append(_reloads_equal(scripted, demo.logits, (inputs, other), expected))
+        print(f"             {out_dir / 'model.script.pt'} (TorchScript, reloaded equal: {_yes(checks[-1])})")
+    else:
+        print("             no TorchScript: it cannot compile a graph captured with torch.export")
+
+    if all(importlib.util.find_spec(package) for package in ("onnx", "onnxscript", "onnxruntime")):
+        checks.append(_write_onnx(fxsparse.transform(model, masks, emit="onnx", **options), out_dir, demo, expected))
+    else:
+        print("             no ONNX: pip install 'fxsparse[onnx]' onnxruntime to write and check model.onnx")
+    if not all(checks):
         print("fxsparse demo: FAILED, outputs differ", file=sys.stderr)
-    return 0 if ok else 1
+    return 0 if all(checks) else 1
+
+
+def _reloads_equal(
+    module: Any, logits: Any, inputs: Sequence[dict[str, torch.Tensor]], expected: dict[int, torch.Tensor]
+) -> bool:
+    with torch.no_grad():
+        return all(torch.equal(logits(module(**x)), expected[id(x)]) for x in inputs)
+
+
+def _write_onnx(program: Any, out_dir: Path, demo: Any, expected: dict[int, torch.Tensor]) -> bool:
+    import onnx
+    import onnxruntime
+
+    path = out_dir / "model.onnx"
+    program.save(str(path))
+    proto = onnx.load(str(path))
+    masks = sum(i.name.endswith("_mask") for i in proto.graph.initializer)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for x in (demo.inputs, demo.other_inputs):
+        (logits,) = session.run(None, {k: v.numpy() for k, v in x.items()})
+        worst = max(worst, float((torch.from_numpy(logits) - expected[id(x)]).abs().max()))
+    close = worst <= 1e-4
+    print(f"             {path} (ONNX, {masks} named mask initializers, onnxruntime max |diff| {worst:.1e})")
+    return close
 
 
 def _yes(flag: bool) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +16,39 @@ from fxsparse._cli import main
 def test_demo_writes_and_checks_everything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "bitwise equal to torch.ao.pruning.FakeSparsity: yes" in printed
+    assert "captured with torch.fx" in printed
+    assert "bitwise equal to torch.ao.pruning.FakeSparsity at two input shapes: yes" in printed
     assert "NO" not in printed
-    for name in ("model.script.pt", "model.pt2", "state_dict.pt", "graph.py"):
+    for name in ("model.script.pt", "model.pt2", "state_dict.pt", "graph.py", "model.onnx"):
         assert (tmp_path / name).stat().st_size > 0
     assert "torch.mul(" in (tmp_path / "graph.py").read_text()
     state = torch.load(tmp_path / "state_dict.pt")
     assert sum(k.endswith("_mask") for k in state) == 5
-    assert len(printed.splitlines()) <= 8
+    assert len(printed.splitlines()) <= 9
+
+
+def test_demo_on_a_tiny_gpt2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--model", "gpt2-tiny", "--out", str(tmp_path), "--sparsity", "0.75"]) == 0
+    printed = capsys.readouterr().out
+    assert "captured with torch.export (torch.fx cannot trace it): 9 mask*weight nodes" in printed
+    assert "bitwise equal to torch.ao.pruning.FakeSparsity at two input shapes: yes" in printed
+    assert "9 named mask initializers" in printed
+    assert "NO" not in printed
+    assert not (tmp_path / "model.script.pt").exists()
+    state = torch.load(tmp_path / "state_dict.pt")
+    assert state["transformer.h.0.mlp.c_fc.weight_mask"].float().mean() == 0.25
+    assert "lm_head.weight_mask" in state  # the head tied to transformer.wte: one mask, under the name masked
+    loaded = torch.export.load(tmp_path / "model.pt2")
+    assert "transformer.wte.weight" in loaded.state_dict or "lm_head.weight" in loaded.state_dict
+
+
+def test_demo_names_a_missing_package(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name))
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--model", "gpt2-tiny"])
+    assert exited.value.code == 2
+    assert "--model gpt2-tiny needs the transformers package: pip install transformers" in capsys.readouterr().err
 
 
 def test_demo_rejects_a_bad_sparsity(capsys: pytest.CaptureFixture[str]) -> None:

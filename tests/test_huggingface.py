@@ -12,12 +12,13 @@ import io
 
 import pytest
 import torch
-from hf_zoo import FAMILIES, Family, build, dynamic_shapes, linear_like, random_masks
 from torch import nn
 from torch.ao.pruning import FakeSparsity
 from torch.nn.utils import parametrize
 
 import fxsparse
+
+from hf_zoo import FAMILIES, Family, build, dynamic_shapes, linear_like, random_masks
 
 SHAPES = [(2, 8), (3, 5)]  # the example's shape, and another one through the dynamic dimensions
 

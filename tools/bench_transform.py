@@ -7,11 +7,15 @@ few runs of:
 * ``fxsparse.transform(model, masks)``: copy + trace + rewrite + codegen, every Linear masked;
 * ``copy.deepcopy(model)``: what copying the model costs on its own;
 * ``WeightNormSparsifier().prepare(model, config=None)``: torch.ao.pruning's set-up (on a copy
-  made outside the timing).
+  made outside the timing);
+* ``pickle.loads`` of the transform's output;
+* up to ``--export-max`` layers: ``torch.export.export(model, (x,))`` and
+  ``fxsparse.transform(model, masks, capture="export", example_inputs=(x,))``, whose ratio is
+  what the export capture adds to torch.export itself.
 
 and prints ratios to symbolic_trace (absolute times only for scale). Usage::
 
-    python tools/bench_transform.py [--sizes 100 1000 5000] [--repeat 3] [--json out.json]
+    python tools/bench_transform.py [--sizes 100 1000 5000] [--repeat 3] [--export-max 1000] [--json out.json]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import copy
 import gc
 import json
+import pickle
 import platform
 import time
 import warnings
@@ -64,7 +69,7 @@ def prepare_sparsifier(model: nn.Module) -> None:
         WeightNormSparsifier().prepare(model, config=None)  # type: ignore[no-untyped-call]
 
 
-def measure(layers: int, repeat: int) -> dict[str, float]:
+def measure(layers: int, repeat: int, export: bool) -> dict[str, float]:
     model = make_model(layers)
     masks = {f"{2 * i}": torch.rand(16, 16) > 0.5 for i in range(layers)}
     row = {"layers": float(layers)}
@@ -72,6 +77,14 @@ def measure(layers: int, repeat: int) -> dict[str, float]:
     row["transform_s"] = best_time(lambda: fxsparse.transform(model, masks), repeat)
     row["deepcopy_s"] = best_time(lambda: copy.deepcopy(model), repeat)
     row["prepare_s"] = best_time_with(prepare_sparsifier, max(1, repeat - 1), lambda: copy.deepcopy(model))
+    pickled = pickle.dumps(fxsparse.transform(model, masks))
+    row["unpickle_s"] = best_time(lambda: pickle.loads(pickled), repeat)
+    if export:
+        x = (torch.randn(2, 16),)
+        row["export_s"] = best_time(lambda: torch.export.export(model, x), repeat)
+        row["transform_export_s"] = best_time(
+            lambda: fxsparse.transform(model, masks, capture="export", example_inputs=x), repeat
+        )
     return row
 
 
@@ -79,23 +92,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 5000])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--export-max", type=int, default=1000, help="largest size to time torch.export at")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = [measure(n, args.repeat) for n in args.sizes]
+    rows = [measure(n, args.repeat, n <= args.export_max) for n in args.sizes]
     print(
         f"# transform cost, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, best of {args.repeat}"
     )
     print()
-    print("| layers | symbolic_trace | transform ÷ trace | deepcopy ÷ trace | prepare ÷ trace | transform µs/layer |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| layers | symbolic_trace | transform ÷ trace | deepcopy ÷ trace | prepare ÷ trace | unpickle ÷ trace "
+        "| transform µs/layer | capture='export' ÷ torch.export |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         trace = row["symbolic_trace_s"]
+        export = f"{row['transform_export_s'] / row['export_s']:.2f}×" if "export_s" in row else "n/a"
         print(
             f"| {int(row['layers'])} | {trace:.3f} s | {row['transform_s'] / trace:.2f}× | "
-            f"{row['deepcopy_s'] / trace:.2f}× | {row['prepare_s'] / trace:.2f}× | "
-            f"{row['transform_s'] / row['layers'] * 1e6:.0f} |"
+            f"{row['deepcopy_s'] / trace:.2f}× | {row['prepare_s'] / trace:.2f}× | {row['unpickle_s'] / trace:.2f}× | "
+            f"{row['transform_s'] / row['layers'] * 1e6:.0f} | {export} |"
         )
     if args.json:
         with open(args.json, "w") as file:
