@@ -36,7 +36,7 @@ from ._plan import MaskedParameter, Plan
 from ._rewrite import META_KEY, ROLES
 from ._transform import plan, transform
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "EMITS",

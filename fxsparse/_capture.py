@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 import typing
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -18,11 +19,11 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._errors import MaskError, TraceError
+from ._errors import MaskError, TraceError, describe
 from ._plan import Plan
 from ._runtime import InputGuards
 
-__all__ = ["Tracer", "copy_model", "lower_fake_sparsity", "trace"]
+__all__ = ["EXPORT_LOCK", "Exported", "Tracer", "copy_model", "export", "lower_fake_sparsity", "trace"]
 
 _EMPTY_COPYABLE = (dict, OrderedDict, set, list)
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
@@ -170,6 +171,8 @@ class Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._opened or module_qualified_name in self.kept:
             return True
+        if isinstance(m, InputGuards):  # of a graph fxsparse captured with torch.export
+            return True
         if module_qualified_name in self._traced_into:
             return False
         return super().is_leaf_module(m, module_qualified_name)
@@ -268,75 +271,82 @@ def _restore_traced_attributes(attributes: Iterable[tuple[nn.Module, dict[str, A
                 delattr(module, key)
 
 
+# torch.export keeps global state while it runs (dispatch modes, the fake tensor mode): two
+# exports running at once in one process break each other.
+EXPORT_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    """A graph captured by ``torch.export``, and what it needs besides the model's own state.
+
+    ``graph`` is the graph of ``ExportedProgram.module()``: ATen operators, in which every
+    parameter and buffer is a ``get_attr`` of its name in the model. ``attributes`` are the
+    other things it reads (tensor constants export lifted out, subgraphs of control-flow
+    operators), by ``get_attr`` target. ``guards`` checks the inputs it was exported for.
+    """
+
+    graph: torch.fx.Graph
+    attributes: dict[str, Any]
+    guards: InputGuards
+
+
 def export(
     model: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any] | None,
     dynamic_shapes: Any = None,
-) -> torch.fx.Graph:
+) -> Exported:
     """Capture ``model`` (the copy) with ``torch.export`` (non-strict); raise ``TraceError`` on failure.
 
-    Returns the graph of ``ExportedProgram.module()``: ATen operators, in which every
-    parameter and buffer is a ``get_attr`` of its name in ``model``. What else the graph
-    reads (tensor constants export lifted out, the input guards) is installed on ``model``.
+    The export runs the model's forward hooks into the graph; the copy's root loses its
+    own, which would otherwise run a second time around the graph.
     """
     try:
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-        raise TraceError(f"torch.export could not capture {type(model).__name__}: {reason}") from exc
-    unlifted = program.module()
+        with EXPORT_LOCK:
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # the whole message: torch.export's often ends with the fix ("Suggested fixes: ...")
+        raise TraceError(f"torch.export could not capture {type(model).__name__}: {describe(exc)}") from exc
+    for hooks in (model._forward_hooks, model._forward_pre_hooks):
+        hooks.clear()
+    # Without torch's guards (which it leaves out when called from some projects, and cannot
+    # be pickled): InputGuards checks the same inputs, as data.
+    unlifted = program.module(check_guards=False)
     graph = unlifted.graph
-    for node in graph.nodes:
-        target = str(node.target)
-        if node.op == "call_module" and target == _EXPORT_GUARDS:
-            _install(model, target, _input_guards(graph, program.range_constraints))
-        elif node.op in ("get_attr", "call_module") and _lookup(model, target) is None:
-            _install(model, target, _lookup(unlifted, target))
-    graph.owning_module = model  # type: ignore[assignment]  # what it now runs over, for lint's checks
-    return graph
-
-
-_EXPORT_GUARDS = "_guards_fn"  # the module ExportedProgram.module() calls to check input shapes
+    state = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    state.update(name for name, _ in model.named_buffers(remove_duplicate=False))
+    attributes = {
+        str(node.target): _lookup(unlifted, str(node.target))
+        for node in graph.nodes
+        if node.op in ("get_attr", "call_module") and str(node.target) not in state
+    }
+    return Exported(graph, attributes, _input_guards(graph, program.range_constraints, model.training))
 
 
 def _lookup(module: nn.Module, dotted: str) -> Any:
     value: Any = module
     for part in dotted.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            return None
+        value = getattr(value, part)
     return value
 
 
-def _install(model: nn.Module, dotted: str, value: Any) -> None:
-    owner: nn.Module = model
-    *path, name = dotted.split(".")
-    for part in path:
-        if not isinstance(getattr(owner, part, None), nn.Module):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
-    if isinstance(value, nn.Module):
-        owner.add_module(name, value)
-    else:
-        setattr(owner, name, value)  # a plain attribute, not a buffer: state_dict keeps the model's keys
-
-
-def _input_guards(graph: torch.fx.Graph, range_constraints: Mapping[Any, Any]) -> InputGuards:
-    """The shape checks of an exported graph's inputs, as data (see :class:`InputGuards`)."""
-    inputs: list[tuple[str, tuple[int | str | None, ...] | None]] = []
+def _input_guards(graph: torch.fx.Graph, range_constraints: Mapping[Any, Any], training: bool) -> InputGuards:
+    """The checks of an exported graph's inputs, as data (see :class:`InputGuards`)."""
+    inputs: list[tuple[str, str, Any]] = []
     for placeholder in graph.find_nodes(op="placeholder"):
         value = placeholder.meta.get("val")
-        dims = None
         if isinstance(value, torch.Tensor):
-            dims = tuple(_dimension(size) for size in value.shape)
-        inputs.append((placeholder.name, dims))
+            inputs.append((placeholder.name, "tensor", tuple(_dimension(size) for size in value.shape)))
+        elif value is None or isinstance(value, bool | int | float | str):
+            inputs.append((placeholder.name, "value", value))  # export fixed it at its example value
+        else:
+            inputs.append((placeholder.name, "any", None))  # a SymInt (dynamic) or an opaque object
     ranges: dict[str, tuple[int, int | None]] = {}
     for symbol, bounds in range_constraints.items():
         upper = bounds.upper
         lower = int(bounds.lower) if bounds.lower.is_Integer else 0
         ranges[str(symbol)] = (lower, int(upper) if upper.is_Integer else None)
-    return InputGuards(inputs, ranges)
+    return InputGuards(inputs, ranges, training)
 
 
 def _dimension(size: int | torch.SymInt) -> int | str | None:

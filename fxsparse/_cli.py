@@ -80,7 +80,7 @@ def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     reference = fxsparse.transform(model, masks, emit="parametrize")
     with torch.no_grad():
         expected = {id(x): demo.logits(reference(**x)) for x in (inputs, other)}
-        equal = all(torch.equal(demo.logits(out(**x)), expected[id(x)]) for x in (inputs, other))
+    equal = _outputs_equal(out, demo.logits, (inputs, other), expected)
     print(f"  check      bitwise equal to torch.ao.pruning.FakeSparsity at two input shapes: {_yes(equal)}", flush=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,13 +94,13 @@ def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     exported = fxsparse.transform(model, masks, emit="export", **options)
     torch.export.save(exported, out_dir / "model.pt2")
     reloaded = torch.export.load(out_dir / "model.pt2").module()
-    checks.append(_reloads_equal(reloaded, demo.logits, (inputs, other), expected))
+    checks.append(_outputs_equal(reloaded, demo.logits, (inputs, other), expected))
     print(f"             {out_dir / 'model.pt2'} (torch.export, reloaded equal: {_yes(checks[-1])})", flush=True)
 
     if capture == "fx":
         torch.jit.save(fxsparse.transform(model, masks, emit="script"), str(out_dir / "model.script.pt"))
         scripted = torch.jit.load(str(out_dir / "model.script.pt"))  # type: ignore[no-untyped-call]
-        checks.append(_reloads_equal(scripted, demo.logits, (inputs, other), expected))
+        checks.append(_outputs_equal(scripted, demo.logits, (inputs, other), expected))
         print(f"             {out_dir / 'model.script.pt'} (TorchScript, reloaded equal: {_yes(checks[-1])})")
     else:
         print("             no TorchScript: it cannot compile a graph captured with torch.export")
@@ -114,7 +114,7 @@ def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     return 0 if all(checks) else 1
 
 
-def _reloads_equal(
+def _outputs_equal(
     module: Any, logits: Any, inputs: Sequence[dict[str, torch.Tensor]], expected: dict[int, torch.Tensor]
 ) -> bool:
     with torch.no_grad():

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _capture
-from ._errors import EmitError
+from ._errors import EmitError, describe
 from ._plan import Plan
 from ._rewrite import META_KEY, retag
 from ._runtime import call_with_parameters
@@ -77,9 +77,30 @@ def graph_module(root: nn.Module, graph: torch.fx.Graph, capture: str) -> Masked
 
     ``out.meta["fxsparse"]["capture"]`` records which capture made the graph (``"fx"`` or ``"export"``).
     """
+    if not isinstance(getattr(root, "meta", {}), dict):
+        raise EmitError(
+            f"the model has an attribute 'meta' ({type(root.meta).__name__}), the name torch.fx.GraphModule "
+            "keeps its metadata under: rename the attribute"
+        )
+    _adopt_subgraphs(root, graph)
     out = _assemble(_module_state(root), graph, type(root).__name__)
     out.meta[META_KEY] = {"capture": capture}
     return out
+
+
+def _adopt_subgraphs(root: nn.Module, graph: torch.fx.Graph) -> None:
+    """Make the branch and body graphs of control-flow operators (``torch.cond``) MaskedGraphModules.
+
+    torch.export stores them as GraphModules whose pickling traces their code again,
+    which fails for its graphs; ours pickle their nodes.
+    """
+    for node in graph.find_nodes(op="get_attr"):
+        owner_name, _, name = str(node.target).rpartition(".")
+        owner = root.get_submodule(owner_name)
+        subgraph = getattr(owner, name)
+        if isinstance(subgraph, torch.fx.GraphModule) and not isinstance(subgraph, MaskedGraphModule):
+            _adopt_subgraphs(subgraph, subgraph.graph)
+            setattr(owner, name, _assemble(_module_state(subgraph), subgraph.graph, type(subgraph).__name__))
 
 
 def captured_by(gm: torch.fx.GraphModule) -> str:
@@ -99,7 +120,8 @@ def _assemble(
         out = MaskedGraphModule.__new__(MaskedGraphModule)
     torch.fx.GraphModule.__init__(out, nn.Module(), torch.fx.Graph(), class_name=class_name)
     out.__dict__.update(state)
-    # Unpickling traces the code again with this tracer: it finds parameters by a dict, not by a scan.
+    # FX traces a GraphModule's code again with its tracer (transforming an output again does);
+    # this one finds parameters by a dict, not by a scan, and keeps InputGuards a call.
     out._tracer_cls = _capture.Tracer
     out.graph = graph  # compiles forward once
     return out
@@ -112,14 +134,15 @@ class _NodeRef:
 
 @dataclass(frozen=True)
 class _Operator:
-    """An ATen operator overload (not picklable itself), by its name."""
+    """An operator overload (``torch.ops.aten.add.Tensor``) or higher-order operator, by name: neither pickles."""
 
     namespace: str
     name: str
     overload: str
 
     def resolve(self) -> Any:
-        return getattr(getattr(getattr(torch.ops, self.namespace), self.name), self.overload)
+        operator = getattr(getattr(torch.ops, self.namespace), self.name)
+        return getattr(operator, self.overload) if self.overload else operator
 
 
 def _graph_as_data(graph: torch.fx.Graph) -> tuple[list[tuple[Any, ...]], torch.fx.graph.CodeGen]:
@@ -131,6 +154,8 @@ def _graph_as_data(graph: torch.fx.Graph) -> tuple[list[tuple[Any, ...]], torch.
         if isinstance(value, torch._ops.OpOverload):
             namespace, name = value._schema.name.split("::")
             return _Operator(namespace, name, value._overloadname)
+        if isinstance(value, torch._ops.HigherOrderOperator):  # torch.cond, ...: registered by name
+            return _Operator("higher_order", value.name(), "")  # type: ignore[no-untyped-call]
         return value
 
     def each_as_data(value: Any) -> Any:
@@ -185,17 +210,12 @@ def _unpickle_graph(
     return _assemble(state, _graph_from_data(data), class_name)
 
 
-def _unpickle(
-    reduced: tuple[Any, ...], state: dict[str, Any], class_name: str, codegen: torch.fx.graph.CodeGen | None = None
-) -> MaskedGraphModule:
-    """Loads what fxsparse 0.1.0 pickled: a GraphModule's code, traced again."""
+def _unpickle(reduced: tuple[Any, ...], state: dict[str, Any], class_name: str) -> MaskedGraphModule:
+    """Loads what fxsparse 0.1.0 pickled: a GraphModule's code, traced again (with ``_capture.Tracer``)."""
     rebuild, arguments = reduced
     rebuilt = rebuild(*arguments)
-    graph = rebuilt.graph
-    if codegen is not None:
-        graph._codegen = codegen
-    retag(graph, rebuilt)
-    return _assemble(state, graph, class_name)
+    retag(rebuilt.graph, rebuilt)
+    return _assemble(state, rebuilt.graph, class_name)
 
 
 def parametrized(root: nn.Module, plan: Plan) -> nn.Module:
@@ -254,7 +274,8 @@ def to_trace(
 def to_export(
     gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any] | None, dynamic_shapes: Any
 ) -> torch.export.ExportedProgram:
-    exported = _run("export", torch.export.export, gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    with _capture.EXPORT_LOCK:
+        exported = _run("export", torch.export.export, gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     return cast(torch.export.ExportedProgram, exported)
 
 
@@ -280,17 +301,18 @@ def to_onnx(
     import onnxscript.optimizer
     import onnxscript.rewriter.onnx_fusions
 
-    program = _run(
-        "onnx",
-        torch.onnx.export,
-        gm,
-        args,
-        kwargs=kwargs,
-        dynamic_shapes=dynamic_shapes,
-        dynamo=True,
-        optimize=False,
-        verbose=False,
-    )
+    with _capture.EXPORT_LOCK:
+        program = _run(
+            "onnx",
+            torch.onnx.export,
+            gm,
+            args,
+            kwargs=kwargs,
+            dynamic_shapes=dynamic_shapes,
+            dynamo=True,
+            optimize=False,
+            verbose=False,
+        )
     masks = set(mask_names)
 
     def reads_a_mask(value: Any) -> bool:
@@ -304,8 +326,8 @@ def to_onnx(
     def should_fold(node: Any) -> bool | None:
         return False if any(reads_a_mask(value) for value in node.inputs) else None
 
-    onnxscript.optimizer.optimize_ir(program.model, should_fold=should_fold)
-    onnxscript.rewriter.onnx_fusions.fuse(program.model)
+    _run("onnx", onnxscript.optimizer.optimize_ir, program.model, should_fold=should_fold)
+    _run("onnx", onnxscript.rewriter.onnx_fusions.fuse, program.model)  # as torch.onnx.export(optimize=True)
     return program
 
 
@@ -314,5 +336,5 @@ def _run(emit: str, backend: Callable[..., Any], *args: Any, **kwargs: Any) -> A
         return backend(*args, **kwargs)
     except Exception as exc:
         raise EmitError(
-            f"emit={emit!r} failed: {type(exc).__name__}: {exc}; the masked graph itself is available with emit='graph'"
+            f"emit={emit!r} failed: {describe(exc)}\n(the masked graph itself is available with emit='graph')"
         ) from exc

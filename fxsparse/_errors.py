@@ -6,7 +6,9 @@ exception of the kind a caller would expect, so ``except ValueError`` keeps work
     FxsparseError
      ├── MaskError(ValueError)    a mask or mask key is wrong: names nothing, wrong shape,
      │                            not a tensor, NaN/inf, ...
-     ├── TraceError(RuntimeError) the model cannot be captured as an FX graph
+     ├── TraceError(RuntimeError) the model cannot be captured as an FX graph (by
+     │                            torch.fx tracing or torch.export), or capture
+     │                            arguments are wrong
      └── EmitError(ValueError, RuntimeError)
                                   the requested output (emit=...) cannot be produced:
                                   a wrong argument, or the backend refused the graph
@@ -14,7 +16,11 @@ exception of the kind a caller would expect, so ``except ValueError`` keeps work
 
 from __future__ import annotations
 
-__all__ = ["EmitError", "FxsparseError", "MaskError", "TraceError"]
+import re
+
+__all__ = ["EmitError", "FxsparseError", "MaskError", "TraceError", "describe"]
+
+_TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class FxsparseError(Exception):
@@ -26,8 +32,13 @@ class MaskError(FxsparseError, ValueError):
 
 
 class TraceError(FxsparseError, RuntimeError):
-    """The model cannot be captured as a ``torch.fx`` graph."""
+    """The model cannot be captured as a ``torch.fx`` graph (by FX tracing or by ``torch.export``)."""
 
 
 class EmitError(FxsparseError, ValueError, RuntimeError):
     """The requested output format cannot be produced (bad ``emit`` arguments or a backend refusal)."""
+
+
+def describe(exc: BaseException) -> str:
+    """``"Type: message"`` of an error fxsparse wraps, without the terminal colour codes torch puts in some."""
+    return _TERMINAL_COLOURS.sub("", f"{type(exc).__name__}: {exc}").strip()

@@ -207,6 +207,13 @@ def _resolve_key(
     lowered = _PARAMETRIZED.fullmatch(key)
     if lowered and f"{lowered[1]}{lowered[2]}" in parameter_by_name:
         return f"{lowered[1]}{lowered[2]}"  # the name of a FakeSparsity-parametrized weight, lowered
+    computed = _computed_by_parametrization(key, modules)
+    if computed is not None:
+        raise MaskError(
+            f"mask key {key!r} names a tensor computed by a parametrization ({computed}), not a parameter; "
+            "fxsparse masks parameters, and lowers FakeSparsity parametrizations only: remove that "
+            "parametrization first (e.g. torch.nn.utils.parametrize.remove_parametrizations)"
+        )
     if key in modules:
         weight_name = f"{key}.weight" if key else "weight"
         if weight_name in parameter_by_name:
@@ -231,6 +238,15 @@ def _resolve_key(
         )
     )
     raise MaskError(f"mask key {key!r} names no parameter or module of the model; {hint}")
+
+
+def _computed_by_parametrization(key: str, modules: Mapping[str, nn.Module]) -> str | None:
+    """The parametrizations computing the tensor ``key`` names (``"0.weight"``, or module ``"0"``'s weight)."""
+    owner, tensor = (key, "weight") if key in modules else key.rpartition(".")[::2]
+    parametrizations = getattr(modules.get(owner), "parametrizations", None)
+    if parametrizations is None or tensor not in parametrizations:
+        return None
+    return ", ".join(type(p).__name__ for p in parametrizations[tensor])
 
 
 def _own_parameters(module_name: str, parameter_by_name: Mapping[str, nn.Parameter]) -> str:

@@ -19,10 +19,13 @@ whose ``"role"`` is one of :data:`ROLES`, with ``"param"`` naming the parameter
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx
 from torch import nn
 
+from ._capture import Exported
 from ._errors import TraceError
 from ._plan import MASK_SUFFIX, MaskedParameter, Plan
 from ._runtime import call_with_parameters
@@ -38,13 +41,21 @@ ROLES = {
     "opened": "a leaf module call opened into its functional form",
     "module": "fetches a module that is called with masked parameters swapped in",
     "called": "a call of a module whose forward cannot be traced, with masked parameters swapped in",
+    "guards": "checks the inputs against those a graph captured by torch.export was exported for",
 }
 
 
-def rewrite(root: nn.Module, graph: torch.fx.Graph, plan: Plan) -> None:
-    """Register the plan's mask buffers on ``root`` and mask every use in ``graph``, in place."""
+def rewrite(root: nn.Module, graph: torch.fx.Graph, plan: Plan, exported: Exported | None = None) -> None:
+    """Register the plan's mask buffers on ``root`` and mask every use in ``graph``, in place.
+
+    For a graph captured by ``torch.export`` (``exported``, whose ``graph`` is ``graph``), also
+    install on ``root`` what the graph reads besides the model's state, and call the input
+    guards first thing.
+    """
     for p in plan.parameters:
         root.get_submodule(p.owner).register_buffer(p.mask_attribute, p.mask, persistent=True)
+    if exported is not None:
+        _adopt_exported(root, graph, exported)
     retag(graph, root)
     _Rewriter(graph, plan).run()
     graph.lint()
@@ -60,7 +71,9 @@ def retag(graph: torch.fx.Graph, root: nn.Module | None = None) -> None:
     given ``root``, such a fetch is recognized and renamed back. Which calls were opened
     cannot be told from the code, so ``"opened"``/``"param"`` tags are not restored.
     """
-    for product in graph.find_nodes(op="call_function", target=torch.mul):
+    products = graph.find_nodes(op="call_function", target=torch.mul)
+    products += graph.find_nodes(op="call_function", target=torch.ops.aten.mul.Tensor)  # exported again
+    for product in products:
         if len(product.args) != 2 or product.kwargs or META_KEY in product.meta:
             continue
         mask, weight = product.args
@@ -76,6 +89,62 @@ def retag(graph: torch.fx.Graph, root: nn.Module | None = None) -> None:
         weight.meta.setdefault(META_KEY, {"role": "weight", "param": param})
         mask.meta.setdefault(META_KEY, {"role": "mask", "param": param, "mask": buffer})
         product.meta[META_KEY] = {"role": "masked", "param": param, "mask": buffer}
+
+
+def _adopt_exported(root: nn.Module, graph: torch.fx.Graph, exported: Exported) -> None:
+    graph.owning_module = root  # type: ignore[assignment]  # what it now runs over, for lint's checks
+    renamed: dict[str, str] = {}
+    for target, value in exported.attributes.items():
+        existing = _lookup(root, target)
+        if existing is value:
+            continue
+        # A constant export named after nothing in the model may still collide with an attribute.
+        name = target if existing is _MISSING else _free_name(root, target.replace(".", "_"))
+        _install(root, name, value)
+        renamed[target] = name
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module") and renamed.get(str(node.target), node.target) != node.target:
+            node.target = renamed[str(node.target)]
+    name = _free_name(root, "_input_guards")
+    root.add_module(name, exported.guards)
+    placeholders = graph.find_nodes(op="placeholder")
+    where = graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None)
+    with where:
+        guards = graph.call_module(name, tuple(placeholders))
+    guards.meta[META_KEY] = {"role": "guards", "module": name}
+
+
+_MISSING = object()
+
+
+def _lookup(module: nn.Module, dotted: str) -> Any:
+    value: Any = module
+    for part in dotted.split("."):
+        value = getattr(value, part, _MISSING)
+        if value is _MISSING:
+            break
+    return value
+
+
+def _free_name(root: nn.Module, name: str) -> str:
+    candidate, number = name, 0
+    while hasattr(root, candidate):
+        number += 1
+        candidate = f"{name}_{number}"
+    return candidate
+
+
+def _install(root: nn.Module, dotted: str, value: Any) -> None:
+    owner = root
+    *path, name = dotted.split(".")
+    for part in path:
+        if not isinstance(getattr(owner, part, None), nn.Module):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if isinstance(value, nn.Module):
+        owner.add_module(name, value)
+    else:
+        setattr(owner, name, value)  # a plain attribute, not a buffer: state_dict keeps the model's keys
 
 
 def _same_parameter(root: nn.Module, name: str, other: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,55 +29,111 @@ def call_with_parameters(module: nn.Module, parameters: dict[str, torch.Tensor],
 
 
 class InputGuards(nn.Module):
-    """Checks the shapes of the inputs of a graph captured by ``torch.export``.
+    """Checks the inputs of a graph captured by ``torch.export`` against those it was exported for.
 
-    An exported graph is only valid for the shapes it was exported for: every dimension
-    not made dynamic is fixed at its example size (a graph that reshapes to
-    ``[-1, 8]`` would silently compute garbage on other sizes). ``torch.export``
-    checks them with generated code that cannot be pickled; this module keeps the
-    same checks as plain data: a size per static dimension, a symbol with its allowed
-    range per dynamic one (one symbol shared by several dimensions means equal sizes).
+    An exported graph is only valid for the inputs it was exported with: every dimension
+    not made dynamic is fixed at its example size (a graph that reshapes to ``[-1, 8]``
+    would silently compute garbage on other sizes), every non-tensor input at its example
+    value, and train or eval mode at the mode the model was in (dropout and batch norm are
+    baked into the graph). This module checks them, as plain data: per tensor input a size
+    per static dimension and a symbol per dynamic one (its range in ``ranges``; one symbol
+    shared by several dimensions means equal sizes), per non-tensor input its value. Under
+    ``torch.jit.trace`` the size checks are recorded into the trace as TorchScript calls.
     """
 
     def __init__(
         self,
-        inputs: Sequence[tuple[str, tuple[int | str | None, ...] | None]],
+        inputs: Sequence[tuple[str, str, Any]],
         ranges: Mapping[str, tuple[int, int | None]],
+        training: bool,
     ) -> None:
         super().__init__()
-        self.inputs = list(inputs)
+        self.inputs = list(inputs)  # (name, "tensor" | "value" | "any", dimensions | example value | None)
         self.ranges = dict(ranges)
+        self.exported_training = training
+        self.train(training)
 
     def forward(self, *args: Any) -> None:
-        if torch.jit.is_tracing():  # type: ignore[attr-defined,no-untyped-call]
-            return  # sizes are constants of a TorchScript trace anyway
-        seen: dict[str, tuple[str, int, Any]] = {}
-        for (name, dims), value in zip(self.inputs, args, strict=True):
-            if dims is None:
+        if self.training != self.exported_training:
+            exported, now = ("train", "eval") if self.exported_training else ("eval", "train")
+            raise ValueError(
+                f"the model was captured with torch.export in {exported} mode, which its graph keeps (dropout, "
+                f"batch norm); it cannot run in {now} mode: transform the model in {now} mode instead"
+            )
+        tracing = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
+        seen: dict[str, tuple[str, int, torch.Tensor]] = {}
+        for (name, kind, expected), value in zip(self.inputs, args, strict=True):
+            if kind == "value" and not tracing and value != expected:
+                raise ValueError(
+                    f"input {name!r} is {value!r}, but the model was exported with {name}={expected!r}, which its "
+                    "graph keeps: transform it again with the value you need"
+                )
+            if kind != "tensor":
                 continue
-            if not isinstance(value, torch.Tensor) or value.dim() != len(dims):
+            if not isinstance(value, torch.Tensor) or value.dim() != len(expected):
                 got = f"{value.dim()} dimensions" if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"input {name!r} must be a tensor with {len(dims)} dimensions, got {got}")
-            for axis, (expected, size) in enumerate(zip(dims, value.shape, strict=True)):
-                if isinstance(expected, int) and size != expected:
-                    raise ValueError(
-                        f"input {name!r} has size {size} in dimension {axis}, but the model was exported with that "
-                        f"dimension fixed at {expected}; pass dynamic_shapes to fxsparse.transform to make it dynamic"
-                    )
-                if isinstance(expected, str):
-                    low, high = self.ranges.get(expected, (0, None))
-                    if size < low or (high is not None and size > high):
-                        allowed = f"[{low}, {'inf' if high is None else high}]"
-                        raise ValueError(
-                            f"input {name!r} has size {size} in dimension {axis}, outside the range {allowed} "
-                            "it was exported for"
-                        )
-                    first = seen.setdefault(expected, (name, axis, size))
-                    if first[2] != size:
-                        raise ValueError(
-                            f"input {name!r} has size {size} in dimension {axis}, but it must equal dimension "
-                            f"{first[1]} of input {first[0]!r} (size {first[2]}), as when it was exported"
-                        )
+                raise ValueError(f"input {name!r} must be a tensor with {len(expected)} dimensions, got {got}")
+            for axis, dimension in enumerate(expected):
+                if isinstance(dimension, int):
+                    self._check_size(name, value, axis, dimension, dimension, tracing)
+                elif isinstance(dimension, str):
+                    low, high = self.ranges.get(dimension, (0, None))
+                    self._check_size(name, value, axis, low, high, tracing)
+                    first = seen.setdefault(dimension, (name, axis, value))
+                    self._check_same_size(first, name, value, axis, tracing)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}: {dims}" for name, dims in self.inputs)
+        return ", ".join(f"{name}: {expected}" for name, kind, expected in self.inputs if kind != "any")
+
+    @staticmethod
+    def _check_size(name: str, value: torch.Tensor, axis: int, low: int, high: int | None, tracing: bool) -> None:
+        size = value.shape[axis]
+        if not tracing and low <= size and (high is None or size <= high):
+            return
+        allowed = f"size {low}" if low == high else f"a size in [{low}, {'inf' if high is None else high}]"
+        before = f"input {name!r} has size "
+        after = f" in dimension {axis}, but must have {allowed}, as when it was exported"
+        if low == high:
+            after += " (pass dynamic_shapes to fxsparse.transform to make it dynamic)"
+        if tracing:
+            _scripted_checks()[0](value, axis, low, -1 if high is None else high, before, after)
+        else:
+            raise ValueError(f"{before}{size}{after}")
+
+    @staticmethod
+    def _check_same_size(
+        first: tuple[str, int, torch.Tensor], name: str, value: torch.Tensor, axis: int, tracing: bool
+    ) -> None:
+        first_name, first_axis, first_value = first
+        if not tracing and value.shape[axis] == first_value.shape[first_axis]:
+            return
+        before = f"input {name!r} has size "
+        after = (
+            f" in dimension {axis}, but must have the size of dimension {first_axis} of input {first_name!r}, "
+            "as when it was exported"
+        )
+        if tracing:
+            _scripted_checks()[1](first_value, first_axis, value, axis, before, after)
+        else:
+            raise ValueError(f"{before}{value.shape[axis]}{after} ({first_value.shape[first_axis]})")
+
+
+def _size_in(value: torch.Tensor, axis: int, low: int, high: int, before: str, after: str) -> torch.Tensor:
+    size = value.size(axis)
+    if size < low or (high >= 0 and size > high):
+        raise ValueError(before + str(size) + after)
+    return value
+
+
+def _same_size(
+    first: torch.Tensor, first_axis: int, value: torch.Tensor, axis: int, before: str, after: str
+) -> torch.Tensor:
+    if value.size(axis) != first.size(first_axis):
+        raise ValueError(before + str(value.size(axis)) + after + " (" + str(first.size(first_axis)) + ")")
+    return value
+
+
+@functools.cache
+def _scripted_checks() -> tuple[Any, Any]:
+    """The size checks as TorchScript functions: ``torch.jit.trace`` records a call to one (sizes it would bake in)."""
+    return torch.jit.script(_size_in), torch.jit.script(_same_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections.abc import Mapping
 from typing import Any
@@ -12,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from . import _capture, _emit, _rewrite
 from ._errors import EmitError, MaskError, TraceError
-from ._plan import Plan, build_plan
+from ._plan import MASK_SUFFIX, Plan, build_plan
 
 __all__ = ["CAPTURES", "plan", "transform"]
 
@@ -80,7 +81,7 @@ def transform(
         >>> sorted(k for k in out.state_dict() if k.endswith("_mask"))
         ['0.weight_mask', '2.weight_mask']
     """
-    args, kwargs = _check_arguments(capture, emit, example_inputs, example_kwargs)
+    args, kwargs = _check_arguments(capture, emit, example_inputs, example_kwargs, dynamic_shapes)
     # The pass allocates many small objects that all live on; generational GC scans
     # would only re-walk them (measured: up to 1.3x the whole transform on big models).
     gc_was_enabled = gc.isenabled()
@@ -89,18 +90,22 @@ def transform(
         root, the_plan = _prepare(model, masks)
         if emit == "parametrize":
             return _emit.parametrized(root, the_plan)
+        exported = None
         if capture == "export":
-            captured, graph = "export", _capture.export(root, args or (), kwargs, dynamic_shapes)
+            exported = _capture.export(root, args or (), kwargs, dynamic_shapes)
         else:
             try:
-                captured, (graph, the_plan) = "fx", _capture.trace(root, the_plan, concrete_args)
+                graph, the_plan = _capture.trace(root, the_plan, concrete_args)
             except TraceError as fx_failure:
                 if capture == "fx":
                     raise
-                root, the_plan, graph = _export_instead(model, masks, fx_failure, args, kwargs, dynamic_shapes)
-                captured = "export"
-        _rewrite.rewrite(root, graph, the_plan)
-        out = _emit.graph_module(root, graph, captured)
+                root, the_plan, exported = _export_instead(model, masks, fx_failure, args, kwargs, dynamic_shapes)
+        if exported is not None:
+            graph, the_plan = exported.graph, dataclasses.replace(the_plan, kept={})  # hooks are in the graph
+        _rewrite.rewrite(root, graph, the_plan, exported)
+        # An fxsparse output captured by torch.export and traced again by FX is still an ATen graph.
+        was_exported = isinstance(model, torch.fx.GraphModule) and _emit.captured_by(model) == "export"
+        out = _emit.graph_module(root, graph, "export" if exported is not None or was_exported else "fx")
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -111,7 +116,9 @@ def transform(
     if emit == "export":
         return _emit.to_export(out, args or (), kwargs, dynamic_shapes)
     if emit == "onnx":
-        return _emit.to_onnx(out, args or (), kwargs, dynamic_shapes, (p.mask_name for p in the_plan.parameters))
+        # A module registered under two names holds its mask under both; ONNX may pick either.
+        mask_names = {f"{alias}{MASK_SUFFIX}" for p in the_plan.parameters for alias in p.aliases}
+        return _emit.to_onnx(out, args or (), kwargs, dynamic_shapes, mask_names)
     return out
 
 
@@ -122,7 +129,7 @@ def _export_instead(
     args: tuple[Any, ...] | None,
     kwargs: dict[str, Any] | None,
     dynamic_shapes: Any,
-) -> tuple[nn.Module, Plan, torch.fx.Graph]:
+) -> tuple[nn.Module, Plan, _capture.Exported]:
     """``capture="auto"`` after FX failed: capture a fresh copy (tracing may have left attributes) with torch.export."""
     if args is None and kwargs is None:
         raise TraceError(
@@ -131,14 +138,13 @@ def _export_instead(
         ) from fx_failure
     root, the_plan = _prepare(model, masks)
     try:
-        graph = _capture.export(root, args or (), kwargs, dynamic_shapes)
+        exported = _capture.export(root, args or (), kwargs, dynamic_shapes)
     except TraceError as export_failure:
         raise TraceError(
-            f"fxsparse could not capture {type(model).__name__} either way. With torch.fx: {fx_failure} "
-            f"With torch.export: {export_failure}. Fix one of the two, or pass capture='fx' or capture='export' "
-            "to see only that one"
+            f"fxsparse could not capture {type(model).__name__} either way (pass capture='fx' or "
+            f"capture='export' to try only one).\nWith torch.fx: {fx_failure}\nWith torch.export: {export_failure}"
         ) from export_failure
-    return root, the_plan, graph
+    return root, the_plan, exported
 
 
 def plan(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> Plan:
@@ -180,6 +186,7 @@ def _check_arguments(
     emit: str,
     example_inputs: tuple[Any, ...] | torch.Tensor | None,
     example_kwargs: dict[str, Any] | None,
+    dynamic_shapes: Any,
 ) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None]:
     if capture not in CAPTURES:
         raise TraceError(f"capture must be one of {', '.join(repr(c) for c in CAPTURES)}, got {capture!r}")
@@ -192,6 +199,11 @@ def _check_arguments(
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise EmitError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
     if example_inputs is None and example_kwargs is None:
+        if dynamic_shapes is not None:
+            raise TraceError(
+                "dynamic_shapes describes dimensions of the example inputs: pass example_inputs "
+                "and/or example_kwargs with it"
+            )
         if capture == "export":
             raise TraceError(
                 "capture='export' runs the model: pass example_inputs (a tuple of positional inputs) "

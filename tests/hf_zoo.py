@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import fxsparse._demo
+
 VOCABULARY = 96
 
 
@@ -103,9 +105,7 @@ def build(family: Family, seed: int = 0) -> nn.Module:
 
 def linear_like(model: nn.Module) -> list[str]:
     """The weight of every nn.Linear and transformers Conv1D, by its first name."""
-    from transformers.pytorch_utils import Conv1D
-
-    return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear | Conv1D)]
+    return [f"{name}.weight" for name in fxsparse._demo.linear_like(model)]
 
 
 def random_masks(model: nn.Module, density: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:

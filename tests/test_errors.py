@@ -210,3 +210,32 @@ def test_uncopyable_attribute_is_named() -> None:
     model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
     model[0].lock = threading.Lock()
     transform_fails(model, fxsparse.TraceError, "attribute 'lock' of module '0'", {"0.0": torch.ones(2, 2)})
+
+
+def test_a_weight_computed_by_another_parametrization_is_named_as_such() -> None:
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(weight_norm(nn.Conv1d(4, 4, 3, padding=1), dim=2))
+    for key in ("0.weight", "0"):
+        with pytest.raises(fxsparse.MaskError, match=r"computed by a parametrization \(_WeightNorm\), not a parameter"):
+            fxsparse.transform(model, {key: torch.ones(4, 4, 3)})
+
+
+def test_dynamic_shapes_without_example_inputs() -> None:
+    with pytest.raises(fxsparse.TraceError, match="dynamic_shapes describes dimensions of the example inputs"):
+        fxsparse.transform(nn.Linear(2, 2), {"weight": torch.ones(2, 2)}, dynamic_shapes={"input": {0: None}})
+
+
+class AttributeNamedMeta(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.meta = "checkpoint v1"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_an_attribute_named_meta_is_refused_by_name() -> None:
+    with pytest.raises(fxsparse.EmitError, match=r"attribute 'meta' \(str\), the name torch.fx.GraphModule keeps"):
+        fxsparse.transform(AttributeNamedMeta(), {"fc": torch.ones(2, 2)})

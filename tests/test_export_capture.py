@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,7 +182,9 @@ def test_trace_refuses_positional_and_keyword_inputs_together() -> None:
 
 def test_static_shapes_are_guarded_with_a_clear_error() -> None:
     out = exported("seed_model")[1]
-    with pytest.raises(ValueError, match=r"input 'x' has size 5 in dimension 0, .* fixed at 3; pass dynamic_shapes"):
+    with pytest.raises(
+        ValueError, match=r"input 'x' has size 5 in dimension 0, but must have size 3, .*dynamic_shapes"
+    ):
         out(torch.randn(5, 16))
     with pytest.raises(ValueError, match="input 'x' has size 5 in dimension 0"):
         pickle.loads(pickle.dumps(out))(torch.randn(5, 16))
@@ -199,7 +202,7 @@ def test_dynamic_shapes_pass_through_to_every_export() -> None:
         x = torch.randn(rows, 16)
         assert torch.equal(out(x), eager(model, masks, x))
         assert torch.equal(program.module()(x), eager(model, masks, x))
-    with pytest.raises(ValueError, match=r"outside the range \[0, 32\]"):
+    with pytest.raises(ValueError, match=r"has size 33 in dimension 0, but must have a size in \[0, 32\]"):
         out(torch.randn(33, 16))
 
 
@@ -209,3 +212,134 @@ def test_keyword_inputs() -> None:
     case = ZOO["seed_model"]
     by_keyword = fxsparse.transform(build(case), masks, capture="export", example_kwargs={"x": args[0]})
     assert torch.equal(by_keyword(x=args[0]), eager(model, masks, *args))
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, scale: int, flip: bool = False) -> torch.Tensor:
+        y = self.fc(x) * scale
+        return -y if flip else y
+
+
+def test_non_tensor_inputs_are_checked_against_their_example_values() -> None:
+    x = torch.randn(2, 4)
+    out = fxsparse.transform(Scaled(), {"fc": torch.ones(4, 4)}, capture="export", example_inputs=(x, 2, False))
+    out(x, 2, False)
+    with pytest.raises(ValueError, match=r"input 'scale' is 5, but the model was exported with scale=2"):
+        out(x, 5, False)
+    with pytest.raises(ValueError, match=r"input 'flip' is True, but the model was exported with flip=False"):
+        out(x, 2, True)
+
+
+def test_guards_do_not_depend_on_where_transform_is_called_from() -> None:
+    """torch.export leaves its own guards out when called from a file under a path naming torchao."""
+    namespace = {"fxsparse": fxsparse, "torch": torch, "model": ZOO["seed_model"].build()}
+    source = "out = fxsparse.transform(model, {'linear': torch.ones(16, 16)}, capture='export', example_inputs=(torch.randn(3, 16),))"  # noqa: E501
+    exec(compile(source, "/tmp/torchao_experiments/run.py", "exec"), namespace)
+    with pytest.raises(ValueError, match="input 'x' has size 5 in dimension 0"):
+        namespace["out"](torch.randn(5, 16))  # type: ignore[operator]
+
+
+def test_trace_of_an_exported_graph_keeps_the_size_checks(tmp_path: Path) -> None:
+    _, traced, _, args = exported("seed_model", emit="trace")
+    torch.jit.save(traced, str(tmp_path / "traced.pt"))
+    for module in (traced, torch.jit.load(str(tmp_path / "traced.pt"))):
+        assert module(*args).shape == (3, 16)
+        with pytest.raises(Exception, match="input 'x' has size 5 in dimension 0, but must have size 3"):
+            module(torch.randn(5, 16))
+
+
+def test_root_hooks_run_once_and_are_part_of_the_graph() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.register_forward_hook(lambda module, args, output: output * 2)
+    mask = torch.rand(4, 4) > 0.5
+    x = torch.randn(2, 4)
+    out = fxsparse.transform(model, {"0": mask}, capture="export", example_inputs=(x,))
+    assert torch.equal(out(x), fake_sparsity(model, {"0.weight": mask.float()})(x))
+    assert not out._forward_hooks
+    assert model._forward_hooks  # the input model keeps its hook
+
+
+def test_train_and_eval_mode_are_fixed_at_capture() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).eval()
+    x = torch.randn(2, 4)
+    out = fxsparse.transform(model, {"0": torch.ones(4, 4)}, capture="export", example_inputs=(x,))
+    out.train()
+    with pytest.raises(ValueError, match=r"captured with torch.export in eval mode.*cannot run in train mode"):
+        out(x)
+    out.eval()
+    assert torch.equal(out(x), model(x))
+
+
+class ConstantAndNamesake(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.lifted_tensor_0 = torch.zeros(4)  # an unrelated attribute under the name export gives constants
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+
+def test_lifted_constants_do_not_bind_to_an_attribute_of_the_same_name() -> None:
+    model = ConstantAndNamesake()
+    x = torch.randn(2, 4)
+    out = fxsparse.transform(model, {"fc": torch.ones(4, 4)}, capture="export", example_inputs=(x,))
+    assert torch.equal(out(x), model(x))
+    assert torch.equal(out.lifted_tensor_0, torch.zeros(4))
+
+
+@pytest.mark.parametrize("second_capture", ["fx", "export"])
+def test_transforming_an_exported_output_again(second_capture: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    masks = {"0.weight": torch.rand(4, 4) > 0.5, "2.weight": torch.rand(4, 4) > 0.5}
+    first = fxsparse.transform(model, {"0.weight": masks["0.weight"]}, capture="export", example_inputs=(x,))
+    second = fxsparse.transform(first, {"2.weight": masks["2.weight"]}, capture=second_capture, example_inputs=(x,))
+    tags = {
+        n.meta["fxsparse"]["param"] for n in second.graph.nodes if n.meta.get("fxsparse", {}).get("role") == "masked"
+    }
+    assert tags == {"0.weight", "2.weight"}
+    assert second.meta["fxsparse"]["capture"] == "export"
+    assert torch.equal(second(x), eager(model, {k: v.float() for k, v in masks.items()}, x))
+    with pytest.raises(ValueError, match=r"input '.*' has size 5 in dimension 0"):
+        second(torch.randn(5, 4))
+
+
+class Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cond(x.sum() > 0, lambda x: self.fc(x), lambda x: -self.fc(x), (x,))
+
+
+def test_graphs_with_control_flow_operators_pickle() -> None:
+    model = Branches()
+    mask = torch.rand(4, 4) > 0.5
+    x = torch.randn(2, 4)
+    out = fxsparse.transform(model, {"fc": mask}, capture="export", example_inputs=(x,))
+    clone = pickle.loads(pickle.dumps(out))
+    for sample in (-x.abs() - 1, x.abs() + 1):
+        y = torch.nn.functional.linear(sample, mask * model.fc.weight, model.fc.bias)
+        assert torch.equal(clone(sample), y if sample.sum() > 0 else -y)
+
+
+def test_concurrent_export_captures() -> None:
+    """torch.export keeps global state while it runs; fxsparse serializes its exports."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    case = ZOO["seed_model"]
+    model = build(case)
+    masks = make_masks(model, case, "random")
+    args = inputs(case)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(
+            pool.map(lambda _: fxsparse.transform(model, masks, capture="export", example_inputs=args), range(8))
+        )
+    for out in outs:
+        assert torch.equal(out(*args), eager(model, masks, *args))

@@ -101,3 +101,22 @@ def test_missing_onnxscript_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> 
     case = ZOO["seed_model"]
     with pytest.raises(fxsparse.EmitError, match=r"onnxscript is missing.*pip install 'fxsparse\[onnx\]'"):
         fxsparse.transform(build_case(case), {"linear": torch.ones(16, 16)}, emit="onnx", example_inputs=inputs(case))
+
+
+class SharedTwice(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = self.b = torch.nn.Linear(4, 4)  # one module, two names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_a_module_shared_under_two_names_keeps_its_mask() -> None:
+    x = torch.randn(2, 4)
+    program = fxsparse.transform(
+        SharedTwice().eval(), {"a.weight": torch.rand(4, 4) > 0.5}, emit="onnx", example_inputs=(x,)
+    )
+    proto = program.model_proto
+    (mask,) = [i.name for i in proto.graph.initializer if i.name.endswith("weight_mask")]
+    assert mask_readers(proto, mask) == ["Mul"]
