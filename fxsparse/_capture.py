@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+import inspect
 import threading
 import typing
 from collections import OrderedDict
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.utils import parametrize
 
 from ._errors import MaskError, TraceError, describe
@@ -259,15 +262,15 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
 def _restore_traced_attributes(attributes: Iterable[tuple[nn.Module, dict[str, Any]]]) -> None:
     """Undo what code run during tracing set on modules (torch.nn.utils.prune's hook, RNN weight lists).
 
-    New attributes stay unless they are proxies: the tracer itself adds the tensor
-    constants the graph reads.
+    New attributes stay unless they are proxies or fake tensors: the FX tracer itself adds
+    the tensor constants the graph reads.
     """
     for module, before in attributes:
         for key, value in list(vars(module).items()):
             if key in before:
                 if value is not before[key]:
                     object.__setattr__(module, key, before[key])
-            elif isinstance(value, torch.fx.Proxy):
+            elif isinstance(value, torch.fx.Proxy | FakeTensor):
                 delattr(module, key)
 
 
@@ -302,11 +305,16 @@ def export(
     The export runs the model's forward hooks into the graph; the copy's root loses its
     own, which would otherwise run a second time around the graph.
     """
+    # Forward runs on fake tensors and may store some on modules (transformers' longrope rotary
+    # embedding caches its frequencies): put back what it changed, drop the fakes it added.
+    before = [(module, dict(vars(module))) for module in model.modules()]
     try:
         with EXPORT_LOCK:
             program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # the whole message: torch.export's often ends with the fix ("Suggested fixes: ...")
         raise TraceError(f"torch.export could not capture {type(model).__name__}: {describe(exc)}") from exc
+    finally:
+        _restore_traced_attributes(before)
     for hooks in (model._forward_hooks, model._forward_pre_hooks):
         hooks.clear()
     # Without torch's guards (which it leaves out when called from some projects, and cannot
@@ -320,7 +328,9 @@ def export(
         for node in graph.nodes
         if node.op in ("get_attr", "call_module") and str(node.target) not in state
     }
-    return Exported(graph, attributes, _input_guards(graph, program.range_constraints, model.training))
+    guards = _input_guards(graph, program.range_constraints, model.training)
+    guards.checks = _torch_guards(program, unlifted, graph)
+    return Exported(graph, attributes, guards)
 
 
 def _lookup(module: nn.Module, dotted: str) -> Any:
@@ -347,6 +357,37 @@ def _input_guards(graph: torch.fx.Graph, range_constraints: Mapping[Any, Any], t
         lower = int(bounds.lower) if bounds.lower.is_Integer else 0
         ranges[str(symbol)] = (lower, int(upper) if upper.is_Integer else None)
     return InputGuards(inputs, ranges, training)
+
+
+def _torch_guards(
+    program: torch.export.ExportedProgram, unlifted: nn.Module, graph: torch.fx.Graph
+) -> list[tuple[str, str]]:
+    """torch.export's own guards on the inputs, as Python over ``args`` (the flat inputs), each with its text.
+
+    They are what ``ExportedProgram.module()`` checks in generated code that cannot be
+    pickled: relations between sizes (derived dimensions, ``x.size()[0] % 2 == 0`` for a
+    branch taken on a dynamic size) beyond the ranges and static sizes InputGuards
+    checks with clearer messages. Built with torch's private helpers; on a torch without
+    them, InputGuards checks only its own.
+    """
+    try:
+        unlift: Any = importlib.import_module("torch.export._unlift")  # private and untyped
+        signature = inspect.signature(unlifted.forward)
+        paths = unlift._get_input_paths(program.example_inputs, signature)
+        code = unlift._get_input_guards_for_graph(graph.find_nodes(op="placeholder"), program.range_constraints, paths)
+        recorded = unlift._force_ep_signature_match(program._guards_code, paths)
+        code += unlift._force_gm_signature_match(recorded, signature)
+    except Exception:
+        return []
+    guards = []
+    for condition in code:
+        shown = condition
+        for index, path in enumerate(paths):
+            source = "L" + torch.utils._pytree.keystr(path)
+            condition = condition.replace(source, f"args[{index}]")
+            shown = shown.replace(source, path[0].key + torch.utils._pytree.keystr(path[1:]))
+        guards.append((condition, " ".join(shown.split())))
+    return guards
 
 
 def _dimension(size: int | torch.SymInt) -> int | str | None:

@@ -19,7 +19,7 @@ from . import _capture
 from ._errors import EmitError, describe
 from ._plan import Plan
 from ._rewrite import META_KEY, retag
-from ._runtime import call_with_parameters
+from ._runtime import call_with_parameters, check_input_structure
 
 __all__ = [
     "EMITS",
@@ -85,7 +85,18 @@ def graph_module(root: nn.Module, graph: torch.fx.Graph, capture: str) -> Masked
     _adopt_subgraphs(root, graph)
     out = _assemble(_module_state(root), graph, type(root).__name__)
     out.meta[META_KEY] = {"capture": capture}
+    if _takes_containers(graph) and check_input_structure not in out._forward_pre_hooks.values():
+        out.register_forward_pre_hook(check_input_structure, with_kwargs=True)
     return out
+
+
+def _takes_containers(graph: torch.fx.Graph) -> bool:
+    """Whether a torch.export graph takes a list, tuple or dict as one of its inputs."""
+    codegen = graph._codegen
+    if not isinstance(codegen, torch.fx.graph._PyTreeCodeGen):
+        return False
+    positional, keywords = codegen.pytree_info.in_spec.children()
+    return not all(spec.is_leaf() for spec in (*positional.children(), *keywords.children()))
 
 
 def _adopt_subgraphs(root: nn.Module, graph: torch.fx.Graph) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,7 +13,7 @@ import torch.fx
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-__all__ = ["InputGuards", "call_with_parameters"]
+__all__ = ["InputGuards", "call_with_parameters", "check_input_structure"]
 
 
 def call_with_parameters(module: nn.Module, parameters: dict[str, torch.Tensor], /, *args: Any, **kwargs: Any) -> Any:
@@ -52,6 +54,8 @@ class InputGuards(nn.Module):
         self.ranges = dict(ranges)
         self.exported_training = training
         self.train(training)
+        # torch.export's own guards, as (Python over ``args``, text): see _capture._torch_guards.
+        self.checks: list[tuple[str, str]] = []
 
     def forward(self, *args: Any) -> None:
         if self.training != self.exported_training:
@@ -63,10 +67,10 @@ class InputGuards(nn.Module):
         tracing = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
         seen: dict[str, tuple[str, int, torch.Tensor]] = {}
         for (name, kind, expected), value in zip(self.inputs, args, strict=True):
-            if kind == "value" and not tracing and value != expected:
+            if kind == "value" and not tracing and not _same_value(value, expected):
                 raise ValueError(
-                    f"input {name!r} is {value!r}, but the model was exported with {name}={expected!r}, which its "
-                    "graph keeps: transform it again with the value you need"
+                    f"input {name!r} is {reprlib.repr(value)}, but the model was exported with {name}={expected!r}, "
+                    "which its graph keeps: transform it again with the value you need"
                 )
             if kind != "tensor":
                 continue
@@ -81,6 +85,12 @@ class InputGuards(nn.Module):
                     self._check_size(name, value, axis, low, high, tracing)
                     first = seen.setdefault(dimension, (name, axis, value))
                     self._check_same_size(first, name, value, axis, tracing)
+        if self.checks and not tracing:
+            failed = _compiled_checks(tuple(condition for condition, _ in self.checks))(*args)
+            if failed >= 0:
+                raise ValueError(
+                    f"the inputs fail a condition of the graph torch.export captured: {self.checks[failed][1]}"
+                )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}: {expected}" for name, kind, expected in self.inputs if kind != "any")
@@ -116,6 +126,48 @@ class InputGuards(nn.Module):
             _scripted_checks()[1](first_value, first_axis, value, axis, before, after)
         else:
             raise ValueError(f"{before}{value.shape[axis]}{after} ({first_value.shape[first_axis]})")
+
+
+def _same_value(value: Any, expected: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return False
+    if isinstance(expected, float) and math.isnan(expected):
+        return isinstance(value, float) and math.isnan(value)
+    return bool(value == expected)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_checks(conditions: tuple[str, ...]) -> Any:
+    """One function over the flat inputs returning the index of the first condition that fails, or -1."""
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+    lines = ["def checks(*args):"]
+    lines += [f"    if not ({condition}):\n        return {index}" for index, condition in enumerate(conditions)]
+    lines.append("    return -1")
+    namespace: dict[str, Any] = {**SYMPY_INTERP, "math": math, "inf": math.inf, "torch": torch}
+    exec(compile("\n".join(lines), "<fxsparse input checks>", "exec"), namespace)
+    return namespace["checks"]
+
+
+def check_input_structure(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of a graph captured by ``torch.export`` from inputs that are lists, tuples or dicts.
+
+    The graph reads the leaves of each such input as exported; this refuses one whose
+    structure differs (an extra item would otherwise be ignored without a word).
+    """
+    info: Any = module.graph._codegen.pytree_info  # type: ignore[union-attr]
+    positional, keywords = info.in_spec.children()
+    expected = dict(zip(info.orig_args, positional.children(), strict=False))
+    expected.update(zip(keywords.context, keywords.children(), strict=True))
+    given = dict(zip(info.orig_args, args, strict=False))
+    given.update(kwargs)
+    for name, spec in expected.items():
+        if not spec.is_leaf() and name in given:
+            structure = torch.utils._pytree.tree_structure(given[name])
+            if structure != spec:
+                raise ValueError(
+                    f"input {name!r} must have the structure the model was exported with, {spec}, got {structure}"
+                )
 
 
 def _size_in(value: torch.Tensor, axis: int, low: int, high: int, before: str, after: str) -> torch.Tensor:

@@ -204,7 +204,7 @@ def _check_arguments(
                 "dynamic_shapes describes dimensions of the example inputs: pass example_inputs "
                 "and/or example_kwargs with it"
             )
-        if capture == "export":
+        if capture == "export" and emit != "parametrize":  # "parametrize" captures nothing
             raise TraceError(
                 "capture='export' runs the model: pass example_inputs (a tuple of positional inputs) "
                 "and/or example_kwargs (a dict of keyword inputs)"

@@ -343,3 +343,89 @@ def test_concurrent_export_captures() -> None:
         )
     for out in outs:
         assert torch.equal(out(*args), eager(model, masks, *args))
+
+
+class CachesOnSelf(nn.Module):
+    """Stores a tensor on itself in forward, as transformers' longrope rotary embedding does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = x * 1
+        return self.fc(x)
+
+
+def test_attributes_forward_sets_during_export_do_not_stay() -> None:
+    x = torch.randn(2, 4)
+    with pytest.warns(UserWarning, match="self.last was assigned during export"):  # torch's
+        out = fxsparse.transform(CachesOnSelf(), {"fc": torch.ones(4, 4)}, capture="export", example_inputs=(x,))
+    assert "last" not in vars(out)
+    for clone in (copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
+        assert torch.equal(clone(x), out(x))
+
+
+class Halves(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).view(-1, 2, 4).sum(1) + self.fc(y)
+
+
+class EvenOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * 2 if x.shape[0] % 2 == 0 else self.fc(x)
+
+
+def test_torch_export_guards_beyond_ranges_are_checked() -> None:
+    mask = {"fc": torch.ones(4, 4)}
+    rows = torch.export.Dim("rows", min=1, max=50)
+    out = fxsparse.transform(
+        Halves(),
+        mask,
+        capture="export",
+        example_inputs=(torch.randn(6, 4), torch.randn(3, 4)),
+        dynamic_shapes=({0: 2 * rows}, {0: rows}),
+    )
+    assert out(torch.randn(10, 4), torch.randn(5, 4)).shape == (5, 4)
+    with pytest.raises(ValueError, match=r"fail a condition of the graph torch.export captured: .*x"):
+        out(torch.randn(10, 4), torch.randn(3, 4))  # wrong only in how the sizes relate
+    even = fxsparse.transform(
+        EvenOnly(), mask, example_inputs=(torch.randn(4, 4),), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)
+    )
+    assert even(torch.randn(6, 4)).shape == (6, 4)
+    with pytest.raises(ValueError, match=r"fail a condition .*% 2"):
+        even(torch.randn(3, 4))  # the graph took the even branch
+
+
+class Items(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, items: list[torch.Tensor]) -> torch.Tensor:
+        return self.fc(x) + sum(items)
+
+
+def test_container_inputs_must_keep_their_structure() -> None:
+    x = torch.randn(2, 4)
+    out = fxsparse.transform(Items(), {"fc": torch.ones(4, 4)}, capture="export", example_inputs=(x, [x, x]))
+    assert torch.equal(out(x, [x, x]), out.fc(x) + 2 * x)
+    with pytest.raises(ValueError, match="input 'items' must have the structure the model was exported with"):
+        out(x, [x, x, x])
+    with pytest.raises(ValueError, match="input 'items' must have the structure"):
+        pickle.loads(pickle.dumps(out))(x, [x])
+
+
+def test_non_tensor_inputs_are_compared_safely() -> None:
+    x = torch.randn(2, 4)
+    out = fxsparse.transform(Scaled(), {"fc": torch.ones(4, 4)}, capture="export", example_inputs=(x, 2))
+    with pytest.raises(ValueError, match=r"input 'scale' is tensor\(.*exported with scale=2"):
+        out(x, torch.tensor(2))
