@@ -317,6 +317,9 @@ def export(
         _restore_traced_attributes(before)
     for hooks in (model._forward_hooks, model._forward_pre_hooks):
         hooks.clear()
+    for name, child in list(model.named_children()):
+        if isinstance(child, InputGuards):  # of an fxsparse output exported again: traced into the graph
+            delattr(model, name)
     # Without torch's guards (which it leaves out when called from some projects, and cannot
     # be pickled): InputGuards checks the same inputs, as data.
     unlifted = program.module(check_guards=False)

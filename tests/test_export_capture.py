@@ -307,6 +307,7 @@ def test_transforming_an_exported_output_again(second_capture: str) -> None:
     assert torch.equal(second(x), eager(model, {k: v.float() for k, v in masks.items()}, x))
     with pytest.raises(ValueError, match=r"input '.*' has size 5 in dimension 0"):
         second(torch.randn(5, 4))
+    assert sum(isinstance(m, fxsparse._runtime.InputGuards) for m in second.modules()) == 1
 
 
 class Branches(nn.Module):
