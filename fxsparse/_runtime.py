@@ -39,8 +39,10 @@ class InputGuards(nn.Module):
     value, and train or eval mode at the mode the model was in (dropout and batch norm are
     baked into the graph). This module checks them, as plain data: per tensor input a size
     per static dimension and a symbol per dynamic one (its range in ``ranges``; one symbol
-    shared by several dimensions means equal sizes), per non-tensor input its value. Under
-    ``torch.jit.trace`` the size checks are recorded into the trace as TorchScript calls.
+    shared by several dimensions means equal sizes), per non-tensor input its value; then
+    the conditions torch.export recorded (``checks``: Python source over the flat inputs,
+    for relations the above cannot express). Under ``torch.jit.trace`` the size checks are
+    recorded into the trace as TorchScript calls.
     """
 
     def __init__(
