@@ -26,7 +26,17 @@ from ._errors import MaskError, TraceError, describe
 from ._plan import Plan
 from ._runtime import InputGuards
 
-__all__ = ["EXPORT_LOCK", "Exported", "Tracer", "copy_model", "export", "lower_fake_sparsity", "trace"]
+__all__ = [
+    "EXPORT_LOCK",
+    "MISSING",
+    "Exported",
+    "Tracer",
+    "copy_model",
+    "export",
+    "lookup",
+    "lower_fake_sparsity",
+    "trace",
+]
 
 _EMPTY_COPYABLE = (dict, OrderedDict, set, list)
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
@@ -327,7 +337,7 @@ def export(
     state = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     state.update(name for name, _ in model.named_buffers(remove_duplicate=False))
     attributes = {
-        str(node.target): _lookup(unlifted, str(node.target))
+        str(node.target): lookup(unlifted, str(node.target))
         for node in graph.nodes
         if node.op in ("get_attr", "call_module") and str(node.target) not in state
     }
@@ -336,10 +346,16 @@ def export(
     return Exported(graph, attributes, guards)
 
 
-def _lookup(module: nn.Module, dotted: str) -> Any:
+MISSING = object()
+
+
+def lookup(module: nn.Module, dotted: str) -> Any:
+    """The attribute at a dotted path (``"seq.0.weight"``), or ``MISSING``."""
     value: Any = module
     for part in dotted.split("."):
-        value = getattr(value, part)
+        value = getattr(value, part, MISSING)
+        if value is MISSING:
+            break
     return value
 
 

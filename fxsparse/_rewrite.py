@@ -25,7 +25,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ._capture import Exported
+from ._capture import MISSING, Exported, lookup
 from ._errors import TraceError
 from ._plan import MASK_SUFFIX, MaskedParameter, Plan
 from ._runtime import call_with_parameters
@@ -95,11 +95,11 @@ def _adopt_exported(root: nn.Module, graph: torch.fx.Graph, exported: Exported) 
     graph.owning_module = root  # type: ignore[assignment]  # what it now runs over, for lint's checks
     renamed: dict[str, str] = {}
     for target, value in exported.attributes.items():
-        existing = _lookup(root, target)
+        existing = lookup(root, target)
         if existing is value:
             continue
         # A constant export named after nothing in the model may still collide with an attribute.
-        name = target if existing is _MISSING else _free_name(root, target.replace(".", "_"))
+        name = target if existing is MISSING else _free_name(root, target.replace(".", "_"))
         _install(root, name, value)
         renamed[target] = name
     for node in graph.nodes:
@@ -112,18 +112,6 @@ def _adopt_exported(root: nn.Module, graph: torch.fx.Graph, exported: Exported) 
     with where:
         guards = graph.call_module(name, tuple(placeholders))
     guards.meta[META_KEY] = {"role": "guards", "module": name}
-
-
-_MISSING = object()
-
-
-def _lookup(module: nn.Module, dotted: str) -> Any:
-    value: Any = module
-    for part in dotted.split("."):
-        value = getattr(value, part, _MISSING)
-        if value is _MISSING:
-            break
-    return value
 
 
 def _free_name(root: nn.Module, name: str) -> str:
