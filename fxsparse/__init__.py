@@ -30,6 +30,7 @@ Example:
     True
 """
 
+from . import viz
 from ._emit import EMITS, MaskedGraphModule
 from ._errors import EmitError, FxsparseError, MaskError, TraceError
 from ._plan import MaskedParameter, Plan
@@ -51,4 +52,5 @@ __all__ = [
     "TraceError",
     "plan",
     "transform",
+    "viz",
 ]
