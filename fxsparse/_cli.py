@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,7 +38,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("fxsparse-demo"), help="output folder (default: %(default)s)")
     demo.add_argument("--sparsity", type=float, default=0.5, help="fraction of each weight to prune (default: 0.5)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs (default: 0)")
+    draw = commands.add_parser("draw", help="draw a model's FX graph (or a saved fxsparse output's) as SVG/PNG/PDF")
+    draw.add_argument("source", help="a model factory, package.module:function, or a file saved with torch.save")
+    draw.add_argument("--out", type=Path, default=Path("graph.svg"), help="picture to write (default: %(default)s)")
+    draw.add_argument("--depth", type=int, default=None, help="collapse modules deeper than this")
+    draw.add_argument("--full", action="store_true", help="draw every node, even of a big graph")
+    diff = commands.add_parser(
+        "diff", help="transform a model and show what changed: text, a picture, and with --html a report"
+    )
+    diff.add_argument("source", help="a model factory, package.module:function")
+    masks = diff.add_mutually_exclusive_group()
+    masks.add_argument("--masks", type=Path, help="a file saved with torch.save: {parameter or module name: mask}")
+    masks.add_argument("--sparsity", type=float, default=0.5, help="prune each projection by magnitude (default: 0.5)")
+    diff.add_argument("--out", type=Path, default=Path("diff.svg"), help="picture to write (default: %(default)s)")
+    diff.add_argument("--html", type=Path, help="also write a standalone HTML report here")
     args = parser.parse_args(argv)
+    if args.command == "draw":
+        return run_draw(parser, args.source, args.out, args.depth, args.full)
+    if args.command == "diff":
+        return run_diff(parser, args.source, args.masks, args.sparsity, args.out, args.html)
     if not 0.0 <= args.sparsity <= 1.0:
         parser.error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
     if not 0 <= args.seed < 2**63:
@@ -105,6 +124,14 @@ def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     else:
         print("             no TorchScript: it cannot compile a graph captured with torch.export")
 
+    if importlib.util.find_spec("graphviz") is not None:
+        from . import viz
+
+        before = fxsparse.transform(model, {}, **options)  # the same capture, no masks
+        page = viz.report(before, out, out_dir / "report.html", title=f"fxsparse demo: {demo.description}")
+        print(f"             {page} (the graph before and after, what changed, how sparse: open it in a browser)")
+    else:
+        print("             no report: pip install 'fxsparse[viz]' to draw the graphs into report.html")
     if all(importlib.util.find_spec(package) for package in ("onnx", "onnxscript", "onnxruntime")):
         checks.append(_write_onnx(fxsparse.transform(model, masks, emit="onnx", **options), out_dir, demo, expected))
     else:
@@ -112,6 +139,68 @@ def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     if not all(checks):
         print("fxsparse demo: FAILED, outputs differ", file=sys.stderr)
     return 0 if all(checks) else 1
+
+
+def _load(parser: argparse.ArgumentParser, source: str) -> torch.nn.Module:
+    """A model from ``package.module:function`` (called with no arguments) or a ``torch.save`` file."""
+    if ":" in source and not Path(source).exists():
+        module_name, _, function_name = source.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError) as error:
+            parser.error(f"cannot load the model factory {source!r}: {error}")
+        model = factory()
+    elif Path(source).is_file():
+        model = torch.load(source, weights_only=False)
+    else:
+        parser.error(f"{source!r} is neither a file nor a model factory such as mypackage.models:make_model")
+    if not isinstance(model, torch.nn.Module):
+        parser.error(f"{source!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _graph_of(model: torch.nn.Module) -> torch.fx.GraphModule:
+    return model if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model)
+
+
+def run_draw(parser: argparse.ArgumentParser, source: str, out: Path, depth: int | None, full: bool) -> int:
+    from . import viz
+
+    graph = _graph_of(_load(parser, source))
+    dot = viz.draw(graph, title=source, depth=depth if depth is not None else (10**6 if full else None),
+                   compact=False if full else None)  # fmt: skip
+    path = _render_or_say(viz, dot, out)
+    print(f"fxsparse draw: {len(graph.graph.nodes)} nodes -> {path}")
+    return 0 if path.suffix != ".dot" else 1
+
+
+def run_diff(
+    parser: argparse.ArgumentParser, source: str, masks_file: Path | None, sparsity: float, out: Path, page: Path | None
+) -> int:
+    import fxsparse
+
+    from . import viz
+    from ._demo import magnitude_masks
+
+    model = _load(parser, source)
+    masks = torch.load(masks_file) if masks_file is not None else magnitude_masks(model, sparsity)
+    before = _graph_of(model)
+    after = fxsparse.transform(model, masks)
+    graph_diff = viz.diff(before, after)
+    print(graph_diff.summary())
+    path = _render_or_say(viz, viz.draw_diff(before, after, graph_diff), out)
+    print(f"fxsparse diff: picture -> {path}")
+    if page is not None:
+        print(f"fxsparse diff: report -> {viz.report(before, after, page, title=f'fxsparse: {source}')}")
+    return 0
+
+
+def _render_or_say(viz: Any, dot: Any, out: Path) -> Path:
+    try:
+        return Path(viz.render(dot, out))
+    except viz.RenderError as error:
+        print(f"fxsparse: {error}", file=sys.stderr)
+        return out.with_suffix(".dot")
 
 
 def _outputs_equal(

@@ -20,7 +20,7 @@ from ._errors import FxsparseError
 from ._rewrite import META_KEY
 from ._sparsity import pattern_of
 
-__all__ = ["KINDS", "RenderError", "draw", "draw_diff", "render"]
+__all__ = ["DIFF_MARKS", "KINDS", "RenderError", "draw", "draw_diff", "render", "render_bytes"]
 
 # Fill colour per kind of node: the same in every drawing.
 KINDS: dict[str, str] = {
@@ -36,7 +36,7 @@ KINDS: dict[str, str] = {
     "guards": "#d9ead3",  # input checks of a torch.export graph
 }
 # Marks of a diff picture.
-_DIFF_STYLE = {"added": ("#38761d", "bold"), "removed": ("#cc0000", "dashed"), "changed": ("#bf9000", "bold")}
+DIFF_MARKS = {"added": ("#38761d", "solid"), "changed": ("#bf9000", "solid"), "removed": ("#cc0000", "dashed")}
 _AUTO_COLLAPSE = 1500  # nodes: larger graphs are drawn collapsed by module unless told otherwise
 
 
@@ -106,8 +106,8 @@ def draw(
             attributes["label"] += "".join(f"\nmasked {line}" for line in folded[node.name])
             attributes.update(color=KINDS["masked"], penwidth="2")
         if node.name in marks:
-            colour, style = _DIFF_STYLE[marks[node.name]]
-            attributes.update(color=colour, penwidth="2.5", style=f"rounded,filled,{style}")
+            colour, style = DIFF_MARKS[marks[node.name]]
+            attributes.update(color=colour, penwidth="2.5", style=f"rounded,filled,{style.replace('solid', 'bold')}")
         clusters.setdefault(tuple(path), []).append((node.name, attributes))
     _emit_clusters(dot, clusters)
     edges = set()
@@ -138,9 +138,22 @@ def draw_diff(
     marks.update({new: "changed" for _, new in graph_diff.changed})
     dot = draw(after, title="diff", depth=depth, compact=compact, marks=marks)
     for name in graph_diff.removed:
-        colour, style = _DIFF_STYLE["removed"]
+        colour, style = DIFF_MARKS["removed"]
         dot.node(f"removed:{name}", label=_dot_lines(f"{name}\n(removed)"), color=colour, style=f"rounded,{style}")
     return dot
+
+
+def render_bytes(dot: Any, format: str = "svg") -> bytes:
+    """``dot`` rendered in memory (``RenderError`` when no renderer is found or it fails)."""
+    renderer = shutil.which("dot") or shutil.which("graphviz-pure")
+    if renderer is None:
+        raise RenderError(
+            "no Graphviz renderer found: pip install graphviz-pure, or install Graphviz (apt-get install graphviz)"
+        )
+    result = subprocess.run([renderer, f"-T{format}"], input=dot.source.encode(), capture_output=True, check=False)
+    if result.returncode != 0:
+        raise RenderError(f"{Path(renderer).name} failed to render: {result.stderr.decode().strip()}")
+    return bytes(result.stdout)
 
 
 def render(dot: Any, path: str | Path, format: str | None = None) -> Path:
@@ -152,16 +165,12 @@ def render(dot: Any, path: str | Path, format: str | None = None) -> Path:
     format = format or path.suffix.lstrip(".") or "svg"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".dot").write_text(dot.source)
-    renderer = shutil.which("dot") or shutil.which("graphviz-pure")
-    if renderer is None:
+    try:
+        path.write_bytes(render_bytes(dot, format))
+    except RenderError as error:
         raise RenderError(
-            f"no Graphviz renderer found to draw {path.name} (the DOT source is in {path.with_suffix('.dot')}): "
-            "pip install graphviz-pure, or install Graphviz (apt-get install graphviz)"
-        )
-    result = subprocess.run([renderer, f"-T{format}"], input=dot.source.encode(), capture_output=True, check=False)
-    if result.returncode != 0:
-        raise RenderError(f"{Path(renderer).name} failed to render {path.name}: {result.stderr.decode().strip()}")
-    path.write_bytes(result.stdout)
+            f"cannot draw {path.name} (the DOT source is in {path.with_suffix('.dot')}): {error}"
+        ) from None
     return path
 
 

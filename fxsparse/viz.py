@@ -17,7 +17,8 @@ Example:
 """
 
 from ._diff import GraphDiff, diff, to_networkx
-from ._draw import KINDS, RenderError, draw, draw_diff, render
+from ._draw import KINDS, RenderError, draw, draw_diff, render, render_bytes
+from ._report import masks_of, report
 from ._sparsity import ParameterSparsity, pattern_of, summarize
 
 __all__ = [
@@ -28,8 +29,11 @@ __all__ = [
     "diff",
     "draw",
     "draw_diff",
+    "masks_of",
     "pattern_of",
     "render",
+    "render_bytes",
+    "report",
     "summarize",
     "to_networkx",
 ]

@@ -19,12 +19,12 @@ def test_demo_writes_and_checks_everything(tmp_path: Path, capsys: pytest.Captur
     assert "captured with torch.fx" in printed
     assert "bitwise equal to torch.ao.pruning.FakeSparsity at two input shapes: yes" in printed
     assert "NO" not in printed
-    for name in ("model.script.pt", "model.pt2", "state_dict.pt", "graph.py", "model.onnx"):
+    for name in ("model.script.pt", "model.pt2", "state_dict.pt", "graph.py", "model.onnx", "report.html"):
         assert (tmp_path / name).stat().st_size > 0
     assert "torch.mul(" in (tmp_path / "graph.py").read_text()
     state = torch.load(tmp_path / "state_dict.pt")
     assert sum(k.endswith("_mask") for k in state) == 5
-    assert len(printed.splitlines()) <= 9
+    assert len(printed.splitlines()) <= 10
 
 
 def test_demo_on_a_tiny_gpt2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

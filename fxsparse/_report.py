@@ -1,0 +1,136 @@
+"""The report: one standalone HTML file with the before, after and diff pictures and the sparsity table.
+
+Everything is inline (SVG, styles); the file opens offline and can be mailed around.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from ._diff import diff
+from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, render_bytes
+from ._rewrite import META_KEY
+from ._sparsity import summarize
+
+__all__ = ["masks_of", "report"]
+
+_STYLE = """
+body { font: 14px/1.45 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2rem auto; max-width: 80rem;
+       padding: 0 1rem; color: #222; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; }
+th, td { padding: .25rem .75rem; border-bottom: 1px solid #eee; text-align: right; }
+th:first-child, td:first-child { text-align: left; font-family: monospace; }
+figure { margin: 1rem 0; overflow: auto; border: 1px solid #eee; padding: .5rem; }
+figure svg { max-width: 100%; height: auto; }
+pre { background: #f7f7f7; padding: .75rem; overflow: auto; font-size: 12px; }
+.add { color: #38761d; } .del { color: #cc0000; }
+.key { display: inline-block; padding: 0 .5rem; margin: .15rem; border: 1px solid #999; border-radius: .4rem;
+       font-size: 12px; }
+"""
+
+
+def masks_of(graph_module: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The masks an fxsparse output applies, by parameter name (read from its tagged mask nodes)."""
+    masks = {}
+    for node in graph_module.graph.find_nodes(op="get_attr"):
+        tag = node.meta.get(META_KEY, {})
+        if tag.get("role") == "mask":
+            masks[tag["param"]] = graph_module.get_buffer(tag["mask"])
+    return masks
+
+
+def report(
+    before: torch.fx.GraphModule,
+    after: torch.fx.GraphModule,
+    path: str | Path,
+    *,
+    title: str = "fxsparse report",
+) -> Path:
+    """Write one HTML file comparing ``before`` (the model traced) with ``after`` (fxsparse's output).
+
+    Example:
+        >>> import tempfile, torch, fxsparse
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> out = fxsparse.transform(model, {"0": torch.eye(4)})
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     page = fxsparse.viz.report(torch.fx.symbolic_trace(model), out, f"{folder}/report.html")
+        ...     "density" in page.read_text()
+        True
+    """
+    graph_diff = diff(before, after)
+    rows = "".join(
+        f"<tr><td>{html.escape(entry.name)}</td><td>{'×'.join(map(str, entry.shape))}</td>"
+        f"<td>{entry.density:.3f}</td><td>{html.escape(entry.pattern)}</td>"
+        f"<td>{entry.macs:,}</td><td>{entry.macs_skipped:,}</td></tr>"
+        for entry in summarize(masks_of(after))
+    )
+    sections = [
+        f"<h1>{html.escape(title)}</h1>",
+        "<h2 id='sparsity'>Masked parameters</h2>",
+        "<table><thead><tr><th>parameter</th><th>shape</th><th>density</th><th>pattern</th>"
+        "<th>multiply-adds per output</th><th>skippable</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>",
+        "<h2 id='diff'>What changed</h2>",
+        f"<pre>{html.escape(graph_diff.summary())}</pre>",
+        _legend(),
+        _figure(draw_diff(before, after, graph_diff), "diff"),
+        f"<details><summary>Generated code, before and after</summary><pre>{_code_diff(graph_diff.unified())}</pre>"
+        "</details>",
+        "<h2 id='before'>Before</h2>",
+        _figure(draw(before, title="before"), "before"),
+        "<h2 id='after'>After</h2>",
+        _figure(draw(after, title="after"), "after"),
+    ]
+    page = (
+        "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
+        + "\n".join(sections)
+        + "\n</body></html>\n"
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _legend() -> str:
+    """What the colours and outlines of the pictures mean."""
+    kinds = "".join(
+        f"<span class='key' style='background:{colour}'>{html.escape(kind)}</span>" for kind, colour in KINDS.items()
+    )
+    marks = "".join(
+        f"<span class='key' style='border:2.5px {style} {colour}'>{mark}</span>"
+        for mark, (colour, style) in DIFF_MARKS.items()
+    )
+    return f"<p class='legend'>Node kinds: {kinds}<br>In the diff: {marks}</p>"
+
+
+def _figure(dot: object, name: str) -> str:
+    try:
+        svg = render_bytes(dot).decode()
+    except RenderError as error:
+        return (
+            f"<figure id='figure-{name}'><p>{html.escape(str(error))}. The DOT source:</p>"
+            f"<pre>{html.escape(dot.source)}</pre></figure>"  # type: ignore[attr-defined]
+        )
+    svg = svg[svg.index("<svg") :]  # without the XML prolog and doctype, to sit inside HTML
+    svg = re.sub(r"<!--.*?-->", "", svg, flags=re.DOTALL)
+    return f"<figure id='figure-{name}'>{svg}</figure>"
+
+
+def _code_diff(unified: str) -> str:
+    lines = []
+    for line in unified.splitlines():
+        escaped = html.escape(line)
+        if line.startswith("+") and not line.startswith("+++"):
+            escaped = f"<span class='add'>{escaped}</span>"
+        elif line.startswith("-") and not line.startswith("---"):
+            escaped = f"<span class='del'>{escaped}</span>"
+        lines.append(escaped)
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Regenerate every picture in docs/images/ (a DOT source and its SVG each).
+
+Usage::
+
+    python tools/make_pictures.py            # write docs/images/*.dot and *.svg
+    python tools/make_pictures.py --check    # exit 1 if a committed DOT source is stale
+
+The tests run ``--check``'s comparison, so a picture that no longer matches the code fails CI.
+The SVGs are rendered with whichever renderer ``fxsparse.viz.render`` finds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+import fxsparse
+from fxsparse import viz
+
+IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+
+
+def _small() -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    masks = {
+        "0": torch.tensor([1, 0, 0, 1], dtype=torch.bool).repeat(8, 2),  # 2:4
+        "2": (torch.rand(4, 8) > 0.7),
+    }
+    return torch.fx.symbolic_trace(model), fxsparse.transform(model, masks)
+
+
+def _gpt2() -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fxsparse._demo import magnitude_masks
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0, use_cache=False
+    )
+    model: nn.Module = GPT2LMHeadModel(config)
+    model.eval()
+    example = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
+    before = fxsparse.transform(model, {}, example_kwargs=example)
+    return before, fxsparse.transform(model, magnitude_masks(model, 0.5), example_kwargs=example)
+
+
+def pictures() -> dict[str, Callable[[], Any]]:
+    """Each picture's name and the function drawing it (a graphviz.Digraph)."""
+    small = _small()
+    gpt2 = _gpt2()
+    return {
+        "before": lambda: viz.draw(small[0], title="before: the model traced"),
+        "after": lambda: viz.draw(small[1], title="after: fxsparse.transform"),
+        "diff": lambda: viz.draw_diff(*small),
+        "compact": lambda: viz.draw(small[1], compact=True, title="after, compact"),
+        "gpt2-diff": lambda: viz.draw_diff(*gpt2, compact=True),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare DOT sources only; write nothing")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    stale = []
+    for name, make in pictures().items():
+        dot = make()
+        path = IMAGES / f"{name}.svg"
+        if args.check:
+            committed = path.with_suffix(".dot")
+            if not committed.exists() or committed.read_text() != dot.source:
+                stale.append(name)
+        else:
+            viz.render(dot, path)
+            print(f"wrote {path.relative_to(IMAGES.parent.parent)}")
+    if stale:
+        print(f"stale pictures: {', '.join(stale)}; run python tools/make_pictures.py", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
