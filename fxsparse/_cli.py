@@ -159,14 +159,24 @@ def _load(parser: argparse.ArgumentParser, source: str) -> torch.nn.Module:
     return model
 
 
-def _graph_of(model: torch.nn.Module) -> torch.fx.GraphModule:
-    return model if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model)
+def _graph_of(parser: argparse.ArgumentParser, model: torch.nn.Module) -> torch.fx.GraphModule:
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception as error:
+        parser.error(
+            f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "the commands need a model FX can trace. For others (Hugging Face models), use the Python API with "
+            "example inputs: fxsparse.viz.report(fxsparse.transform(model, {}, example_kwargs=...), "
+            "fxsparse.transform(model, masks, example_kwargs=...), 'report.html')"
+        )
 
 
 def run_draw(parser: argparse.ArgumentParser, source: str, out: Path, depth: int | None, full: bool) -> int:
     from . import viz
 
-    graph = _graph_of(_load(parser, source))
+    graph = _graph_of(parser, _load(parser, source))
     dot = viz.draw(graph, title=source, depth=depth if depth is not None else (10**6 if full else None),
                    compact=False if full else None)  # fmt: skip
     path = _render_or_say(viz, dot, out)
@@ -184,7 +194,7 @@ def run_diff(
 
     model = _load(parser, source)
     masks = torch.load(masks_file) if masks_file is not None else magnitude_masks(model, sparsity)
-    before = _graph_of(model)
+    before = _graph_of(parser, model)
     after = fxsparse.transform(model, masks)
     graph_diff = viz.diff(before, after)
     print(graph_diff.summary())

@@ -75,7 +75,11 @@ def test_diff_command_with_masks_and_report(tmp_path: Path, capsys: pytest.Captu
 
 @pytest.mark.parametrize(
     ("source", "message"),
-    [("no_such_module:make", "cannot load the model factory"), ("nothing-here", "neither a file nor a model factory")],
+    [
+        ("no_such_module:make", "cannot load the model factory"),
+        ("nothing-here", "neither a file nor a model factory"),
+        ("test_export_capture:Doubler", "torch.fx cannot trace Doubler"),
+    ],
 )
 def test_commands_name_a_bad_source(source: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
