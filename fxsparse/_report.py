@@ -124,13 +124,19 @@ def _figure(dot: object, name: str) -> str:
     return f"<figure id='figure-{name}'>{svg}</figure>"
 
 
+_CODE_DIFF_LINES = 3000  # a 5,000-layer model's code diff is 30,000 lines: the start shows the pattern
+
+
 def _code_diff(unified: str) -> str:
     lines = []
-    for line in unified.splitlines():
+    all_lines = unified.splitlines()
+    for line in all_lines[:_CODE_DIFF_LINES]:
         escaped = html.escape(line)
         if line.startswith("+") and not line.startswith("+++"):
             escaped = f"<span class='add'>{escaped}</span>"
         elif line.startswith("-") and not line.startswith("---"):
             escaped = f"<span class='del'>{escaped}</span>"
         lines.append(escaped)
+    if len(all_lines) > _CODE_DIFF_LINES:
+        lines.append(f"... {len(all_lines) - _CODE_DIFF_LINES:,} more lines (GraphDiff.unified() has them all)")
     return "\n".join(lines)
