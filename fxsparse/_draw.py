@@ -18,7 +18,7 @@ import torch.fx
 from ._diff import GraphDiff, diff
 from ._errors import FxsparseError
 from ._rewrite import META_KEY
-from ._sparsity import pattern_of
+from ._sparsity import density_of, pattern_of
 
 __all__ = ["DIFF_MARKS", "KINDS", "RenderError", "draw", "draw_diff", "render", "render_bytes"]
 
@@ -37,6 +37,7 @@ KINDS: dict[str, str] = {
 }
 # Marks of a diff picture.
 DIFF_MARKS = {"added": ("#38761d", "solid"), "changed": ("#bf9000", "solid"), "removed": ("#cc0000", "dashed")}
+_MARK_ORDER = ("removed", "added", "changed")
 _AUTO_COLLAPSE = 1500  # nodes: larger graphs are drawn collapsed by module unless told otherwise
 
 
@@ -57,10 +58,10 @@ def draw(
     Masked parameters are labelled with name, shape, density and pattern (read from the
     module's mask buffers). Big graphs stay quick to render: ``compact`` leaves out the
     parameter fetches and folds each ``mask * weight`` into the calls that read it (their
-    label names the masked parameter and its density), and ``depth`` collapses every
-    module deeper than that many levels into one node. By default (``None``) graphs over
-    1,500 nodes are drawn compact and collapsed at depth 2; pass ``compact=False`` and a
-    large ``depth`` to expand them. ``marks`` maps node names to ``"added"``,
+    label names the masked parameter and its density), and ``depth`` draws that many
+    levels of modules as boxes, each module below as one node. By default (``None``)
+    graphs over 1,500 nodes are drawn compact, at the deepest level that keeps them under
+    1,500 nodes; pass ``compact=False`` and a large ``depth`` to expand them. ``marks`` maps node names to ``"added"``,
     ``"removed"`` or ``"changed"`` (as :func:`draw_diff` does).
 
     Example:
@@ -76,9 +77,11 @@ def draw(
     fx_graph = graph.graph if isinstance(graph, torch.fx.GraphModule) else graph
     nodes = list(fx_graph.nodes)
     big = len(nodes) > _AUTO_COLLAPSE
-    depth = 2 if depth is None and big else depth
     compact = big if compact is None else compact
+    if depth is None and big:
+        depth = _depth_within_budget(nodes, compact)
     folded: dict[str, list[str]] = {}  # user -> labels of the masked parameters folded into it
+    strongest: dict[str, str] = {}  # collapsed box -> the strongest diff mark of the nodes inside
     dot = graphviz.Digraph(name=title or "graph", graph_attr={"rankdir": "TB", "fontname": "Helvetica"})
     dot.attr("node", shape="box", style="rounded,filled", fontname="Helvetica", fontsize="10")
     if title:
@@ -94,11 +97,17 @@ def draw(
             continue
         path = _module_path(node)
         if depth is not None and len(path) > depth:
-            collapsed = ".".join(path[:depth])
-            shown[node.name] = f"module:{collapsed}"
-            clusters.setdefault(tuple(path[: depth - 1]) if depth else (), []).append(
-                (f"module:{collapsed}", {"label": f"{collapsed}\n(collapsed)", "fillcolor": KINDS["module"]})
-            )
+            collapsed = ".".join(path[: depth + 1])
+            # No colon in ids: graphviz reads "a:b" in an edge as node a, port b.
+            box = f"collapsed__{collapsed}"
+            shown[node.name] = box
+            attributes = {"label": f"{collapsed}\n(collapsed)", "fillcolor": KINDS["module"]}
+            mark = marks.get(node.name)
+            if mark is not None and _MARK_ORDER.index(mark) < _MARK_ORDER.index(strongest.get(box, "changed")):
+                strongest[box] = mark
+            elif mark is not None:
+                strongest.setdefault(box, mark)
+            clusters.setdefault(tuple(path[:depth]), []).append((box, attributes))
             continue
         shown[node.name] = node.name
         attributes = _node_style(node, module)
@@ -106,9 +115,12 @@ def draw(
             attributes["label"] += "".join(f"\nmasked {line}" for line in folded[node.name])
             attributes.update(color=KINDS["masked"], penwidth="2")
         if node.name in marks:
-            colour, style = DIFF_MARKS[marks[node.name]]
-            attributes.update(color=colour, penwidth="2.5", style=f"rounded,filled,{style.replace('solid', 'bold')}")
+            _mark(attributes, marks[node.name])
         clusters.setdefault(tuple(path), []).append((node.name, attributes))
+    for entries in clusters.values():  # a collapsed box shows what happened inside it
+        for name, attributes in entries:
+            if name in strongest:
+                _mark(attributes, strongest[name])
     _emit_clusters(dot, clusters)
     edges = set()
     for node in nodes:
@@ -139,7 +151,7 @@ def draw_diff(
     dot = draw(after, title="diff", depth=depth, compact=compact, marks=marks)
     for name in graph_diff.removed:
         colour, style = DIFF_MARKS["removed"]
-        dot.node(f"removed:{name}", label=_dot_lines(f"{name}\n(removed)"), color=colour, style=f"rounded,{style}")
+        dot.node(f"removed__{name}", label=_dot_lines(f"{name}\n(removed)"), color=colour, style=f"rounded,{style}")
     return dot
 
 
@@ -172,6 +184,23 @@ def render(dot: Any, path: str | Path, format: str | None = None) -> Path:
             f"cannot draw {path.name} (the DOT source is in {path.with_suffix('.dot')}): {error}"
         ) from None
     return path
+
+
+def _depth_within_budget(nodes: list[torch.fx.Node], compact: bool) -> int:
+    """The deepest module level to draw such that at most ``_AUTO_COLLAPSE`` boxes remain (0 at least)."""
+    paths = [_module_path(node) for node in nodes if not (compact and _folds(node))]
+    deepest = max((len(path) for path in paths), default=0)
+    for depth in range(deepest, 0, -1):
+        drawn = sum(len(path) <= depth for path in paths)
+        drawn += len({tuple(path[: depth + 1]) for path in paths if len(path) > depth})
+        if drawn <= _AUTO_COLLAPSE:
+            return depth
+    return 0
+
+
+def _mark(attributes: dict[str, str], mark: str) -> None:
+    colour, style = DIFF_MARKS[mark]
+    attributes.update(color=colour, penwidth="2.5", style=f"rounded,filled,{style.replace('solid', 'bold')}")
 
 
 def _folds(node: torch.fx.Node) -> bool:
@@ -212,8 +241,8 @@ def _node_style(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> dic
         label = f"mask * weight\n{tag['param']}"
         mask = _buffer(module, tag.get("mask"))
         if mask is not None:
-            density = float(mask.float().mean()) if mask.numel() else 1.0
             shape = "×".join(str(size) for size in mask.shape)
+            density = density_of(mask)
             label += f"\n{shape}  density {density:.3f}  {pattern_of(mask)}"
         return {"label": label, "fillcolor": KINDS["masked"], "fontcolor": "white"}
     if role in ("weight", "mask", "opened", "called", "guards"):

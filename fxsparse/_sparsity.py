@@ -13,9 +13,9 @@ import torch
 
 from ._plan import Plan
 
-__all__ = ["ParameterSparsity", "pattern_of", "summarize"]
+__all__ = ["ParameterSparsity", "density_of", "pattern_of", "summarize"]
 
-_NM_GROUPS = (4, 8, 2, 16)  # M of N:M, most common first
+_N_OF_M = ((2, 4), (1, 4), (3, 4), (4, 8), (1, 2))  # (N, M), most used first
 _BLOCKS = (32, 16, 8, 4, 2)
 
 
@@ -66,13 +66,18 @@ def summarize(masks: Plan | Mapping[str, torch.Tensor]) -> list[ParameterSparsit
             ParameterSparsity(
                 name=name,
                 shape=tuple(mask.shape),
-                density=kept / total if total else 1.0,
+                density=density_of(mask),
                 pattern=pattern_of(mask),
                 macs=total,
                 macs_skipped=total - kept,
             )
         )
     return summary
+
+
+def density_of(mask: torch.Tensor) -> float:
+    """The fraction of weights a mask keeps: its nonzero entries (1.0 for an empty tensor)."""
+    return int(torch.count_nonzero(mask)) / mask.numel() if mask.numel() else 1.0
 
 
 def pattern_of(mask: torch.Tensor) -> str:
@@ -102,14 +107,18 @@ def pattern_of(mask: torch.Tensor) -> str:
 
 
 def _n_of_m(matrix: torch.Tensor) -> str | None:
-    best: tuple[float, int, int] | None = None
-    for group in _NM_GROUPS:
-        if matrix.shape[1] % group:
-            continue
-        kept = int(matrix.reshape(matrix.shape[0], -1, group).sum(dim=2).max())
-        if kept <= group // 2 and (best is None or kept / group < best[0]):
-            best = (kept / group, kept, group)
-    return None if best is None else f"{best[1]}:{best[2]}"
+    """``"N:M"`` when every group of M consecutive weights keeps at most N, and N on average
+    (to within half a weight), trying 2:4 first; else None.
+
+    At most N is what an N:M kernel needs; the average rules out masks that merely are
+    sparse (a random 10 % mask keeps at most 2 of every 4 too, which says nothing).
+    """
+    for kept, group in _N_OF_M:
+        if matrix.shape[1] % group == 0:
+            counts = matrix.reshape(matrix.shape[0], -1, group).sum(dim=2)
+            if bool((counts <= kept).all()) and float(counts.float().mean()) >= kept - 0.5:
+                return f"{kept}:{group}"
+    return None
 
 
 def _is_blocked(matrix: torch.Tensor, size: int) -> bool:

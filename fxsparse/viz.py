@@ -17,11 +17,12 @@ Example:
 """
 
 from ._diff import GraphDiff, diff, to_networkx
-from ._draw import KINDS, RenderError, draw, draw_diff, render, render_bytes
+from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, render, render_bytes
 from ._report import masks_of, report
 from ._sparsity import ParameterSparsity, pattern_of, summarize
 
 __all__ = [
+    "DIFF_MARKS",
     "KINDS",
     "GraphDiff",
     "ParameterSparsity",

@@ -33,7 +33,9 @@ def two_of_four(rows: int, columns: int) -> torch.Tensor:
         (torch.kron(torch.tensor([[1, 0], [0, 1]]), torch.ones(4, 4)), "block 4x4"),
         (torch.tensor([[1, 0, 1], [1, 1, 0]]), "unstructured"),
         (torch.tensor([[0.5, 1.0], [0.0, 1.0]]), "soft"),
-        (two_of_four(8, 4).reshape(8, 1, 2, 2), "2:4"),  # a conv weight, along its inputs
+        (two_of_four(8, 4).reshape(8, 1, 2, 2), "2:4"),  # a conv weight, along its flattened inputs
+        (torch.tensor([[1, 1, 0, 0, 1, 0, 0, 0]] * 4), "2:4"),  # at most 2 of 4: what 2:4 kernels take
+        (torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) < 0.1, "unstructured"),  # merely sparse
     ],
 )
 def test_patterns(mask: torch.Tensor, pattern: str) -> None:
@@ -146,3 +148,24 @@ def test_render_without_a_renderer_writes_dot_and_says_how(tmp_path: Path, monke
     with pytest.raises(viz.RenderError, match="pip install graphviz-pure"):
         viz.render(dot, tmp_path / "graph.svg")
     assert (tmp_path / "graph.dot").exists()
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.b = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_collapsed_modules_keep_their_edges_and_marks() -> None:
+    model = TwoBlocks()
+    before, after = torch.fx.symbolic_trace(model), fxsparse.transform(model, {"a.0": torch.eye(4)})
+    dot = viz.draw_diff(before, after, depth=0)
+    assert "collapsed__a -> collapsed__b" in dot.source and "x -> collapsed__a" in dot.source
+    (box,) = [line for line in dot.source.splitlines() if line.strip().startswith("collapsed__a [")]
+    assert viz.DIFF_MARKS["added"][0] in box  # nodes were added inside it
+    plain = viz.render_bytes(dot, "plain").decode()
+    assert "node module " not in plain  # no stray node from a port-like id
