@@ -341,8 +341,7 @@ def export(
         for node in graph.nodes
         if node.op in ("get_attr", "call_module") and str(node.target) not in state
     }
-    guards = _input_guards(graph, program.range_constraints, model.training)
-    guards.checks = _torch_guards(program, unlifted, graph)
+    guards = _input_guards(graph, program.range_constraints, model.training, _torch_guards(program, unlifted, graph))
     return Exported(graph, attributes, guards)
 
 
@@ -359,7 +358,9 @@ def lookup(module: nn.Module, dotted: str) -> Any:
     return value
 
 
-def _input_guards(graph: torch.fx.Graph, range_constraints: Mapping[Any, Any], training: bool) -> InputGuards:
+def _input_guards(
+    graph: torch.fx.Graph, range_constraints: Mapping[Any, Any], training: bool, checks: list[tuple[str, str]]
+) -> InputGuards:
     """The checks of an exported graph's inputs, as data (see :class:`InputGuards`)."""
     inputs: list[tuple[str, str, Any]] = []
     for placeholder in graph.find_nodes(op="placeholder"):
@@ -375,7 +376,7 @@ def _input_guards(graph: torch.fx.Graph, range_constraints: Mapping[Any, Any], t
         upper = bounds.upper
         lower = int(bounds.lower) if bounds.lower.is_Integer else 0
         ranges[str(symbol)] = (lower, int(upper) if upper.is_Integer else None)
-    return InputGuards(inputs, ranges, training)
+    return InputGuards(inputs, ranges, training, checks)
 
 
 def _torch_guards(

@@ -50,6 +50,7 @@ class InputGuards(nn.Module):
         inputs: Sequence[tuple[str, str, Any]],
         ranges: Mapping[str, tuple[int, int | None]],
         training: bool,
+        checks: Sequence[tuple[str, str]] = (),
     ) -> None:
         super().__init__()
         self.inputs = list(inputs)  # (name, "tensor" | "value" | "any", dimensions | example value | None)
@@ -57,7 +58,8 @@ class InputGuards(nn.Module):
         self.exported_training = training
         self.train(training)
         # torch.export's own guards, as (Python over ``args``, text): see _capture._torch_guards.
-        self.checks: list[tuple[str, str]] = []
+        self.checks = list(checks)
+        self.conditions = tuple(condition for condition, _ in self.checks)  # the key of their compiled function
 
     def forward(self, *args: Any) -> None:
         if self.training != self.exported_training:
@@ -88,7 +90,7 @@ class InputGuards(nn.Module):
                     first = seen.setdefault(dimension, (name, axis, value))
                     self._check_same_size(first, name, value, axis, tracing)
         if self.checks and not tracing:
-            failed = _compiled_checks(tuple(condition for condition, _ in self.checks))(*args)
+            failed = _compiled_checks(self.conditions)(*args)
             if failed >= 0:
                 raise ValueError(
                     f"the inputs fail a condition of the graph torch.export captured: {self.checks[failed][1]}"
