@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 import time
 import warnings
@@ -38,27 +39,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("fxsparse-demo"), help="output folder (default: %(default)s)")
     demo.add_argument("--sparsity", type=float, default=0.5, help="fraction of each weight to prune (default: 0.5)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs (default: 0)")
-    draw = commands.add_parser("draw", help="draw a model's FX graph (or a saved fxsparse output's) as SVG/PNG/PDF")
-    draw.add_argument("source", help="a model factory, package.module:function, or a file saved with torch.save")
-    draw.add_argument("--out", type=Path, default=Path("graph.svg"), help="picture to write (default: %(default)s)")
-    draw.add_argument("--depth", type=int, default=None, help="collapse modules deeper than this")
+    draw = commands.add_parser("draw", help="draw a model's FX graph (or a saved fxsparse output's) as SVG or PNG")
+    draw.add_argument(
+        "source",
+        help="a model factory, package.module:function (called with no arguments), or a model or fxsparse output "
+        "saved with torch.save (loading it runs its pickled code: only load files you trust)",
+    )
+    picture = "picture to write; its suffix picks the format: .svg, .png, .json, .dot (the source only), or .pdf "
+    picture += "(PDF needs Graphviz's dot: apt-get install graphviz) (default: %(default)s)"
+    draw.add_argument("--out", type=Path, default=Path("graph.svg"), help=picture)
+    draw.add_argument(
+        "--depth", type=_depth, default=None, help="draw this many levels of modules, each deeper one as a box"
+    )
     draw.add_argument("--full", action="store_true", help="draw every node, even of a big graph")
     diff = commands.add_parser(
         "diff", help="transform a model and show what changed: text, a picture, and with --html a report"
     )
-    diff.add_argument("source", help="a model factory, package.module:function")
+    diff.add_argument("source", help="a model factory, package.module:function (called with no arguments)")
     masks = diff.add_mutually_exclusive_group()
-    masks.add_argument("--masks", type=Path, help="a file saved with torch.save: {parameter or module name: mask}")
-    masks.add_argument("--sparsity", type=float, default=0.5, help="prune each projection by magnitude (default: 0.5)")
-    diff.add_argument("--out", type=Path, default=Path("diff.svg"), help="picture to write (default: %(default)s)")
+    masks.add_argument(
+        "--masks", type=Path, help="a file saved with torch.save: {parameter or module name: mask} (loaded as data)"
+    )
+    masks.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.5,
+        help="prune this fraction of each Linear and Conv1D weight by magnitude (default: %(default)s)",
+    )
+    diff.add_argument("--out", type=Path, default=Path("diff.svg"), help=picture)
+    diff.add_argument("--depth", type=_depth, default=None, help="draw this many levels of modules")
     diff.add_argument("--html", type=Path, help="also write a standalone HTML report here")
     args = parser.parse_args(argv)
     if args.command == "draw":
         return run_draw(parser, args.source, args.out, args.depth, args.full)
-    if args.command == "diff":
-        return run_diff(parser, args.source, args.masks, args.sparsity, args.out, args.html)
     if not 0.0 <= args.sparsity <= 1.0:
         parser.error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
+    if args.command == "diff":
+        return run_diff(parser, args.source, args.masks, args.sparsity, args.out, args.depth, args.html)
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
@@ -141,22 +158,56 @@ def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     return 0 if all(checks) else 1
 
 
+def _depth(text: str) -> int:
+    depth = int(text)
+    if depth < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {depth}")
+    return depth
+
+
 def _load(parser: argparse.ArgumentParser, source: str) -> torch.nn.Module:
     """A model from ``package.module:function`` (called with no arguments) or a ``torch.save`` file."""
     if ":" in source and not Path(source).exists():
         module_name, _, function_name = source.partition(":")
+        if os.getcwd() not in sys.path:  # the console script's path lacks it; a user's module lives there
+            sys.path.insert(0, os.getcwd())
         try:
             factory = getattr(importlib.import_module(module_name), function_name)
         except (ImportError, AttributeError) as error:
             parser.error(f"cannot load the model factory {source!r}: {error}")
-        model = factory()
+        if not callable(factory):
+            parser.error(f"{source!r} is a {type(factory).__name__}, not a function that makes a model")
+        try:
+            model = factory()
+        except TypeError as error:
+            parser.error(f"{source!r} must be callable with no arguments: {error}")
     elif Path(source).is_file():
-        model = torch.load(source, weights_only=False)
+        try:
+            model = torch.load(source, weights_only=False)
+        except Exception as error:
+            parser.error(f"cannot load {source} with torch.load: {type(error).__name__}: {error}")
     else:
         parser.error(f"{source!r} is neither a file nor a model factory such as mypackage.models:make_model")
     if not isinstance(model, torch.nn.Module):
         parser.error(f"{source!r} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _load_masks(parser: argparse.ArgumentParser, path: Path) -> dict[str, torch.Tensor]:
+    """A masks file: loaded as data only (``weights_only``), so it cannot run code."""
+    try:
+        masks = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        parser.error(f"--masks: no such file {path}")
+    except Exception as error:
+        parser.error(
+            f"--masks: cannot load {path} as tensors only: {type(error).__name__}: {str(error).splitlines()[0]}"
+        )
+    if not isinstance(masks, dict) or not all(isinstance(k, str) for k in masks):
+        parser.error(
+            f"--masks: {path} must hold a dict of parameter or module name -> mask, got {type(masks).__name__}"
+        )
+    return masks
 
 
 def _graph_of(parser: argparse.ArgumentParser, model: torch.nn.Module) -> torch.fx.GraphModule:
@@ -177,15 +228,24 @@ def run_draw(parser: argparse.ArgumentParser, source: str, out: Path, depth: int
     from . import viz
 
     graph = _graph_of(parser, _load(parser, source))
+    _say(f"drawing {len(graph.graph.nodes):,} nodes")
     dot = viz.draw(graph, title=source, depth=depth if depth is not None else (10**6 if full else None),
                    compact=False if full else None)  # fmt: skip
     path = _render_or_say(viz, dot, out)
+    if path is None:
+        return 1
     print(f"fxsparse draw: {len(graph.graph.nodes)} nodes -> {path}")
-    return 0 if path.suffix != ".dot" else 1
+    return 0
 
 
 def run_diff(
-    parser: argparse.ArgumentParser, source: str, masks_file: Path | None, sparsity: float, out: Path, page: Path | None
+    parser: argparse.ArgumentParser,
+    source: str,
+    masks_file: Path | None,
+    sparsity: float,
+    out: Path,
+    depth: int | None,
+    page: Path | None,
 ) -> int:
     import fxsparse
 
@@ -193,24 +253,47 @@ def run_diff(
     from ._demo import magnitude_masks
 
     model = _load(parser, source)
-    masks = torch.load(masks_file) if masks_file is not None else magnitude_masks(model, sparsity)
+    masks = _load_masks(parser, masks_file) if masks_file is not None else magnitude_masks(model, sparsity)
+    if not masks:
+        parser.error(f"{source!r} has no Linear or Conv1D weight to mask by magnitude; pass --masks")
     before = _graph_of(parser, model)
-    after = fxsparse.transform(model, masks)
+    _say(f"transforming {len(before.graph.nodes):,} nodes, {len(masks)} masks")
+    try:
+        after = fxsparse.transform(model, masks)
+    except fxsparse.FxsparseError as error:
+        parser.error(f"cannot transform {source!r}: {error}")
+    _say("comparing the graphs")
     graph_diff = viz.diff(before, after)
     print(graph_diff.summary())
-    path = _render_or_say(viz, viz.draw_diff(before, after, graph_diff), out)
-    print(f"fxsparse diff: picture -> {path}")
+    _say("drawing the diff")
+    path = _render_or_say(viz, viz.draw_diff(before, after, graph_diff, depth=depth), out)
+    if path is not None:
+        print(f"fxsparse diff: picture -> {path}")
     if page is not None:
-        print(f"fxsparse diff: report -> {viz.report(before, after, page, title=f'fxsparse: {source}')}")
-    return 0
+        _say("writing the report")
+        try:
+            written = viz.report(before, after, page, title=f"fxsparse: {source}", graph_diff=graph_diff)
+        except OSError as error:
+            print(f"fxsparse: cannot write the report: {error}", file=sys.stderr)
+            return 1
+        print(f"fxsparse diff: report -> {written}")
+    return 0 if path is not None else 1
 
 
-def _render_or_say(viz: Any, dot: Any, out: Path) -> Path:
+def _say(step: str) -> None:
+    """A progress line on stderr, so that stdout stays the result."""
+    print(f"fxsparse: {step} ...", file=sys.stderr, flush=True)
+
+
+def _render_or_say(viz: Any, dot: Any, out: Path) -> Path | None:
+    """Render ``dot`` to ``out``; on failure say why on stderr and return None."""
     try:
         return Path(viz.render(dot, out))
     except viz.RenderError as error:
         print(f"fxsparse: {error}", file=sys.stderr)
-        return out.with_suffix(".dot")
+    except OSError as error:
+        print(f"fxsparse: cannot write {out}: {error}", file=sys.stderr)
+    return None
 
 
 def _outputs_equal(

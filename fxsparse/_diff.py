@@ -3,21 +3,22 @@
 The two graphs are turned into ``networkx`` digraphs (node attributes: op, target,
 fxsparse role) and matched: first by provenance (a node the rewrite opened or calls
 with swapped parameters, ``node.meta["fxsparse"]``, matches the module call it
-replaced), then by name with the same op and target, then by op and target in graph
-order. The result is plain data; drawing and text read it.
+replaced; a module call traced into matches the node its traced call returns, found
+from ``node.meta["nn_module_stack"]``), then by name with the same op and target, then
+by op and target in graph order. The result is plain data; drawing and text read it.
 """
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx
 
 from ._rewrite import META_KEY
+from ._unified import unified_diff
 
-__all__ = ["GraphDiff", "diff", "to_networkx"]
+__all__ = ["GraphDiff", "diff", "module_calls", "to_networkx"]
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,12 @@ class GraphDiff:
     """The difference between two graphs, nodes by name.
 
     ``changed`` and ``unchanged`` pair a node of ``before`` with its match in ``after``;
-    ``changed`` ones differ in op, target, or the (matched) nodes they read. ``rewired``
-    lists edges ``(source, user)`` of ``after`` between matched nodes that ``before`` did
-    not have, ``dropped`` the edges of ``before`` (by ``before``'s names) that ``after`` lost.
+    ``changed`` ones differ in op, target, or arguments (constants, order and keywords
+    included; a node argument counts as the same when it is the matched node).
+    ``rewired`` lists the edges ``(source, user)`` of ``after`` into a matched node that
+    ``before`` did not have (``user`` now reads ``source``, often a node fxsparse added),
+    ``dropped`` the edges of ``before`` (by ``before``'s names) into a matched node that
+    ``after`` lost.
     """
 
     added: tuple[str, ...]
@@ -36,7 +40,7 @@ class GraphDiff:
     unchanged: tuple[tuple[str, str], ...]
     rewired: tuple[tuple[str, str], ...]
     dropped: tuple[tuple[str, str], ...]
-    roles: dict[str, str]  # fxsparse role of each tagged node of ``after``
+    roles: dict[str, str] = field(hash=False)  # fxsparse role of each tagged node of ``after``
     before_code: str
     after_code: str
 
@@ -66,16 +70,9 @@ class GraphDiff:
         return "\n".join(lines)
 
     def unified(self, context: int = 1) -> str:
-        """A unified diff of the two graphs' generated code."""
-        return "".join(
-            difflib.unified_diff(
-                self.before_code.splitlines(keepends=True),
-                self.after_code.splitlines(keepends=True),
-                "before",
-                "after",
-                n=context,
-            )
-        )
+        """A unified diff of the two graphs' generated code (``context`` lines around each change)."""
+        before, after = self.before_code.splitlines(keepends=True), self.after_code.splitlines(keepends=True)
+        return "".join(unified_diff(before, after, context))
 
     def __str__(self) -> str:
         return f"{self.summary()}\n\n{self.unified()}"
@@ -103,49 +100,25 @@ def diff(before: torch.fx.GraphModule | torch.fx.Graph, after: torch.fx.GraphMod
         >>> d = fxsparse.viz.diff(torch.fx.symbolic_trace(model), fxsparse.transform(model, {"0": torch.eye(4)}))
         >>> d.changed, sorted(d.added)
         ((('_0', '_0'),), ['_0_bias', '_0_weight', '_0_weight_mask', '_0_weight_masked'])
+        >>> d.rewired
+        (('_0_bias', '_0'), ('_0_weight_masked', '_0'))
     """
     old, new = _graph(before), _graph(after)
     a, b = to_networkx(old), to_networkx(new)
-    match: dict[str, str] = {}
-    taken: set[str] = set()
-
-    def pair(old_name: str, new_name: str) -> None:
-        match[old_name] = new_name
-        taken.add(new_name)
-
-    by_target: dict[tuple[str, str], list[str]] = {}
-    for name, data in a.nodes(data=True):
-        by_target.setdefault((data["op"], data["target"]), []).append(name)
-    # 1. provenance: an opened or swapped-parameter call replaces the module call it names
-    for name, data in b.nodes(data=True):
-        module = data["tag"].get("module")
-        if data["role"] in ("opened", "called") and module is not None:
-            candidates = [n for n in by_target.get(("call_module", module), []) if n not in match]
-            if candidates:
-                pair(name if name in candidates else candidates[0], name)
-    # 2. same name, op and target
-    for name, data in a.nodes(data=True):
-        if name not in match and name in b and name not in taken and _same_kind(data, b.nodes[name]):
-            pair(name, name)
-    # 3. same op and target, in graph order
-    waiting: dict[tuple[str, str], list[str]] = {}
-    for name, data in b.nodes(data=True):
-        if name not in taken:
-            waiting.setdefault((data["op"], data["target"]), []).append(name)
-    for name, data in a.nodes(data=True):
-        queue = waiting.get((data["op"], data["target"]))
-        if name not in match and queue:
-            pair(name, queue.pop(0))
-
-    renamed_edges = {(match[u], match[v]) for u, v in a.edges if u in match and v in match}
-    new_edges = {(u, v) for u, v in b.edges if u in taken and v in taken}
-    rewired = new_edges - renamed_edges
+    match = _match(old, new, a, b)
+    taken = set(match.values())
+    old_edges = {(match.get(u), match[v]) for u, v in a.edges if v in match}
+    new_edges = {(u, v) for u, v in b.edges if v in taken}
     back = {v: k for k, v in match.items()}
-    dropped = {(back[u], back[v]) for u, v in renamed_edges - new_edges}
+    rewired = new_edges - old_edges
+    dropped = {(u, back[v]) for u, v in a.edges if v in match and (match.get(u), match[v]) not in new_edges}
+    old_nodes = {node.name: node for node in old.nodes}
+    new_nodes = {node.name: node for node in new.nodes}
     changed: list[tuple[str, str]] = []
     unchanged: list[tuple[str, str]] = []
     for old_name, new_name in match.items():
-        same = _same_kind(a.nodes[old_name], b.nodes[new_name]) and _same_inputs(a, b, old_name, new_name, match)
+        first, second = old_nodes[old_name], new_nodes[new_name]
+        same = _same_kind(a.nodes[old_name], b.nodes[new_name]) and _arguments(first, match) == _arguments(second, None)
         (unchanged if same else changed).append((old_name, new_name))
     return GraphDiff(
         added=tuple(n for n in b.nodes if n not in taken),
@@ -160,6 +133,86 @@ def diff(before: torch.fx.GraphModule | torch.fx.Graph, after: torch.fx.GraphMod
     )
 
 
+def module_calls(node: torch.fx.Node) -> list[tuple[str, str]]:
+    """The module calls a traced node was made in, outermost first: (call id, module path).
+
+    Read from ``node.meta["nn_module_stack"]``, which ``torch.fx`` and ``torch.export``
+    record; the call id tells two calls of one module apart (``"first@1"``).
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    calls = []
+    for key, value in stack.items():
+        path = value[0] if isinstance(value, tuple) else value
+        # torch.export writes paths as L['self'].seq[0]-style expressions in older releases.
+        path = ".".join(part for part in str(path).replace("[", ".").replace("]", "").split(".") if part)
+        calls.append((str(key), path.removeprefix("L.'self'.").removeprefix("L.self.")))
+    return calls
+
+
+def _match(old: torch.fx.Graph, new: torch.fx.Graph, a: Any, b: Any) -> dict[str, str]:
+    """``before`` name -> ``after`` name, found in four passes, each over what is still unmatched."""
+    match: dict[str, str] = {}
+    taken: set[str] = set()
+
+    def pair(old_name: str, new_name: str) -> None:
+        match[old_name] = new_name
+        taken.add(new_name)
+
+    calls_of: dict[str, list[str]] = {}  # module -> its leaf calls in ``before``, in order
+    for node in old.find_nodes(op="call_module"):
+        calls_of.setdefault(str(node.target), []).append(node.name)
+    # 1. provenance: an opened or swapped-parameter call replaces the module call it names
+    for name, data in b.nodes(data=True):
+        module = data["tag"].get("module")
+        if data["role"] in ("opened", "called") and module is not None:
+            candidates = [n for n in calls_of.get(module, []) if n not in match]
+            if candidates:
+                pair(name if name in candidates else candidates[0], name)
+    # 2. a leaf call that ``after`` traced into matches the node its traced call returns
+    still_called = {str(node.target) for node in new.find_nodes(op="call_module")}
+    traced_into = {
+        module: waiting
+        for module, names in calls_of.items()
+        if module not in still_called and (waiting := [n for n in names if n not in match])
+    }
+    if traced_into:
+        results = _call_results(new, set(traced_into), taken)
+        for module, waiting in traced_into.items():
+            for old_name, new_name in zip(waiting, results.get(module, []), strict=False):
+                pair(old_name, new_name)
+    # 3. same name, op and target
+    for name, data in a.nodes(data=True):
+        if name not in match and name in b and name not in taken and _same_kind(data, b.nodes[name]):
+            pair(name, name)
+    # 4. same op and target, in graph order
+    waiting_by_kind: dict[tuple[str, str], list[str]] = {}
+    for name, data in b.nodes(data=True):
+        if name not in taken:
+            waiting_by_kind.setdefault((data["op"], data["target"]), []).append(name)
+    for name, data in a.nodes(data=True):
+        queue = waiting_by_kind.get((data["op"], data["target"]))
+        if name not in match and queue:
+            pair(name, queue.pop(0))
+    return match
+
+
+def _call_results(graph: torch.fx.Graph, modules: set[str], taken: set[str]) -> dict[str, list[str]]:
+    """For each module of ``modules``, the node whose value each of its traced calls in ``graph`` returns."""
+    calls: dict[str, dict[str, list[torch.fx.Node]]] = {}
+    for node in graph.nodes:
+        if node.name not in taken:
+            for call, path in module_calls(node):
+                if path in modules:
+                    calls.setdefault(path, {}).setdefault(call, []).append(node)
+    results: dict[str, list[str]] = {}
+    for module, by_call in calls.items():
+        for nodes in by_call.values():
+            inside = set(nodes)
+            leaving = [n for n in nodes if any(user not in inside for user in n.users)]
+            results.setdefault(module, []).append((leaving or nodes)[-1].name)
+    return results
+
+
 def _graph(value: torch.fx.GraphModule | torch.fx.Graph) -> torch.fx.Graph:
     return value.graph if isinstance(value, torch.fx.GraphModule) else value
 
@@ -172,5 +225,21 @@ def _same_kind(first: dict[str, Any], second: dict[str, Any]) -> bool:
     return bool(first["op"] == second["op"] and first["target"] == second["target"])
 
 
-def _same_inputs(a: Any, b: Any, old_name: str, new_name: str, match: dict[str, str]) -> bool:
-    return {match.get(u) for u in a.predecessors(old_name)} == set(b.predecessors(new_name))
+class _Ref:
+    """A node in an argument list, by its name in ``after`` (``None``: it has no match)."""
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"%{self.name}"
+
+
+def _arguments(node: torch.fx.Node, match: dict[str, str] | None) -> str:
+    """``node``'s arguments and keyword arguments, constants included, with nodes named as in ``after``."""
+
+    def rename(argument: torch.fx.Node) -> Any:
+        return _Ref(match.get(argument.name) if match is not None else argument.name)
+
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), rename)
+    return repr((args, sorted(kwargs.items())))

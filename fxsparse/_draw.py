@@ -7,22 +7,23 @@ uses the system ``dot`` when there is one, else the ``graphviz-pure`` wheel's re
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 
-from ._diff import GraphDiff, diff
+from ._diff import GraphDiff, diff, module_calls
 from ._errors import FxsparseError
 from ._rewrite import META_KEY
 from ._sparsity import density_of, pattern_of
 
 __all__ = ["DIFF_MARKS", "KINDS", "RenderError", "draw", "draw_diff", "render", "render_bytes"]
 
-# Fill colour per kind of node: the same in every drawing.
 KINDS: dict[str, str] = {
     "input": "#d9d9d9",  # placeholders and the output
     "parameter": "#f2f2f2",  # get_attr of a parameter or buffer
@@ -35,10 +36,18 @@ KINDS: dict[str, str] = {
     "function": "#ffffff",  # any other call
     "guards": "#d9ead3",  # input checks of a torch.export graph
 }
-# Marks of a diff picture.
-DIFF_MARKS = {"added": ("#38761d", "solid"), "changed": ("#bf9000", "solid"), "removed": ("#cc0000", "dashed")}
+"""Fill colour per kind of node: the same in every drawing (the report's legend shows them)."""
+DIFF_MARKS: dict[str, tuple[str, str]] = {
+    "added": ("#38761d", "solid"),
+    "changed": ("#bf9000", "solid"),
+    "removed": ("#cc0000", "dashed"),
+}
+"""Outline colour and line style of each mark in a diff picture."""
 _MARK_ORDER = ("removed", "added", "changed")
 _AUTO_COLLAPSE = 1500  # nodes: larger graphs are drawn collapsed by module unless told otherwise
+_RUN_HEAD = 2  # numbered siblings a folded run shows before its box
+_RENDER_TIMEOUT = 600  # seconds
+_RUN_ABSORB_PASSES = 8  # enough for a loop body of a few chained functions
 
 
 class RenderError(FxsparseError, RuntimeError):
@@ -51,7 +60,7 @@ def draw(
     title: str | None = None,
     depth: int | None = None,
     compact: bool | None = None,
-    marks: dict[str, str] | None = None,
+    marks: Mapping[str, str] | None = None,
 ) -> Any:
     """A ``graphviz.Digraph`` of ``graph``: nodes coloured by kind (:data:`KINDS`), modules as clusters.
 
@@ -59,10 +68,14 @@ def draw(
     module's mask buffers). Big graphs stay quick to render: ``compact`` leaves out the
     parameter fetches and folds each ``mask * weight`` into the calls that read it (their
     label names the masked parameter and its density), and ``depth`` draws that many
-    levels of modules as boxes, each module below as one node. By default (``None``)
-    graphs over 1,500 nodes are drawn compact, at the deepest level that keeps them under
-    1,500 nodes; pass ``compact=False`` and a large ``depth`` to expand them. ``marks`` maps node names to ``"added"``,
-    ``"removed"`` or ``"changed"`` (as :func:`draw_diff` does).
+    levels of modules as boxes, each module below as one node.
+
+    By default (``None``) graphs over 1,500 nodes are drawn compact, long runs of numbered
+    siblings (``layers.0`` ... ``layers.4999``) show their first two and last members with
+    the rest as one box ("×4997"), and modules are collapsed at the deepest level that
+    keeps the picture under 1,500 nodes. Pass ``compact=False`` and a ``depth`` to expand
+    a big graph (``depth=0`` collapses every top-level module into a box). ``marks`` maps
+    node names to ``"added"``, ``"removed"`` or ``"changed"`` (as :func:`draw_diff` does).
 
     Example:
         >>> import torch, fxsparse
@@ -71,48 +84,69 @@ def draw(
         >>> "density 0.250" in dot.source
         True
     """
+    return _draw(graph, title, depth, compact, marks or {})[0]
+
+
+def _draw(
+    graph: torch.fx.GraphModule | torch.fx.Graph,
+    title: str | None,
+    depth: int | None,
+    compact: bool | None,
+    marks: Mapping[str, str],
+) -> tuple[Any, dict[str, str]]:
+    """The drawing, and for each node of ``graph`` the drawn node standing for it (none if folded away)."""
     import graphviz
 
+    unknown = set(marks.values()) - set(DIFF_MARKS)
+    if unknown:
+        raise ValueError(f"marks must be one of {sorted(DIFF_MARKS)}, got {sorted(unknown)}")
+    if depth is not None and depth < 0:
+        raise ValueError(f"depth must be 0 or more, got {depth}")
     module = graph if isinstance(graph, torch.fx.GraphModule) else None
     fx_graph = graph.graph if isinstance(graph, torch.fx.GraphModule) else graph
     nodes = list(fx_graph.nodes)
     big = len(nodes) > _AUTO_COLLAPSE
     compact = big if compact is None else compact
-    if depth is None and big:
-        depth = _depth_within_budget(nodes, compact)
-    folded: dict[str, list[str]] = {}  # user -> labels of the masked parameters folded into it
+    paths = {node: _module_path(node) for node in nodes}
+    runs: set[tuple[str, ...]] = set()  # paths standing for a folded run of numbered siblings
+    if big and depth is None:
+        paths, runs = _fold_runs(paths, {node: _leaf_of(node) for node in nodes})
+        depth = _depth_within_budget([path for node, path in paths.items() if not (compact and _folds(node))], runs)
+    folded: dict[str, list[torch.fx.Node]] = {}  # user -> the mask * weight nodes folded into it
     strongest: dict[str, str] = {}  # collapsed box -> the strongest diff mark of the nodes inside
-    dot = graphviz.Digraph(name=title or "graph", graph_attr={"rankdir": "TB", "fontname": "Helvetica"})
+    dot = graphviz.Digraph(name=_identifier(title or "graph"), graph_attr={"rankdir": "TB", "fontname": "Helvetica"})
     dot.attr("node", shape="box", style="rounded,filled", fontname="Helvetica", fontsize="10")
     if title:
-        dot.attr(label=title, labelloc="t", fontsize="14")
-    marks = marks or {}
+        dot.attr(label=_dot_lines(title), labelloc="t", fontsize="14")
     shown: dict[str, str] = {}  # node name -> the drawn node standing for it
     clusters: dict[tuple[str, ...], list[tuple[str, dict[str, str]]]] = {}
     for node in nodes:
         if compact and _folds(node):
             if node.meta.get(META_KEY, {}).get("role") == "masked":
                 for user in node.users:
-                    folded.setdefault(user.name, []).append(_node_style(node, module)["label"].split("\n", 1)[1])
+                    folded.setdefault(user.name, []).append(node)
             continue
-        path = _module_path(node)
-        if depth is not None and len(path) > depth:
-            collapsed = ".".join(path[: depth + 1])
+        path = paths[node]
+        run = next((len(path[:end]) for end in range(1, len(path) + 1) if tuple(path[:end]) in runs), None)
+        cut = min(depth + 1 if depth is not None else len(path) + 1, run or len(path) + 1)
+        if cut <= len(path):
+            box_path = tuple(path[:cut])
             # No colon in ids: graphviz reads "a:b" in an edge as node a, port b.
-            box = f"collapsed__{collapsed}"
+            box = f"collapsed__{'.'.join(box_path)}"
             shown[node.name] = box
-            attributes = {"label": f"{collapsed}\n(collapsed)", "fillcolor": KINDS["module"]}
+            what = f"{_run_label(box_path)}\n(collapsed)" if box_path in runs else f"{'.'.join(box_path)}\n(collapsed)"
             mark = marks.get(node.name)
             if mark is not None and _MARK_ORDER.index(mark) < _MARK_ORDER.index(strongest.get(box, "changed")):
                 strongest[box] = mark
             elif mark is not None:
                 strongest.setdefault(box, mark)
-            clusters.setdefault(tuple(path[:depth]), []).append((box, attributes))
+            clusters.setdefault(box_path[:-1], []).append((box, {"label": what, "fillcolor": KINDS["module"]}))
             continue
         shown[node.name] = node.name
         attributes = _node_style(node, module)
         if node.name in folded:
-            attributes["label"] += "".join(f"\nmasked {line}" for line in folded[node.name])
+            for product in folded[node.name]:  # labelled here: most are inside collapsed boxes
+                attributes["label"] += "\nmasked " + _node_style(product, module)["label"].split("\n", 1)[1]
             attributes.update(color=KINDS["masked"], penwidth="2")
         if node.name in marks:
             _mark(attributes, marks[node.name])
@@ -132,7 +166,7 @@ def draw(
                 edges.add(edge)
     for source, user in sorted(edges):
         dot.edge(source, user)
-    return dot
+    return dot, shown
 
 
 def draw_diff(
@@ -144,58 +178,180 @@ def draw_diff(
     compact: bool | None = None,
 ) -> Any:
     """One picture of ``after`` with what the diff found marked: added (green), changed (amber)
-    and, drawn in ``before``'s place, removed (red, dashed) nodes."""
+    and, drawn in ``before``'s place, removed (red, dashed) nodes with their old edges dashed.
+
+    Example:
+        >>> import torch, fxsparse
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> dot = fxsparse.viz.draw_diff(torch.fx.symbolic_trace(model), fxsparse.transform(model, {"0": torch.eye(4)}))
+        >>> green, solid = fxsparse.viz.DIFF_MARKS["added"]
+        >>> f'color="{green}"' in dot.source
+        True
+    """
     graph_diff = graph_diff if graph_diff is not None else diff(before, after)
     marks = {name: "added" for name in graph_diff.added}
     marks.update({new: "changed" for _, new in graph_diff.changed})
-    dot = draw(after, title="diff", depth=depth, compact=compact, marks=marks)
-    for name in graph_diff.removed:
-        colour, style = DIFF_MARKS["removed"]
-        dot.node(f"removed__{name}", label=_dot_lines(f"{name}\n(removed)"), color=colour, style=f"rounded,{style}")
+    dot, shown = _draw(after, "diff", depth, compact, marks)
+    colour, style = DIFF_MARKS["removed"]
+    removed = {name: f"removed__{name}" for name in graph_diff.removed}
+    for name, drawn in removed.items():
+        dot.node(drawn, label=_dot_lines(f"{name}\n(removed)"), color=colour, style=f"rounded,{style}")
+    ends = {old: shown[new] for old, new in graph_diff.matched.items() if new in shown} | removed
+    old_edges = {
+        (ends[source], ends[user])
+        for source, user in _edges(before)
+        if (source in removed or user in removed) and source in ends and user in ends
+    }
+    for source, user in sorted(old_edges):
+        if source != user:
+            dot.edge(source, user, color=colour, style=style)
     return dot
 
 
-def render_bytes(dot: Any, format: str = "svg") -> bytes:
-    """``dot`` rendered in memory (``RenderError`` when no renderer is found or it fails)."""
+def render_bytes(dot: Any, format: str = "svg", *, timeout: float = _RENDER_TIMEOUT) -> bytes:
+    """``dot`` rendered in memory (``RenderError`` when no renderer is found, it fails, or it
+    runs past ``timeout`` seconds).
+
+    Uses the system ``dot`` when present, else the ``graphviz-pure`` wheel's renderer, which
+    writes SVG, PNG, JPEG, JSON and plain text but not PDF.
+    """
+    format = format.lower()
     renderer = shutil.which("dot") or shutil.which("graphviz-pure")
     if renderer is None:
         raise RenderError(
             "no Graphviz renderer found: pip install graphviz-pure, or install Graphviz (apt-get install graphviz)"
         )
-    result = subprocess.run([renderer, f"-T{format}"], input=dot.source.encode(), capture_output=True, check=False)
+    name = Path(renderer).name
+    try:
+        result = subprocess.run(
+            [renderer, f"-T{format}"], input=dot.source.encode(), capture_output=True, check=False, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise RenderError(
+            f"{name} took over {timeout:g} s; draw fewer nodes (depth=, compact=True) or raise the timeout"
+        ) from None
     if result.returncode != 0:
-        raise RenderError(f"{Path(renderer).name} failed to render: {result.stderr.decode().strip()}")
+        hint = ""
+        if name == "graphviz-pure" and "not recognized" in result.stderr.decode():
+            hint = f"; graphviz-pure cannot write {format}: install Graphviz (apt-get install graphviz) for it"
+        raise RenderError(f"{name} failed to render: {result.stderr.decode().strip()}{hint}")
     return bytes(result.stdout)
 
 
 def render(dot: Any, path: str | Path, format: str | None = None) -> Path:
-    """Write ``dot``'s source next to ``path`` (``.dot``) and render it to ``path`` (format from its suffix).
+    """Write ``dot``'s source next to ``path`` (``.dot``) and render it to ``path`` (format
+    from its suffix, ``svg`` without one; a ``.dot`` or ``.gv`` path gets the source only).
 
-    Uses the system ``dot`` when present, else ``graphviz-pure`` (``pip install graphviz-pure``).
+    Uses the system ``dot`` when present, else ``graphviz-pure`` (``pip install graphviz-pure``),
+    which cannot write PDF. When rendering fails the source is still written and the
+    :class:`RenderError` names it.
     """
     path = Path(path)
-    format = format or path.suffix.lstrip(".") or "svg"
+    format = (format or path.suffix.lstrip(".") or "svg").lower()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".dot").write_text(dot.source)
+    if format in ("dot", "gv"):
+        path.write_text(dot.source)
+        return path
+    source = path.with_suffix(".dot")
+    source.write_text(dot.source)
     try:
         path.write_bytes(render_bytes(dot, format))
     except RenderError as error:
-        raise RenderError(
-            f"cannot draw {path.name} (the DOT source is in {path.with_suffix('.dot')}): {error}"
-        ) from None
+        raise RenderError(f"cannot draw {path.name} (the DOT source is in {source}): {error}") from None
     return path
 
 
-def _depth_within_budget(nodes: list[torch.fx.Node], compact: bool) -> int:
+def _fold_runs(
+    paths: dict[torch.fx.Node, list[str]], leaves: dict[torch.fx.Node, str | None]
+) -> tuple[dict[torch.fx.Node, list[str]], set[tuple[str, ...]]]:
+    """Fold long runs of numbered sibling modules (``layers.0`` ... ``layers.4999``): keep the
+    first :data:`_RUN_HEAD` and the last, and put the nodes of those between (of leaf modules
+    ``leaves`` names, too) under one path ``[..., "layers", "2-4998"]``. Returns the new
+    paths and the set of folded paths."""
+    full = {node: [*path, leaf] if (leaf := leaves.get(node)) else path for node, path in paths.items()}
+    children: dict[tuple[str, ...], set[int]] = {}
+    for distinct in {tuple(path) for path in full.values()}:
+        for end, part in enumerate(distinct):
+            if part.isdigit():
+                children.setdefault(distinct[:end], set()).add(int(part))
+    middles: dict[tuple[str, ...], tuple[int, int]] = {}
+    for parent, numbers in children.items():
+        ordered = sorted(numbers)
+        if len(ordered) > _RUN_HEAD + 2:
+            middles[parent] = (ordered[_RUN_HEAD], ordered[-2])
+    runs: set[tuple[str, ...]] = set()
+    folded: dict[torch.fx.Node, list[str]] = {}
+    for node, path in full.items():
+        folded[node] = paths[node]
+        for end, part in enumerate(path):
+            span = middles.get(tuple(path[:end]))
+            if span is not None and part.isdigit() and span[0] <= int(part) <= span[1]:
+                folded[node] = [*path[:end], f"{span[0]}-{span[1]}"]
+                runs.add(tuple(folded[node]))
+                break
+    # What a loop's body computes between the calls of a run (``x = relu(layers[i](x))``)
+    # belongs to the run: a node all of whose inputs and users are in one run joins it.
+    for _ in range(_RUN_ABSORB_PASSES):
+        joined = False
+        for node, path in folded.items():
+            if tuple(path) in runs:
+                continue
+            around = {tuple(folded[other]) for other in (*node.all_input_nodes, *node.users) if other in folded}
+            if len(around) == 1 and next(iter(around)) in runs:
+                folded[node] = list(next(iter(around)))
+                joined = True
+        if not joined:
+            break
+    return folded, runs
+
+
+def _leaf_of(node: torch.fx.Node) -> str | None:
+    """The name, within its parent, of the leaf module a node calls or belongs to (``"17"`` for ``layers.17``)."""
+    tag = node.meta.get(META_KEY, {})
+    if "param" in tag:
+        return str(tag["param"]).split(".")[-2] if str(tag["param"]).count(".") else None
+    if "module" in tag:
+        return str(tag["module"]).split(".")[-1]
+    if node.op == "call_module":
+        return str(node.target).split(".")[-1]
+    if node.op == "get_attr" and str(node.target).count("."):
+        return str(node.target).split(".")[-2]
+    return None
+
+
+def _run_label(path: tuple[str, ...]) -> str:
+    """``layers.2 … layers.4998 (×4997)`` for a folded run's path."""
+    first, last = path[-1].split("-")
+    prefix = "".join(f"{part}." for part in path[:-1])
+    return f"{prefix}{first} … {prefix}{last}\n(×{int(last) - int(first) + 1})"
+
+
+def _depth_within_budget(paths: list[list[str]], runs: set[tuple[str, ...]]) -> int:
     """The deepest module level to draw such that at most ``_AUTO_COLLAPSE`` boxes remain (0 at least)."""
-    paths = [_module_path(node) for node in nodes if not (compact and _folds(node))]
     deepest = max((len(path) for path in paths), default=0)
     for depth in range(deepest, 0, -1):
-        drawn = sum(len(path) <= depth for path in paths)
-        drawn += len({tuple(path[: depth + 1]) for path in paths if len(path) > depth})
-        if drawn <= _AUTO_COLLAPSE:
+        boxes = set()
+        drawn = 0
+        for path in paths:
+            cut = next((end for end in range(1, len(path) + 1) if tuple(path[:end]) in runs), depth + 1)
+            cut = min(cut, depth + 1)
+            if cut <= len(path):
+                boxes.add(tuple(path[:cut]))
+            else:
+                drawn += 1
+        if drawn + len(boxes) <= _AUTO_COLLAPSE:
             return depth
     return 0
+
+
+def _edges(graph: torch.fx.GraphModule | torch.fx.Graph) -> list[tuple[str, str]]:
+    fx_graph = graph.graph if isinstance(graph, torch.fx.GraphModule) else graph
+    return [(source.name, node.name) for node in fx_graph.nodes for source in node.all_input_nodes]
+
+
+def _identifier(text: str) -> str:
+    """A graph name from a title: DOT's ``ID`` characters only."""
+    return re.sub(r"\W", "_", text) or "graph"
 
 
 def _mark(attributes: dict[str, str], mark: str) -> None:
@@ -224,11 +380,8 @@ def _module_path(node: torch.fx.Node) -> list[str]:
         return str(node.target).split(".")[:-2]
     if node.op == "call_module":
         return str(node.target).split(".")[:-1]
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = next(reversed(stack.values()))[0]
-        return [part for part in str(path).split(".") if part and not part.startswith("L[")]
-    return []
+    calls = module_calls(node)
+    return calls[-1][1].split(".") if calls and calls[-1][1] else []
 
 
 def _node_style(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> dict[str, str]:
@@ -255,8 +408,9 @@ def _node_style(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> dic
 
 
 def _dot_lines(label: str) -> str:
-    """Line breaks as DOT's centred ``\\n`` escape, which every renderer reads the same way."""
-    return label.replace("\n", "\\n")
+    """A label as DOT text: backslashes kept literal (DOT reads ``\\N``, ``\\l`` as escapes), line
+    breaks as DOT's centred ``\\n`` escape, which every renderer reads the same way."""
+    return label.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def _short(target: Any) -> str:

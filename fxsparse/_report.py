@@ -6,13 +6,14 @@ Everything is inline (SVG, styles); the file opens offline and can be mailed aro
 from __future__ import annotations
 
 import html
+import math
 import re
 from pathlib import Path
 
 import torch
 import torch.fx
 
-from ._diff import diff
+from ._diff import GraphDiff, diff
 from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, render_bytes
 from ._rewrite import META_KEY
 from ._sparsity import summarize
@@ -24,6 +25,7 @@ body { font: 14px/1.45 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; 
        padding: 0 1rem; color: #222; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; }
+tfoot td { font-weight: bold; border-top: 1px solid #999; }
 th, td { padding: .25rem .75rem; border-bottom: 1px solid #eee; text-align: right; }
 th:first-child, td:first-child { text-align: left; font-family: monospace; }
 figure { margin: 1rem 0; overflow: auto; border: 1px solid #eee; padding: .5rem; }
@@ -51,8 +53,14 @@ def report(
     path: str | Path,
     *,
     title: str = "fxsparse report",
+    graph_diff: GraphDiff | None = None,
 ) -> Path:
     """Write one HTML file comparing ``before`` (the model traced) with ``after`` (fxsparse's output).
+
+    The page holds a table of the masked parameters (shape, density, pattern, the
+    multiply-adds a sparse kernel could skip, and their totals), the diff as text and as a
+    picture, the generated code before and after, and the two graphs drawn. Pass
+    ``graph_diff`` when you already have ``diff(before, after)``.
 
     Example:
         >>> import tempfile, torch, fxsparse
@@ -63,19 +71,27 @@ def report(
         ...     "density" in page.read_text()
         True
     """
-    graph_diff = diff(before, after)
+    graph_diff = graph_diff if graph_diff is not None else diff(before, after)
+    summary = summarize(masks_of(after), after)
     rows = "".join(
         f"<tr><td>{html.escape(entry.name)}</td><td>{'×'.join(map(str, entry.shape))}</td>"
         f"<td>{entry.density:.3f}</td><td>{html.escape(entry.pattern)}</td>"
         f"<td>{entry.macs:,}</td><td>{entry.macs_skipped:,}</td></tr>"
-        for entry in summarize(masks_of(after))
+        for entry in summary
+    )
+    weights = sum(math.prod(entry.shape) for entry in summary)
+    kept = sum(entry.density * math.prod(entry.shape) for entry in summary)
+    macs, skipped = sum(entry.macs for entry in summary), sum(entry.macs_skipped for entry in summary)
+    totals = (
+        f"<tr class='total'><td>{len(summary)} parameters</td><td>{weights:,} weights</td>"
+        f"<td>{kept / weights if weights else 1.0:.3f}</td><td></td><td>{macs:,}</td><td>{skipped:,}</td></tr>"
     )
     sections = [
         f"<h1>{html.escape(title)}</h1>",
         "<h2 id='sparsity'>Masked parameters</h2>",
         "<table><thead><tr><th>parameter</th><th>shape</th><th>density</th><th>pattern</th>"
         "<th>multiply-adds per output</th><th>skippable</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table>",
+        f"<tbody>{rows}</tbody><tfoot>{totals}</tfoot></table>",
         "<h2 id='diff'>What changed</h2>",
         f"<pre>{html.escape(graph_diff.summary())}</pre>",
         _legend(),
@@ -121,6 +137,10 @@ def _figure(dot: object, name: str) -> str:
         )
     svg = svg[svg.index("<svg") :]  # without the XML prolog and doctype, to sit inside HTML
     svg = re.sub(r"<!--.*?-->", "", svg, flags=re.DOTALL)
+    # Three drawings on one page: their ids (node1, edge1, ...) must not collide.
+    svg = re.sub(r'\bid="([^"]*)"', rf'id="{name}-\1"', svg)
+    svg = re.sub(r"url\(#([^)]*)\)", rf"url(#{name}-\1)", svg)
+    svg = re.sub(r'href="#([^"]*)"', rf'href="#{name}-\1"', svg)
     return f"<figure id='figure-{name}'>{svg}</figure>"
 
 

@@ -1,7 +1,9 @@
 """Sparsity summary: how dense each mask is, what pattern it has, and the multiply-adds it lets a kernel skip.
 
 Pure data from a :class:`~fxsparse.Plan` (or any mapping of names to masks); the
-drawing and report layers read it.
+drawing and report layers read it. Patterns are read along the weight's input
+dimension: dimension 1 of a ``Linear`` (``[out, in]``) or convolution
+(``[out, in, *kernel]``) weight, dimension 0 of a Hugging Face ``Conv1D`` (``[in, out]``).
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ._plan import Plan
 
-__all__ = ["ParameterSparsity", "density_of", "pattern_of", "summarize"]
+__all__ = ["ParameterSparsity", "density_of", "input_axis_of", "pattern_of", "summarize"]
 
 _N_OF_M = ((2, 4), (1, 4), (3, 4), (4, 8), (1, 2))  # (N, M), most used first
 _BLOCKS = (32, 16, 8, 4, 2)
@@ -21,16 +25,19 @@ _BLOCKS = (32, 16, 8, 4, 2)
 
 @dataclass(frozen=True)
 class ParameterSparsity:
-    """One masked parameter: ``density`` is the kept fraction; ``pattern`` one of
+    """One masked parameter: ``density`` is the kept (nonzero) fraction; ``pattern`` one of
 
-    ``"dense"`` (nothing pruned), ``"empty"`` (everything pruned), ``"N:M"`` (at most N
-    kept in every M consecutive weights along the input dimension, e.g. ``"2:4"``),
-    ``"rows"`` (whole output rows kept or pruned), ``"block BxB"``, ``"unstructured"``,
-    or ``"soft"`` (values other than 0 and 1).
+    ``"dense"`` (nothing pruned), ``"empty"`` (everything pruned), ``"rows"`` (whole
+    output rows or channels kept or pruned), ``"columns"`` (whole input columns or
+    channels), ``"block BxB"`` (square blocks, those cut by the matrix's edge included),
+    ``"N:M"`` (at most N kept in every M consecutive weights along the input dimension,
+    N on average, e.g. ``"2:4"``), ``"unstructured"``, or ``"soft"`` (values other than 0
+    and 1).
 
-    ``macs`` and ``macs_skipped`` count multiply-adds per output position (per token for
-    a Linear, per output pixel for a convolution): what a kernel that skips the pruned
-    weights saves.
+    ``macs`` and ``macs_skipped`` count the multiply-adds the weight takes part in per
+    output position (per token for a ``Linear``, per output pixel for a convolution) and
+    those a kernel that skips pruned weights would save. They are 0 for weights that
+    multiply nothing: embedding tables (a lookup) and 1-D weights such as biases.
     """
 
     name: str
@@ -45,8 +52,13 @@ class ParameterSparsity:
         return 1.0 - self.density
 
 
-def summarize(masks: Plan | Mapping[str, torch.Tensor]) -> list[ParameterSparsity]:
-    """A :class:`ParameterSparsity` per masked parameter, in plan order.
+def summarize(masks: Plan | Mapping[str, torch.Tensor], model: nn.Module | None = None) -> list[ParameterSparsity]:
+    """A :class:`ParameterSparsity` per masked parameter, in plan (or mapping) order.
+
+    Given the ``model`` the masks are for (or fxsparse's output, which holds its
+    modules), patterns are read along each weight's real input dimension and embedding
+    tables count no multiply-adds; without it every weight of two or more dimensions is
+    taken as ``[out, in, ...]``.
 
     Example:
         >>> import torch, fxsparse
@@ -58,8 +70,12 @@ def summarize(masks: Plan | Mapping[str, torch.Tensor]) -> list[ParameterSparsit
     items: Iterable[tuple[str, torch.Tensor]] = (
         ((p.name, p.mask) for p in masks.parameters) if isinstance(masks, Plan) else masks.items()
     )
+    holders = _holders(model) if model is not None else {}
     summary = []
     for name, mask in items:
+        kinds = holders.get(name)
+        axis = input_axis_of(kinds) if mask.dim() > 1 else 0
+        multiplies = mask.dim() > 1 and not (kinds and all(issubclass(kind, nn.Embedding) for kind in kinds))
         kept = int(torch.count_nonzero(mask))
         total = mask.numel()
         summary.append(
@@ -67,9 +83,9 @@ def summarize(masks: Plan | Mapping[str, torch.Tensor]) -> list[ParameterSparsit
                 name=name,
                 shape=tuple(mask.shape),
                 density=density_of(mask),
-                pattern=pattern_of(mask),
-                macs=total,
-                macs_skipped=total - kept,
+                pattern=pattern_of(mask, input_axis=axis),
+                macs=total if multiplies else 0,
+                macs_skipped=total - kept if multiplies else 0,
             )
         )
     return summary
@@ -80,8 +96,17 @@ def density_of(mask: torch.Tensor) -> float:
     return int(torch.count_nonzero(mask)) / mask.numel() if mask.numel() else 1.0
 
 
-def pattern_of(mask: torch.Tensor) -> str:
-    """The most structured pattern ``mask`` follows (see :class:`ParameterSparsity`)."""
+def input_axis_of(kinds: Iterable[type[nn.Module]] | None) -> int:
+    """The input dimension of a weight held by modules of ``kinds``: 0 for ``Conv1D``, else 1."""
+    return 0 if kinds and any(kind.__name__ == "Conv1D" for kind in kinds) else 1
+
+
+def pattern_of(mask: torch.Tensor, input_axis: int = 1) -> str:
+    """The most structured pattern ``mask`` follows (see :class:`ParameterSparsity`).
+
+    ``input_axis`` is the weight's input dimension (1 for ``[out, in, ...]``, 0 for a
+    ``Conv1D``'s ``[in, out]``); a 1-D mask is read as one row.
+    """
     values = mask.detach().to("cpu")
     if values.dtype != torch.bool:
         if not bool(((values == 0) | (values == 1)).all()):
@@ -91,10 +116,17 @@ def pattern_of(mask: torch.Tensor) -> str:
         return "dense"
     if not bool(values.any()):
         return "empty"
-    matrix = values.reshape(values.shape[0], -1) if values.dim() > 1 else values.reshape(1, -1)
-    rows = matrix.any(dim=1)
-    if bool((matrix.all(dim=1) | ~rows).all()):
+    if values.dim() < 2:
+        values, input_axis = values.reshape(1, -1), 1
+    # [out, in] with the kernel positions as more rows: N:M groups run along the input
+    # channels at each kernel position, as NVIDIA's sparse convolutions take them.
+    moved = values.movedim(input_axis, -1)  # [out, *kernel, in]
+    matrix = moved.reshape(-1, moved.shape[-1])
+    outputs = moved.reshape(moved.shape[0], -1)
+    if outputs.shape[0] > 1 and _whole_lines(outputs):
         return "rows"
+    if matrix.shape[0] > 1 and _whole_lines(matrix.T):
+        return "columns"
     # Blocks of 4 and more say more than the N:M any such block mask also satisfies; a
     # 2:4 mask, what sparse tensor cores run, says more than 2x2 blocks.
     for size in _BLOCKS:
@@ -104,6 +136,11 @@ def pattern_of(mask: torch.Tensor) -> str:
     if n_m is not None:
         return n_m
     return "block 2x2" if _is_blocked(matrix, 2) else "unstructured"
+
+
+def _whole_lines(matrix: torch.Tensor) -> bool:
+    """Whether each row of ``matrix`` is all kept or all pruned."""
+    return bool((matrix.all(dim=1) | ~matrix.any(dim=1)).all())
 
 
 def _n_of_m(matrix: torch.Tensor) -> str | None:
@@ -122,8 +159,27 @@ def _n_of_m(matrix: torch.Tensor) -> str | None:
 
 
 def _is_blocked(matrix: torch.Tensor, size: int) -> bool:
+    """Whether every ``size`` x ``size`` block (cut short at the edges) is all kept or all pruned.
+
+    At least two blocks must fit whole, or any mask of a small matrix would qualify.
+    """
     rows, columns = matrix.shape
-    if rows % size or columns % size or (rows == size and columns == size):
+    if (rows // size) * (columns // size) < 2:
         return False
-    blocks = matrix.reshape(rows // size, size, columns // size, size)
-    return bool((blocks.all(dim=(1, 3)) | ~blocks.any(dim=(1, 3))).all())
+    pad = (0, -columns % size, 0, -rows % size)
+    shape = ((rows + pad[3]) // size, size, (columns + pad[1]) // size, size)
+    kept_anywhere = F.pad(matrix, pad, value=False).reshape(shape).any(dim=(1, 3))
+    kept_everywhere = F.pad(matrix, pad, value=True).reshape(shape).all(dim=(1, 3))
+    return bool((kept_everywhere | ~kept_anywhere).all())
+
+
+def _holders(model: nn.Module) -> dict[str, list[type[nn.Module]]]:
+    """Each parameter name of ``model`` (every alias) -> the types of all modules holding that parameter."""
+    names: dict[int, list[str]] = {}
+    kinds: dict[int, list[type[nn.Module]]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for local, parameter in module._parameters.items():
+            if parameter is not None:
+                names.setdefault(id(parameter), []).append(f"{prefix}.{local}" if prefix else local)
+                kinds.setdefault(id(parameter), []).append(type(module))
+    return {name: kinds[key] for key, aliases in names.items() for name in aliases}

@@ -11,7 +11,7 @@ Example:
     changed          1
     unchanged        2
     edges        count
-    rewired          0
+    rewired          2
     dropped          0
     added by role: mask 1, masked 1, param 1, weight 1
 """

@@ -38,6 +38,18 @@ def test_report_is_one_offline_file(tmp_path: Path) -> None:
     assert "added           12" in page
 
 
+def test_report_totals_and_unique_ids(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    masks = {"0": torch.eye(4), "2": torch.ones(2, 4)}
+    before, after = torch.fx.symbolic_trace(model), fxsparse.transform(model, masks)
+    page = fxsparse.viz.report(before, after, tmp_path / "r.html", graph_diff=fxsparse.viz.diff(before, after))
+    text = page.read_text()
+    # 24 weights, 12 kept; 24 multiply-adds per output, 12 skippable
+    assert "<td>2 parameters</td><td>24 weights</td><td>0.500</td><td></td><td>24</td><td>12</td>" in text
+    ids = re.findall(r'\bid="([^"]+)"', text)
+    assert ids and len(ids) == len(set(ids))
+
+
 def test_masks_of_reads_an_output() -> None:
     mask = torch.rand(4, 4) > 0.5
     out = fxsparse.transform(nn.Sequential(nn.Linear(4, 4)), {"0": mask})
@@ -85,6 +97,62 @@ def test_commands_name_a_bad_source(source: str, message: str, capsys: pytest.Ca
     with pytest.raises(SystemExit):
         main(["draw", source])
     assert message in capsys.readouterr().err
+
+
+class RunsCode:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("this ran",))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["diff", "zoo:ModelUnderTest", "--sparsity", "2"], "--sparsity must be between 0 and 1, got 2.0"),
+        (["diff", "zoo:ModelUnderTest", "--masks", "missing.pt"], "--masks: no such file missing.pt"),
+        (["diff", "zoo:ModelUnderTest", "--masks", "code.pt"], "--masks: cannot load code.pt as tensors only"),
+        (["diff", "zoo:ModelUnderTest", "--masks", "list.pt"], "must hold a dict of parameter or module name -> mask"),
+        (
+            ["diff", "zoo:ModelUnderTest", "--masks", "wrong.pt"],
+            "cannot transform 'zoo:ModelUnderTest': mask key 'nope'",
+        ),
+        (["draw", "zoo:ZOO"], "'zoo:ZOO' is a dict, not a function that makes a model"),
+        (["draw", "torch.nn:Linear"], "'torch.nn:Linear' must be callable with no arguments"),
+        (["draw", "zoo:ModelUnderTest", "--depth", "-1"], "argument --depth: must be 0 or more, got -1"),
+        (["draw", "garbage.pt"], "cannot load garbage.pt with torch.load"),
+    ],
+)
+def test_commands_answer_bad_arguments(
+    arguments: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.save(RunsCode(), "code.pt")
+    torch.save([torch.ones(1)], "list.pt")
+    torch.save({"nope": torch.ones(1)}, "wrong.pt")
+    Path("garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "this ran" not in captured.out + captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_factories_import_from_the_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As uvicorn and gunicorn do: a user's own module next to them is found by the console script too."""
+    (tmp_path / "my_models_here.py").write_text("import torch\ndef make():\n    return torch.nn.Linear(2, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
+    assert main(["draw", "my_models_here:make", "--out", "g.svg"]) == 0
+
+
+def test_commands_say_when_they_cannot_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("")
+    assert main(["draw", "zoo:ModelUnderTest", "--out", str(tmp_path / "file" / "graph.svg")]) == 1
+    assert "cannot write" in capsys.readouterr().err
 
 
 def test_demo_report_in_headless_chromium(tmp_path: Path) -> None:

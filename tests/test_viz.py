@@ -20,26 +20,54 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 def two_of_four(rows: int, columns: int) -> torch.Tensor:
-    return torch.tensor([1, 0, 0, 1], dtype=torch.bool).repeat(rows, columns // 4)
+    """A 2:4 mask whose rows differ (identical rows would be column pruning)."""
+    row = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0]], dtype=torch.bool).repeat(1, columns // 4)
+    return row.repeat(rows // 2, 1)
+
+
+def conv_two_of_four() -> torch.Tensor:
+    """An [out 4, in 4, 1, 2] convolution mask keeping 2 of the 4 input channels at each position."""
+    mask = torch.zeros(4, 4, 1, 2, dtype=torch.bool)
+    for out in range(4):
+        for position in range(2):
+            mask[out, [(out + position) % 4, (out + position + 1) % 4], 0, position] = True
+    return mask
+
+
+# 2:4 along its rows, not along its columns.
+LOPSIDED = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [1, 1, 0, 0]], dtype=torch.bool)
+
+
+def edge_blocks() -> torch.Tensor:
+    """4x4 blocks of a 10x10 matrix, the ones at the edge cut to 4x2, 2x4 and 2x2."""
+    mask = torch.ones(10, 10, dtype=torch.bool)
+    mask[:4, :4] = mask[8:, 4:8] = mask[8:, 8:] = False
+    return mask
 
 
 @pytest.mark.parametrize(
-    ("mask", "pattern"),
+    ("mask", "pattern", "input_axis"),
     [
-        (torch.ones(4, 8), "dense"),
-        (torch.zeros(4, 8), "empty"),
-        (two_of_four(4, 8), "2:4"),
-        (torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), "rows"),
-        (torch.kron(torch.tensor([[1, 0], [0, 1]]), torch.ones(4, 4)), "block 4x4"),
-        (torch.tensor([[1, 0, 1], [1, 1, 0]]), "unstructured"),
-        (torch.tensor([[0.5, 1.0], [0.0, 1.0]]), "soft"),
-        (two_of_four(8, 4).reshape(8, 1, 2, 2), "2:4"),  # a conv weight, along its flattened inputs
-        (torch.tensor([[1, 1, 0, 0, 1, 0, 0, 0]] * 4), "2:4"),  # at most 2 of 4: what 2:4 kernels take
-        (torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) < 0.1, "unstructured"),  # merely sparse
+        (torch.ones(4, 8), "dense", 1),
+        (torch.zeros(4, 8), "empty", 1),
+        (two_of_four(4, 8), "2:4", 1),
+        (LOPSIDED.T, "2:4", 0),  # a Hugging Face Conv1D weight is [in, out]
+        (LOPSIDED.T, "unstructured", 1),  # ... whose groups run down its columns
+        (conv_two_of_four(), "2:4", 1),  # along the input channels at each kernel position
+        (torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), "rows", 1),
+        (torch.tensor([[1, 0, 1, 1], [1, 0, 1, 1]]), "columns", 1),
+        (torch.kron(torch.tensor([[1, 0], [0, 1]]), torch.ones(4, 4)), "block 4x4", 1),
+        (edge_blocks(), "block 4x4", 1),
+        (torch.tensor([[1, 0, 1], [1, 1, 0]]), "unstructured", 1),
+        (torch.tensor([[0.5, 1.0], [0.0, 1.0]]), "soft", 1),
+        (torch.tensor([1, 0, 0, 1, 0, 1, 1, 0]), "2:4", 1),  # a 1-D mask is one row
+        (torch.tensor([1, 0, 1]), "unstructured", 1),
+        (torch.tensor([[1, 1, 0, 0, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0, 1, 1]]), "2:4", 1),  # at most 2 of 4
+        (torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) < 0.1, "unstructured", 1),  # merely sparse
     ],
 )
-def test_patterns(mask: torch.Tensor, pattern: str) -> None:
-    assert viz.pattern_of(mask) == pattern
+def test_patterns(mask: torch.Tensor, pattern: str, input_axis: int) -> None:
+    assert viz.pattern_of(mask, input_axis=input_axis) == pattern
 
 
 def test_summary_of_a_plan() -> None:
@@ -49,6 +77,38 @@ def test_summary_of_a_plan() -> None:
     assert (first.name, first.shape, first.density, first.pattern) == ("0.weight", (4, 8), 0.5, "2:4")
     assert (first.macs, first.macs_skipped, first.sparsity) == (32, 16, 0.5)
     assert (second.pattern, second.macs_skipped) == ("dense", 0)
+
+
+class EmbeddingConv1DBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 8)
+        self.head = nn.Linear(8, 6, bias=False)
+        self.head.weight = self.embed.weight  # tied: the table also multiplies
+        self.table = nn.Embedding(6, 8)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(ids) + self.table(ids))
+
+
+def test_summary_knows_the_modules() -> None:
+    """Embedding tables and biases multiply nothing; a tied table that is also a head does."""
+    model = EmbeddingConv1DBias()
+    masks = {"embed.weight": two_of_four(6, 8), "table.weight": two_of_four(6, 8), "proj.bias": torch.ones(4)}
+    tied, table, bias = viz.summarize(masks, model)
+    assert (tied.macs, tied.macs_skipped) == (48, 24)
+    assert (table.macs, table.macs_skipped, table.pattern) == (0, 0, "2:4")
+    assert (bias.macs, bias.macs_skipped) == (0, 0)
+
+
+def test_summary_reads_conv1d_along_its_input_dimension() -> None:
+    transformers = pytest.importorskip("transformers")
+    conv1d = transformers.pytorch_utils.Conv1D(4, 4)  # weight [in, out]
+    (entry,) = viz.summarize({"weight": LOPSIDED.T}, conv1d)
+    assert entry.pattern == "2:4"
+    (entry,) = viz.summarize({"weight": LOPSIDED}, conv1d)
+    assert entry.pattern == "unstructured"
 
 
 def added_roles(d: viz.GraphDiff) -> dict[str, int]:
@@ -63,7 +123,10 @@ def test_diff_of_opened_linears() -> None:
     model = build(case)
     d = viz.diff(torch.fx.symbolic_trace(model), fxsparse.transform(model, make_masks(model, case, "random")))
     assert d.changed == (("linear", "linear"), ("seq_0", "seq_0"), ("seq_1", "seq_1"))
-    assert d.removed == () and d.dropped == () and d.rewired == ()
+    assert d.removed == () and d.dropped == ()
+    assert d.rewired == tuple(
+        sorted((f"{n}_{p}", n) for n in ("linear", "seq_0", "seq_1") for p in ("bias", "weight_masked"))
+    )
     assert {name for name, _ in d.unchanged} == {"x", "output"}
     assert added_roles(d) == {"weight": 3, "mask": 3, "masked": 3, "param": 3}
 
@@ -76,6 +139,51 @@ def test_diff_of_a_weight_used_in_a_custom_forward() -> None:
     assert ("proj_weight", "proj_weight") in d.unchanged or ("proj_weight", "proj_weight") in d.changed
     assert ("proj_weight", "linear") in d.dropped
     assert "proj_weight_masked" in d.added and d.roles["proj_weight_masked"] == "masked"
+
+
+def test_diff_matches_a_module_call_traced_into() -> None:
+    """A LayerNorm with a masked weight is traced into: its call matches the layer_norm it became."""
+    case = ZOO["shared_module"]
+    model = build(case)
+    d = viz.diff(torch.fx.symbolic_trace(model), fxsparse.transform(model, make_masks(model, case, "random")))
+    assert ("norm", "layer_norm") in d.changed and d.removed == ()
+    assert ("norm_weight_masked", "layer_norm") in d.rewired
+
+
+def edited(model: nn.Module, edit: object) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    before = torch.fx.symbolic_trace(model)
+    after = torch.fx.symbolic_trace(model)
+    (node,) = [n for n in after.graph.nodes if n.op == "call_function"]
+    edit(node)  # type: ignore[operator]
+    after.recompile()
+    return before, after
+
+
+class Arithmetic(nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.sub(x, y, alpha=2)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda node: setattr(node, "kwargs", {"alpha": 3}),  # a constant
+        lambda node: setattr(node, "args", node.args[::-1]),  # argument order
+        lambda node: setattr(node, "kwargs", {}),  # a keyword dropped
+    ],
+    ids=["constant", "order", "keyword"],
+)
+def test_diff_sees_changed_arguments(edit: object) -> None:
+    d = viz.diff(*edited(Arithmetic(), edit))
+    assert d.changed == (("sub", "sub"),) and not (d.added or d.removed or d.rewired or d.dropped)
+
+
+def test_graph_diff_is_plain_hashable_data() -> None:
+    model = nn.Sequential(nn.Linear(3, 3))
+    before, after = torch.fx.symbolic_trace(model), fxsparse.transform(model, {"0": torch.eye(3)})
+    first, second = viz.diff(before, after), viz.diff(before, after)
+    assert first == second and hash(first) == hash(second)
+    assert first.matched == {"input_1": "input_1", "_0": "_0", "output": "output"}
 
 
 def test_diff_of_identical_graphs_is_empty() -> None:
@@ -169,3 +277,118 @@ def test_collapsed_modules_keep_their_edges_and_marks() -> None:
     assert viz.DIFF_MARKS["added"][0] in box  # nodes were added inside it
     plain = viz.render_bytes(dot, "plain").decode()
     assert "node module " not in plain  # no stray node from a port-like id
+
+
+class LoopedList(nn.Module):
+    """A ModuleList called in a loop whose body also calls a function: 2,402 nodes once masked."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def test_big_graphs_fold_runs_of_numbered_modules() -> None:
+    model = LoopedList(400)
+    out = fxsparse.transform(model, {f"layers.{i}": torch.ones(2, 2) for i in range(400)})
+    source = viz.draw(out).source
+    assert "layers.2 … layers.398\\n(×397)" in source
+    for drawn in ("layers_0 ", "layers_1 ", "layers_399 ", "relu_1 ", "relu_398 "):
+        assert f"\t\t{drawn}" in source or f"\t{drawn}" in source
+    assert "relu_5 " not in source and "layers_5 " not in source  # inside the run's box
+    assert 'relu_1 -> "collapsed__layers.2-398"' in source
+    expanded = viz.draw(out, compact=False, depth=10).source
+    assert "relu_5 " in expanded and "layers_5_weight_mask " in expanded
+
+
+def test_removed_nodes_keep_their_old_edges() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.Tanh(), nn.Sigmoid())
+    before, after = torch.fx.symbolic_trace(model), torch.fx.symbolic_trace(model)
+    (tanh,) = after.graph.find_nodes(op="call_module", target="1")
+    tanh.replace_all_uses_with(tanh.args[0])
+    after.graph.erase_node(tanh)
+    d = viz.diff(before, after)
+    assert d.removed == ("_1",) and d.dropped == (("_1", "_2"),) and d.rewired == (("_0", "_2"),)
+    source = viz.draw_diff(before, after, d).source
+    colour, style = viz.DIFF_MARKS["removed"]
+    assert f'_0 -> removed___1 [color="{colour}" style={style}]' in source
+    assert f'removed___1 -> _2 [color="{colour}" style={style}]' in source
+
+
+def test_draw_refuses_unknown_marks_and_negative_depth() -> None:
+    graph = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match=r"marks must be one of \['added', 'changed', 'removed'\], got \['moved'\]"):
+        viz.draw(graph, marks={"_0": "moved"})
+    with pytest.raises(ValueError, match="depth must be 0 or more, got -1"):
+        viz.draw(graph, depth=-1)
+
+
+def test_labels_and_titles_are_drawn_literally(tmp_path: Path) -> None:
+    """Backslashes and quotes in a title or a name are text, not DOT escapes (\\N is the node's name)."""
+    title = 'C:\\models\\Net "v2"'
+    dot = viz.draw(torch.fx.symbolic_trace(nn.Sequential(nn.ReLU())), title=title)
+    svg = viz.render_bytes(dot).decode()
+    assert "C:\\models\\Net &quot;v2&quot;" in svg
+
+
+def test_render_formats(tmp_path: Path) -> None:
+    dot = viz.draw(torch.fx.symbolic_trace(nn.Sequential(nn.ReLU())))
+    assert viz.render(dot, tmp_path / "graph.dot").read_text() == dot.source  # the source, not re-laid out
+    assert viz.render(dot, tmp_path / "GRAPH.SVG").read_text().lstrip().startswith(("<?xml", "<svg"))
+    assert viz.render(dot, tmp_path / "graph.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.skipif(shutil.which("dot") is not None, reason="the system dot writes PDF")
+def test_pdf_without_graphviz_says_what_to_install(tmp_path: Path) -> None:
+    dot = viz.draw(torch.fx.symbolic_trace(nn.Sequential(nn.ReLU())))
+    with pytest.raises(viz.RenderError, match=r"graphviz-pure cannot write pdf: install Graphviz"):
+        viz.render(dot, tmp_path / "graph.pdf")
+    assert (tmp_path / "graph.dot").exists()
+
+
+def patched(before: list[str], unified: str) -> list[str]:
+    """``before`` with a unified diff applied (hunk headers give where each hunk starts)."""
+    result: list[str] = []
+    position = 0
+    for line in unified.splitlines(keepends=True)[2:]:
+        if line.startswith("@@"):
+            start, _, length = line.split()[1][1:].partition(",")
+            begin = int(start) if length == "0" else int(start) - 1
+            result += before[position:begin]
+            position = begin
+        elif line.startswith(" "):
+            result.append(before[position])
+            position += 1
+        elif line.startswith("-"):
+            position += 1
+        else:
+            result.append(line[1:])
+    return result + before[position:]
+
+
+def test_code_diff_is_difflibs_on_the_zoo() -> None:
+    import difflib
+
+    for name, case in ZOO.items():
+        model = build(case)
+        before = torch.fx.symbolic_trace(model)
+        after = fxsparse.transform(model, make_masks(model, case, "random"))
+        a, b = before.code.splitlines(keepends=True), after.code.splitlines(keepends=True)
+        expected = "".join(difflib.unified_diff(a, b, "before", "after", n=1))
+        assert viz.diff(before, after).unified() == expected, name
+
+
+def test_code_diff_applies_back() -> None:
+    """On texts full of repeated lines (where anchors are few), the diff still turns before into after."""
+    from fxsparse._unified import unified_diff
+
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        a, b = ([f"{int(v)}\n" for v in torch.randint(0, 6, (int(n),), generator=rng)]
+                for n in torch.randint(0, 14, (2,), generator=rng))  # fmt: skip
+        for context in (0, 1, 3):
+            assert patched(a, "".join(unified_diff(a, b, context))) == b

@@ -32,7 +32,7 @@ def _small() -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     masks = {
-        "0": torch.tensor([1, 0, 0, 1], dtype=torch.bool).repeat(8, 2),  # 2:4
+        "0": torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0]], dtype=torch.bool).repeat(4, 2),  # 2:4
         "2": (torch.rand(4, 8) > 0.7),
     }
     return torch.fx.symbolic_trace(model), fxsparse.transform(model, masks)
@@ -54,6 +54,18 @@ def _gpt2() -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     return before, fxsparse.transform(model, magnitude_masks(model, 0.5), example_kwargs=example)
 
 
+def _big() -> torch.fx.GraphModule:
+    """400 transformer-like blocks, every weight masked: 4,802 nodes, over the drawing's budget."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_draw import Nested
+
+    torch.manual_seed(0)
+    model = Nested(400)
+    masks = {name: torch.rand_like(p) > 0.5 for name, p in model.named_parameters() if name.endswith("weight")}
+    out: torch.fx.GraphModule = fxsparse.transform(model, masks)
+    return out
+
+
 def pictures() -> dict[str, Callable[[], Any]]:
     """Each picture's name and the function drawing it (a graphviz.Digraph)."""
     small = _small()
@@ -64,6 +76,7 @@ def pictures() -> dict[str, Callable[[], Any]]:
         "diff": lambda: viz.draw_diff(*small),
         "compact": lambda: viz.draw(small[1], compact=True, title="after, compact"),
         "gpt2-diff": lambda: viz.draw_diff(*gpt2, compact=True),
+        "big": lambda: viz.draw(_big(), title="400 blocks: first two, last, and a box for the rest"),
     }
 
 
