@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import logging
 import os
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.export
 import torch.fx
 
 
@@ -42,16 +45,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     draw = commands.add_parser("draw", help="draw a model's FX graph (or a saved fxsparse output's) as SVG or PNG")
     draw.add_argument(
         "source",
-        help="a model factory, package.module:function (called with no arguments), or a model or fxsparse output "
-        "saved with torch.save (loading it runs its pickled code: only load files you trust)",
+        help="a model factory, package.module:function (called with no arguments), a model or fxsparse output "
+        "saved with torch.save (loading it runs its pickled code: only load files you trust), or a torch.export "
+        ".pt2 file",
     )
-    picture = "picture to write; its suffix picks the format: .svg, .png, .json, .dot (the source only), or .pdf "
-    picture += "(PDF needs Graphviz's dot: apt-get install graphviz) (default: %(default)s)"
-    draw.add_argument("--out", type=Path, default=Path("graph.svg"), help=picture)
-    draw.add_argument(
-        "--depth", type=_depth, default=None, help="draw this many levels of modules, each deeper one as a box"
-    )
-    draw.add_argument("--full", action="store_true", help="draw every node, even of a big graph")
+    picture = "picture to write; its suffix picks the format: .svg, .png, .jpg, .json, .dot (the source only), "
+    picture += "or .pdf (PDF needs Graphviz's dot: apt-get install graphviz)"
+    draw.add_argument("--out", type=Path, default=Path("graph.svg"), help=f"{picture} (default: %(default)s)")
+    depth = "draw this many levels of modules, each deeper one as a box (default: what fits 1,500 nodes)"
+    full = "draw every node, even of a big graph (no compacting, folding or collapsing)"
+    draw.add_argument("--depth", type=_depth, default=None, help=depth)
+    draw.add_argument("--full", action="store_true", help=full)
     diff = commands.add_parser(
         "diff", help="transform a model and show what changed: text, a picture, and with --html a report"
     )
@@ -64,18 +68,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sparsity",
         type=float,
         default=0.5,
-        help="prune this fraction of each Linear and Conv1D weight by magnitude (default: %(default)s)",
+        help="prune this fraction of each Linear, Conv1d/2d/3d and Hugging Face Conv1D weight by magnitude "
+        "(default: %(default)s)",
     )
-    diff.add_argument("--out", type=Path, default=Path("diff.svg"), help=picture)
-    diff.add_argument("--depth", type=_depth, default=None, help="draw this many levels of modules")
-    diff.add_argument("--html", type=Path, help="also write a standalone HTML report here")
+    diff.add_argument("--out", type=Path, help=f"{picture} (default: diff.svg, or none when --html is given)")
+    diff.add_argument("--depth", type=_depth, default=None, help=depth)
+    diff.add_argument("--full", action="store_true", help=full)
+    diff.add_argument("--html", type=Path, help="write a standalone HTML report here")
     args = parser.parse_args(argv)
+    if args.command in ("draw", "diff") and args.out is not None:
+        _check_format(draw if args.command == "draw" else diff, args.out)
     if args.command == "draw":
-        return run_draw(parser, args.source, args.out, args.depth, args.full)
+        return run_draw(draw, args.source, args.out, args.depth, args.full)
     if not 0.0 <= args.sparsity <= 1.0:
-        parser.error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
+        (diff if args.command == "diff" else demo).error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
     if args.command == "diff":
-        return run_diff(parser, args.source, args.masks, args.sparsity, args.out, args.depth, args.html)
+        out = args.out if args.out is not None or args.html is not None else Path("diff.svg")
+        return run_diff(diff, args.source, args.masks, args.sparsity, out, args.depth, args.full, args.html)
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
@@ -158,38 +167,70 @@ def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     return 0 if all(checks) else 1
 
 
+_FORMATS = ("svg", "png", "jpg", "jpeg", "json", "plain", "dot", "gv", "xdot", "pdf")
+
+
 def _depth(text: str) -> int:
-    depth = int(text)
+    try:
+        depth = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more; got {text!r}") from None
     if depth < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {depth}")
     return depth
 
 
-def _load(parser: argparse.ArgumentParser, source: str) -> torch.nn.Module:
-    """A model from ``package.module:function`` (called with no arguments) or a ``torch.save`` file."""
+def _check_format(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Refuse a picture format no renderer writes before any work is done."""
+    suffix = out.suffix.lstrip(".").lower()
+    if suffix not in _FORMATS:
+        parser.error(
+            f"--out {out}: the suffix picks the format, and {'.' + suffix if suffix else 'no suffix'} is not "
+            f"one of {', '.join('.' + f for f in _FORMATS)}"
+        )
+
+
+def _load(parser: argparse.ArgumentParser, source: str) -> torch.nn.Module | torch.export.ExportedProgram:
+    """A model from ``package.module:function`` (called with no arguments), a ``torch.save`` file
+    or a ``torch.export`` ``.pt2`` file."""
+    if os.getcwd() not in sys.path:  # the console script's path lacks it; a user's modules live there
+        sys.path.insert(0, os.getcwd())
     if ":" in source and not Path(source).exists():
         module_name, _, function_name = source.partition(":")
-        if os.getcwd() not in sys.path:  # the console script's path lacks it; a user's module lives there
-            sys.path.insert(0, os.getcwd())
         try:
             factory = getattr(importlib.import_module(module_name), function_name)
-        except (ImportError, AttributeError) as error:
-            parser.error(f"cannot load the model factory {source!r}: {error}")
+        except Exception as error:  # an import error, or whatever the module raised on import
+            parser.error(f"cannot load the model factory {source!r}: {type(error).__name__}: {error}")
         if not callable(factory):
-            parser.error(f"{source!r} is a {type(factory).__name__}, not a function that makes a model")
+            parser.error(f"{source!r} is a {type(factory).__name__} object, not a function that makes a model")
         try:
-            model = factory()
+            inspect.signature(factory).bind()
         except TypeError as error:
             parser.error(f"{source!r} must be callable with no arguments: {error}")
+        except ValueError:
+            pass  # no signature to read (a builtin): call it and see
+        try:
+            model = factory()
+        except Exception as error:
+            parser.error(f"{source!r} raised {type(error).__name__}: {error}")
+    elif Path(source).is_file() and Path(source).suffix == ".pt2":
+        try:
+            return torch.export.load(source)
+        except Exception as error:
+            parser.error(f"cannot load {source} with torch.export.load: {type(error).__name__}: {error}")
     elif Path(source).is_file():
         try:
-            model = torch.load(source, weights_only=False)
+            with warnings.catch_warnings():  # a TorchScript file: refused below, with the reason
+                warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive", category=UserWarning)
+                model = torch.load(source, weights_only=False)
         except Exception as error:
             parser.error(f"cannot load {source} with torch.load: {type(error).__name__}: {error}")
     else:
         parser.error(f"{source!r} is neither a file nor a model factory such as mypackage.models:make_model")
+    if isinstance(model, torch.jit.ScriptModule):
+        parser.error(f"{source!r} is TorchScript, which has no FX graph to draw; draw the model it was made from")
     if not isinstance(model, torch.nn.Module):
-        parser.error(f"{source!r} gave a {type(model).__name__}, not a torch.nn.Module")
+        parser.error(f"{source!r} gave an object of type {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -200,14 +241,24 @@ def _load_masks(parser: argparse.ArgumentParser, path: Path) -> dict[str, torch.
     except FileNotFoundError:
         parser.error(f"--masks: no such file {path}")
     except Exception as error:
-        parser.error(
-            f"--masks: cannot load {path} as tensors only: {type(error).__name__}: {str(error).splitlines()[0]}"
-        )
+        detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        parser.error(f"--masks: cannot load {path} as tensors only; is it a file saved with torch.save? ({detail})")
     if not isinstance(masks, dict) or not all(isinstance(k, str) for k in masks):
         parser.error(
             f"--masks: {path} must hold a dict of parameter or module name -> mask, got {type(masks).__name__}"
         )
+    if not masks:
+        parser.error(f"--masks: {path} holds no masks (an empty dict)")
     return masks
+
+
+def _prunable(model: torch.nn.Module) -> list[str]:
+    """What ``fxsparse diff --sparsity`` masks: projections (Linear, Conv1D) and convolutions."""
+    from ._demo import linear_like
+
+    convolutions = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    names = set(linear_like(model)) | {n for n, m in model.named_modules() if isinstance(m, convolutions)}
+    return [name for name, _ in model.named_modules() if name in names]
 
 
 def _graph_of(parser: argparse.ArgumentParser, model: torch.nn.Module) -> torch.fx.GraphModule:
@@ -227,14 +278,15 @@ def _graph_of(parser: argparse.ArgumentParser, model: torch.nn.Module) -> torch.
 def run_draw(parser: argparse.ArgumentParser, source: str, out: Path, depth: int | None, full: bool) -> int:
     from . import viz
 
-    graph = _graph_of(parser, _load(parser, source))
-    _say(f"drawing {len(graph.graph.nodes):,} nodes")
-    dot = viz.draw(graph, title=source, depth=depth if depth is not None else (10**6 if full else None),
-                   compact=False if full else None)  # fmt: skip
+    loaded = _load(parser, source)
+    graph = loaded if isinstance(loaded, torch.export.ExportedProgram) else _graph_of(parser, loaded)
+    nodes = len(graph.graph.nodes)
+    _say(f"drawing {_count(nodes, 'node')}")
+    dot = viz.draw(graph, title=source, **_drawing_options(depth, full))
     path = _render_or_say(viz, dot, out)
     if path is None:
         return 1
-    print(f"fxsparse draw: {len(graph.graph.nodes)} nodes -> {path}")
+    print(f"fxsparse draw: {_count(nodes, 'node')} -> {path}")
     return 0
 
 
@@ -243,8 +295,9 @@ def run_diff(
     source: str,
     masks_file: Path | None,
     sparsity: float,
-    out: Path,
+    out: Path | None,
     depth: int | None,
+    full: bool,
     page: Path | None,
 ) -> int:
     import fxsparse
@@ -253,11 +306,19 @@ def run_diff(
     from ._demo import magnitude_masks
 
     model = _load(parser, source)
-    masks = _load_masks(parser, masks_file) if masks_file is not None else magnitude_masks(model, sparsity)
-    if not masks:
-        parser.error(f"{source!r} has no Linear or Conv1D weight to mask by magnitude; pass --masks")
+    if isinstance(model, torch.export.ExportedProgram):
+        parser.error(f"{source!r} is an exported program; diff needs the model: pass its factory")
+    if masks_file is not None:
+        masks = _load_masks(parser, masks_file)
+    else:
+        masks = magnitude_masks(model, sparsity, _prunable(model))
+        if not masks:
+            parser.error(f"{source!r} has no Linear, Conv or Conv1D weight to mask by magnitude; pass --masks")
+        kinds = Counter(type(model.get_submodule(name)).__name__ for name in masks)
+        by_kind = ", ".join(f"{kind} ×{count}" for kind, count in sorted(kinds.items()))
+        _say(f"masking {_count(len(masks), 'weight')} ({by_kind}) at {sparsity:.0%} sparsity by magnitude")
     before = _graph_of(parser, model)
-    _say(f"transforming {len(before.graph.nodes):,} nodes, {len(masks)} masks")
+    _say(f"transforming {_count(len(before.graph.nodes), 'node')} with {_count(len(masks), 'mask')}")
     try:
         after = fxsparse.transform(model, masks)
     except fxsparse.FxsparseError as error:
@@ -265,10 +326,13 @@ def run_diff(
     _say("comparing the graphs")
     graph_diff = viz.diff(before, after)
     print(graph_diff.summary())
-    _say("drawing the diff")
-    path = _render_or_say(viz, viz.draw_diff(before, after, graph_diff, depth=depth), out)
-    if path is not None:
-        print(f"fxsparse diff: picture -> {path}")
+    ok = True
+    if out is not None:
+        _say("drawing the diff")
+        path = _render_or_say(viz, viz.draw_diff(before, after, graph_diff, **_drawing_options(depth, full)), out)
+        ok = path is not None
+        if path is not None:
+            print(f"fxsparse diff: picture -> {path}")
     if page is not None:
         _say("writing the report")
         try:
@@ -277,7 +341,17 @@ def run_diff(
             print(f"fxsparse: cannot write the report: {error}", file=sys.stderr)
             return 1
         print(f"fxsparse diff: report -> {written}")
-    return 0 if path is not None else 1
+    return 0 if ok else 1
+
+
+def _drawing_options(depth: int | None, full: bool) -> dict[str, Any]:
+    if full:
+        return {"depth": depth if depth is not None else 10**6, "compact": False, "fold": False}
+    return {"depth": depth}
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}{'s' * (number != 1)}"
 
 
 def _say(step: str) -> None:

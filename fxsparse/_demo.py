@@ -99,14 +99,15 @@ def linear_like(model: nn.Module) -> list[str]:
     ]
 
 
-def magnitude_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
-    """Per-layer unstructured masks keeping the largest-magnitude ``1 - sparsity`` of each projection weight.
+def magnitude_masks(model: nn.Module, sparsity: float, modules: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Per-layer unstructured masks keeping the largest-magnitude ``1 - sparsity`` of the weight of
+    each of ``modules`` (default: the projections, :func:`linear_like`).
 
     A weight tied between modules (an output head tied to the embedding) gets one mask.
     """
     masks = {}
     seen: set[int] = set()
-    for name in linear_like(model):
+    for name in linear_like(model) if modules is None else modules:
         parameter = model.get_parameter(f"{name}.weight")
         if id(parameter) in seen:
             continue

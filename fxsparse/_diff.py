@@ -13,12 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch.export
 import torch.fx
 
 from ._rewrite import META_KEY
 from ._unified import unified_diff
 
-__all__ = ["GraphDiff", "diff", "module_calls", "to_networkx"]
+__all__ = ["Drawable", "GraphDiff", "diff", "graph_of", "module_calls", "to_networkx"]
+
+# What diffing and drawing take: an FX graph, a module holding one, or an exported program.
+Drawable = torch.fx.GraphModule | torch.fx.Graph | torch.export.ExportedProgram
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ def to_networkx(graph: torch.fx.Graph) -> Any:
     return digraph
 
 
-def diff(before: torch.fx.GraphModule | torch.fx.Graph, after: torch.fx.GraphModule | torch.fx.Graph) -> GraphDiff:
+def diff(before: Drawable, after: Drawable) -> GraphDiff:
     """How ``after`` differs from ``before`` (typically a model traced, and fxsparse's output).
 
     Example:
@@ -103,7 +107,7 @@ def diff(before: torch.fx.GraphModule | torch.fx.Graph, after: torch.fx.GraphMod
         >>> d.rewired
         (('_0_bias', '_0'), ('_0_weight_masked', '_0'))
     """
-    old, new = _graph(before), _graph(after)
+    old, new = graph_of(before, "diff")[1], graph_of(after, "diff")[1]
     a, b = to_networkx(old), to_networkx(new)
     match = _match(old, new, a, b)
     taken = set(match.values())
@@ -213,8 +217,19 @@ def _call_results(graph: torch.fx.Graph, modules: set[str], taken: set[str]) -> 
     return results
 
 
-def _graph(value: torch.fx.GraphModule | torch.fx.Graph) -> torch.fx.Graph:
-    return value.graph if isinstance(value, torch.fx.GraphModule) else value
+def graph_of(value: Drawable, what: str) -> tuple[torch.fx.GraphModule | None, torch.fx.Graph]:
+    """The module (if any) and graph of what :func:`draw` and :func:`~fxsparse.viz.diff` take."""
+    if isinstance(value, torch.export.ExportedProgram):
+        value = value.graph_module
+    if isinstance(value, torch.fx.GraphModule):
+        return value, value.graph
+    if isinstance(value, torch.fx.Graph):
+        return None, value
+    raise TypeError(
+        f"{what} takes a torch.fx.GraphModule (fxsparse.transform's output, or torch.fx.symbolic_trace(model)), "
+        f"a torch.fx.Graph or a torch.export.ExportedProgram; got {type(value).__name__}"
+        + (": trace it first, or pass fxsparse.transform(model, masks)" if isinstance(value, torch.nn.Module) else "")
+    )
 
 
 def _target(node: torch.fx.Node) -> str:

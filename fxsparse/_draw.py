@@ -17,12 +17,12 @@ from typing import Any
 import torch
 import torch.fx
 
-from ._diff import GraphDiff, diff, module_calls
+from ._diff import Drawable, GraphDiff, diff, graph_of, module_calls
 from ._errors import FxsparseError
 from ._rewrite import META_KEY
-from ._sparsity import density_of, pattern_of
+from ._sparsity import density_of, input_axis_of, pattern_of
 
-__all__ = ["DIFF_MARKS", "KINDS", "RenderError", "draw", "draw_diff", "render", "render_bytes"]
+__all__ = ["DIFF_MARKS", "KINDS", "RenderError", "draw", "draw_diff", "kind_of", "render", "render_bytes"]
 
 KINDS: dict[str, str] = {
     "input": "#d9d9d9",  # placeholders and the output
@@ -43,7 +43,6 @@ DIFF_MARKS: dict[str, tuple[str, str]] = {
     "removed": ("#cc0000", "dashed"),
 }
 """Outline colour and line style of each mark in a diff picture."""
-_MARK_ORDER = ("removed", "added", "changed")
 _AUTO_COLLAPSE = 1500  # nodes: larger graphs are drawn collapsed by module unless told otherwise
 _RUN_HEAD = 2  # numbered siblings a folded run shows before its box
 _RENDER_TIMEOUT = 600  # seconds
@@ -55,27 +54,36 @@ class RenderError(FxsparseError, RuntimeError):
 
 
 def draw(
-    graph: torch.fx.GraphModule | torch.fx.Graph,
+    graph: Drawable,
     *,
     title: str | None = None,
     depth: int | None = None,
     compact: bool | None = None,
+    fold: bool | None = None,
     marks: Mapping[str, str] | None = None,
 ) -> Any:
     """A ``graphviz.Digraph`` of ``graph``: nodes coloured by kind (:data:`KINDS`), modules as clusters.
 
-    Masked parameters are labelled with name, shape, density and pattern (read from the
-    module's mask buffers). Big graphs stay quick to render: ``compact`` leaves out the
-    parameter fetches and folds each ``mask * weight`` into the calls that read it (their
-    label names the masked parameter and its density), and ``depth`` draws that many
-    levels of modules as boxes, each module below as one node.
+    ``graph`` is a ``GraphModule`` (fxsparse's output, or ``torch.fx.symbolic_trace(model)``),
+    a ``torch.fx.Graph``, or a ``torch.export.ExportedProgram``. Masked parameters are
+    labelled with name, shape, density and pattern (read from the module's mask buffers).
 
-    By default (``None``) graphs over 1,500 nodes are drawn compact, long runs of numbered
-    siblings (``layers.0`` ... ``layers.4999``) show their first two and last members with
-    the rest as one box ("×4997"), and modules are collapsed at the deepest level that
-    keeps the picture under 1,500 nodes. Pass ``compact=False`` and a ``depth`` to expand
-    a big graph (``depth=0`` collapses every top-level module into a box). ``marks`` maps
-    node names to ``"added"``, ``"removed"`` or ``"changed"`` (as :func:`draw_diff` does).
+    Big graphs stay quick to render and readable:
+
+    - ``compact`` leaves out the parameter fetches (and torch.export's metadata asserts)
+      and folds each ``mask * weight`` into the calls that read it (their label names the
+      masked parameter, its density and pattern);
+    - ``fold`` draws a long run of numbered siblings (``layers.0`` ... ``layers.4999``) as
+      its first two and last members and one box for the rest ("×4997");
+    - ``depth`` draws that many levels of modules, each module below as one box
+      (``depth=0``: every top-level module is a box).
+
+    Each defaults (``None``) to what keeps a graph of over 1,500 nodes under 1,500 drawn:
+    compact, folded, and the deepest ``depth`` that fits. ``compact=False, fold=False,
+    depth=10**6`` draws every node. A box shows how many masked weights it holds, and in a
+    diff ``"added"`` if all it holds was added, else ``"changed"`` if anything in it was.
+    ``marks`` maps node names to ``"added"``, ``"removed"`` or ``"changed"`` (as
+    :func:`draw_diff` does).
 
     Example:
         >>> import torch, fxsparse
@@ -84,14 +92,15 @@ def draw(
         >>> "density 0.250" in dot.source
         True
     """
-    return _draw(graph, title, depth, compact, marks or {})[0]
+    return _draw(graph, title, depth, compact, fold, marks or {})[0]
 
 
 def _draw(
-    graph: torch.fx.GraphModule | torch.fx.Graph,
+    graph: Drawable,
     title: str | None,
     depth: int | None,
     compact: bool | None,
+    fold: bool | None,
     marks: Mapping[str, str],
 ) -> tuple[Any, dict[str, str]]:
     """The drawing, and for each node of ``graph`` the drawn node standing for it (none if folded away)."""
@@ -102,18 +111,20 @@ def _draw(
         raise ValueError(f"marks must be one of {sorted(DIFF_MARKS)}, got {sorted(unknown)}")
     if depth is not None and depth < 0:
         raise ValueError(f"depth must be 0 or more, got {depth}")
-    module = graph if isinstance(graph, torch.fx.GraphModule) else None
-    fx_graph = graph.graph if isinstance(graph, torch.fx.GraphModule) else graph
+    module, fx_graph = graph_of(graph, "draw")
     nodes = list(fx_graph.nodes)
     big = len(nodes) > _AUTO_COLLAPSE
     compact = big if compact is None else compact
     paths = {node: _module_path(node) for node in nodes}
     runs: set[tuple[str, ...]] = set()  # paths standing for a folded run of numbered siblings
-    if big and depth is None:
+    if big if fold is None else fold:
         paths, runs = _fold_runs(paths, {node: _leaf_of(node) for node in nodes})
+    if depth is None and big:
         depth = _depth_within_budget([path for node, path in paths.items() if not (compact and _folds(node))], runs)
     folded: dict[str, list[torch.fx.Node]] = {}  # user -> the mask * weight nodes folded into it
-    strongest: dict[str, str] = {}  # collapsed box -> the strongest diff mark of the nodes inside
+    boxes: dict[str, tuple[str, ...]] = {}  # collapsed box -> its module path
+    held: dict[str, list[str | None]] = {}  # collapsed box -> the diff mark (or None) of each node inside
+    masked: dict[str, int] = {}  # collapsed box -> masked weights inside
     dot = graphviz.Digraph(name=_identifier(title or "graph"), graph_attr={"rankdir": "TB", "fontname": "Helvetica"})
     dot.attr("node", shape="box", style="rounded,filled", fontname="Helvetica", fontsize="10")
     if title:
@@ -121,26 +132,21 @@ def _draw(
     shown: dict[str, str] = {}  # node name -> the drawn node standing for it
     clusters: dict[tuple[str, ...], list[tuple[str, dict[str, str]]]] = {}
     for node in nodes:
+        path = paths[node]
+        run = next((end for end in range(1, len(path) + 1) if tuple(path[:end]) in runs), None)
+        cut = min(depth + 1 if depth is not None else len(path) + 1, run or len(path) + 1)
+        box = f"collapsed__{'.'.join(path[:cut])}" if cut <= len(path) else None  # no colon: DOT reads a:b as a port
+        if node.meta.get(META_KEY, {}).get("role") == "masked" and box is not None:
+            masked[box] = masked.get(box, 0) + 1
         if compact and _folds(node):
             if node.meta.get(META_KEY, {}).get("role") == "masked":
                 for user in node.users:
                     folded.setdefault(user.name, []).append(node)
             continue
-        path = paths[node]
-        run = next((len(path[:end]) for end in range(1, len(path) + 1) if tuple(path[:end]) in runs), None)
-        cut = min(depth + 1 if depth is not None else len(path) + 1, run or len(path) + 1)
-        if cut <= len(path):
-            box_path = tuple(path[:cut])
-            # No colon in ids: graphviz reads "a:b" in an edge as node a, port b.
-            box = f"collapsed__{'.'.join(box_path)}"
+        if box is not None:
             shown[node.name] = box
-            what = f"{_run_label(box_path)}\n(collapsed)" if box_path in runs else f"{'.'.join(box_path)}\n(collapsed)"
-            mark = marks.get(node.name)
-            if mark is not None and _MARK_ORDER.index(mark) < _MARK_ORDER.index(strongest.get(box, "changed")):
-                strongest[box] = mark
-            elif mark is not None:
-                strongest.setdefault(box, mark)
-            clusters.setdefault(box_path[:-1], []).append((box, {"label": what, "fillcolor": KINDS["module"]}))
+            boxes[box] = tuple(path[:cut])
+            held.setdefault(box, []).append(marks.get(node.name))
             continue
         shown[node.name] = node.name
         attributes = _node_style(node, module)
@@ -151,10 +157,15 @@ def _draw(
         if node.name in marks:
             _mark(attributes, marks[node.name])
         clusters.setdefault(tuple(path), []).append((node.name, attributes))
-    for entries in clusters.values():  # a collapsed box shows what happened inside it
-        for name, attributes in entries:
-            if name in strongest:
-                _mark(attributes, strongest[name])
+    for box, box_path in boxes.items():
+        name = _run_label(box_path) if box_path in runs else ".".join(box_path)
+        count = masked.get(box, 0)
+        label = f"{name}\n(collapsed{f', {count:,} masked weight' + 's' * (count != 1) if count else ''})"
+        attributes = {"label": label, "fillcolor": KINDS["module"]}
+        inside = held[box]
+        if any(inside):  # a box shows what happened inside it
+            _mark(attributes, "added" if all(mark == "added" for mark in inside) else "changed")
+        clusters.setdefault(box_path[:-1], []).append((box, attributes))
     _emit_clusters(dot, clusters)
     edges = set()
     for node in nodes:
@@ -170,12 +181,13 @@ def _draw(
 
 
 def draw_diff(
-    before: torch.fx.GraphModule | torch.fx.Graph,
-    after: torch.fx.GraphModule | torch.fx.Graph,
+    before: Drawable,
+    after: Drawable,
     graph_diff: GraphDiff | None = None,
     *,
     depth: int | None = None,
     compact: bool | None = None,
+    fold: bool | None = None,
 ) -> Any:
     """One picture of ``after`` with what the diff found marked: added (green), changed (amber)
     and, drawn in ``before``'s place, removed (red, dashed) nodes with their old edges dashed.
@@ -191,7 +203,7 @@ def draw_diff(
     graph_diff = graph_diff if graph_diff is not None else diff(before, after)
     marks = {name: "added" for name in graph_diff.added}
     marks.update({new: "changed" for _, new in graph_diff.changed})
-    dot, shown = _draw(after, "diff", depth, compact, marks)
+    dot, shown = _draw(after, "diff", depth, compact, fold, marks)
     colour, style = DIFF_MARKS["removed"]
     removed = {name: f"removed__{name}" for name in graph_diff.removed}
     for name, drawn in removed.items():
@@ -344,8 +356,8 @@ def _depth_within_budget(paths: list[list[str]], runs: set[tuple[str, ...]]) -> 
     return 0
 
 
-def _edges(graph: torch.fx.GraphModule | torch.fx.Graph) -> list[tuple[str, str]]:
-    fx_graph = graph.graph if isinstance(graph, torch.fx.GraphModule) else graph
+def _edges(graph: Drawable) -> list[tuple[str, str]]:
+    fx_graph = graph_of(graph, "draw_diff")[1]
     return [(source.name, node.name) for node in fx_graph.nodes for source in node.all_input_nodes]
 
 
@@ -360,7 +372,10 @@ def _mark(attributes: dict[str, str], mark: str) -> None:
 
 
 def _folds(node: torch.fx.Node) -> bool:
-    """Whether a compact drawing leaves ``node`` out: parameter fetches and mask * weight."""
+    """Whether a compact drawing leaves ``node`` out: parameter fetches, mask * weight, and
+    the asserts torch.export records on tensor metadata (a third of a transformer's nodes)."""
+    if node.op == "call_function" and not node.users and _short(node.target).startswith(("aten._assert", "_assert")):
+        return True
     return node.op == "get_attr" or node.meta.get(META_KEY, {}).get("role") in ("weight", "mask", "param", "masked")
 
 
@@ -384,27 +399,42 @@ def _module_path(node: torch.fx.Node) -> list[str]:
     return calls[-1][1].split(".") if calls and calls[-1][1] else []
 
 
-def _node_style(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> dict[str, str]:
-    tag = node.meta.get(META_KEY, {})
-    role = tag.get("role")
-    label = node.name
+def kind_of(node: torch.fx.Node) -> str:
+    """The :data:`KINDS` entry a node is drawn as."""
+    role = node.meta.get(META_KEY, {}).get("role")
     if node.op in ("placeholder", "output"):
-        return {"label": label, "fillcolor": KINDS["input"], "shape": "ellipse"}
-    if role == "masked":
+        return "input"
+    if role in ("weight", "mask", "masked", "opened", "called", "guards"):
+        return str(role)
+    if node.op == "get_attr":
+        return "parameter"
+    return "module" if node.op == "call_module" else "function"
+
+
+def _node_style(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> dict[str, str]:
+    kind = kind_of(node)
+    if kind == "input":
+        return {"label": node.name, "fillcolor": KINDS[kind], "shape": "ellipse"}
+    if kind == "masked":
+        tag = node.meta[META_KEY]
         label = f"mask * weight\n{tag['param']}"
         mask = _buffer(module, tag.get("mask"))
         if mask is not None:
             shape = "×".join(str(size) for size in mask.shape)
-            density = density_of(mask)
-            label += f"\n{shape}  density {density:.3f}  {pattern_of(mask)}"
-        return {"label": label, "fillcolor": KINDS["masked"], "fontcolor": "white"}
-    if role in ("weight", "mask", "opened", "called", "guards"):
-        return {"label": f"{label}\n{_short(node.target)}", "fillcolor": KINDS[role]}
-    if node.op == "get_attr":
-        return {"label": f"{label}\n{node.target}", "fillcolor": KINDS["parameter"], "shape": "note"}
-    if node.op == "call_module":
-        return {"label": f"{label}\n{_short(node.target)}", "fillcolor": KINDS["module"]}
-    return {"label": f"{label}\n{_short(node.target)}", "fillcolor": KINDS["function"]}
+            axis = input_axis_of(_holder_kinds(module, str(tag["param"]))) if mask.dim() > 1 else 0
+            label += f"\n{shape}  density {density_of(mask):.3f}  {pattern_of(mask, axis)}"
+        return {"label": label, "fillcolor": KINDS[kind], "fontcolor": "white"}
+    if kind == "parameter":
+        return {"label": f"{node.name}\n{node.target}", "fillcolor": KINDS[kind], "shape": "note"}
+    return {"label": f"{node.name}\n{_short(node.target)}", "fillcolor": KINDS[kind]}
+
+
+def _holder_kinds(module: torch.fx.GraphModule | None, parameter: str) -> list[type[torch.nn.Module]]:
+    """The type of the module holding ``parameter`` in ``module`` (none if it cannot be found)."""
+    try:
+        return [type(module.get_submodule(parameter.rpartition(".")[0]))] if module is not None else []
+    except AttributeError:
+        return []
 
 
 def _dot_lines(label: str) -> str:

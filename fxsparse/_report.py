@@ -11,10 +11,12 @@ import re
 from pathlib import Path
 
 import torch
+import torch.export
 import torch.fx
 
-from ._diff import GraphDiff, diff
-from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, render_bytes
+from ._diff import Drawable, GraphDiff, diff, graph_of
+from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, kind_of, render_bytes
+from ._plan import MASK_SUFFIX
 from ._rewrite import META_KEY
 from ._sparsity import summarize
 
@@ -29,7 +31,8 @@ tfoot td { font-weight: bold; border-top: 1px solid #999; }
 th, td { padding: .25rem .75rem; border-bottom: 1px solid #eee; text-align: right; }
 th:first-child, td:first-child { text-align: left; font-family: monospace; }
 figure { margin: 1rem 0; overflow: auto; border: 1px solid #eee; padding: .5rem; }
-figure svg { max-width: 100%; height: auto; }
+figure svg { height: auto; }  /* natural size: a big graph scrolls rather than shrinking its text */
+.note { color: #555; font-size: 12px; max-width: 60rem; }
 pre { background: #f7f7f7; padding: .75rem; overflow: auto; font-size: 12px; }
 .add { color: #38761d; } .del { color: #cc0000; }
 .key { display: inline-block; padding: 0 .5rem; margin: .15rem; border: 1px solid #999; border-radius: .4rem;
@@ -37,19 +40,40 @@ pre { background: #f7f7f7; padding: .75rem; overflow: auto; font-size: 12px; }
 """
 
 
-def masks_of(graph_module: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
-    """The masks an fxsparse output applies, by parameter name (read from its tagged mask nodes)."""
-    masks = {}
-    for node in graph_module.graph.find_nodes(op="get_attr"):
-        tag = node.meta.get(META_KEY, {})
-        if tag.get("role") == "mask":
-            masks[tag["param"]] = graph_module.get_buffer(tag["mask"])
+def masks_of(model: torch.fx.GraphModule | torch.export.ExportedProgram | torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The masks a model applies, by parameter name.
+
+    Reads fxsparse's output (``emit="graph"``: its tagged mask nodes; ``emit="export"``: the
+    program's ``<param>_mask`` buffers) or a module carrying ``FakeSparsity``
+    parametrizations (``emit="parametrize"``, or ``torch.ao.pruning``'s own).
+    """
+    masks: dict[str, torch.Tensor] = {}
+    if isinstance(model, torch.export.ExportedProgram):
+        state = model.state_dict
+        for name, value in state.items():
+            if name.endswith(MASK_SUFFIX) and name.removesuffix(MASK_SUFFIX) in state:
+                masks[name.removesuffix(MASK_SUFFIX)] = value
+        return masks
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"masks_of takes fxsparse's output or a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.fx.GraphModule):
+        for node in model.graph.find_nodes(op="get_attr"):
+            tag = node.meta.get(META_KEY, {})
+            if tag.get("role") == "mask":
+                masks[tag["param"]] = model.get_buffer(tag["mask"])
+        if masks:
+            return masks
+    for prefix, module in model.named_modules():
+        for parameter, chain in getattr(module, "parametrizations", {}).items():
+            for parametrization in chain:
+                if isinstance(getattr(parametrization, "mask", None), torch.Tensor):
+                    masks[f"{prefix}.{parameter}" if prefix else parameter] = parametrization.mask
     return masks
 
 
 def report(
-    before: torch.fx.GraphModule,
-    after: torch.fx.GraphModule,
+    before: Drawable,
+    after: Drawable,
     path: str | Path,
     *,
     title: str = "fxsparse report",
@@ -72,7 +96,12 @@ def report(
         True
     """
     graph_diff = graph_diff if graph_diff is not None else diff(before, after)
-    summary = summarize(masks_of(after), after)
+    after_module = graph_of(after, "report")[0]
+    if isinstance(after, torch.export.ExportedProgram):
+        masks = masks_of(after)
+    else:
+        masks = masks_of(after_module) if after_module is not None else {}
+    summary = summarize(masks, after_module)
     rows = "".join(
         f"<tr><td>{html.escape(entry.name)}</td><td>{'×'.join(map(str, entry.shape))}</td>"
         f"<td>{entry.density:.3f}</td><td>{html.escape(entry.pattern)}</td>"
@@ -83,7 +112,7 @@ def report(
     kept = sum(entry.density * math.prod(entry.shape) for entry in summary)
     macs, skipped = sum(entry.macs for entry in summary), sum(entry.macs_skipped for entry in summary)
     totals = (
-        f"<tr class='total'><td>{len(summary)} parameters</td><td>{weights:,} weights</td>"
+        f"<tr class='total'><td>{_count(len(summary), 'parameter')}</td><td>{_count(weights, 'weight')}</td>"
         f"<td>{kept / weights if weights else 1.0:.3f}</td><td></td><td>{macs:,}</td><td>{skipped:,}</td></tr>"
     )
     sections = [
@@ -92,9 +121,17 @@ def report(
         "<table><thead><tr><th>parameter</th><th>shape</th><th>density</th><th>pattern</th>"
         "<th>multiply-adds per output</th><th>skippable</th></tr></thead>"
         f"<tbody>{rows}</tbody><tfoot>{totals}</tfoot></table>",
+        "<p class='note'>Density: the fraction of the weight kept. Pattern: how the kept weights are laid out "
+        "(N:M: at most N of every M along the input, what sparse tensor cores run; rows/columns: whole output or "
+        "input channels; block: square blocks; unstructured: anywhere). Multiply-adds per output: what the weight "
+        "costs per token (Linear) or output pixel (convolution); skippable: those a kernel that skips pruned "
+        "weights saves.</p>",
         "<h2 id='diff'>What changed</h2>",
         f"<pre>{html.escape(graph_diff.summary())}</pre>",
-        _legend(),
+        "<p class='note'>Added and removed: nodes only one graph has. Changed: a node both have whose operation "
+        "or inputs differ (a Linear call now reading mask * weight). Rewired: inputs a kept node newly reads; "
+        "dropped: inputs it no longer reads.</p>",
+        _legend(graph_of(before, "report")[1], graph_of(after, "report")[1]),
         _figure(draw_diff(before, after, graph_diff), "diff"),
         f"<details><summary>Generated code, before and after</summary><pre>{_code_diff(graph_diff.unified())}</pre>"
         "</details>",
@@ -115,10 +152,17 @@ def report(
     return path
 
 
-def _legend() -> str:
-    """What the colours and outlines of the pictures mean."""
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}{'s' * (number != 1)}"
+
+
+def _legend(*graphs: torch.fx.Graph) -> str:
+    """What the colours and outlines of the pictures mean (the node kinds they show)."""
+    shown = {kind_of(node) for graph in graphs for node in graph.nodes}
     kinds = "".join(
-        f"<span class='key' style='background:{colour}'>{html.escape(kind)}</span>" for kind, colour in KINDS.items()
+        f"<span class='key' style='background:{colour}'>{html.escape(kind)}</span>"
+        for kind, colour in KINDS.items()
+        if kind in shown
     )
     marks = "".join(
         f"<span class='key' style='border:2.5px {style} {colour}'>{mark}</span>"

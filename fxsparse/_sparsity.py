@@ -97,16 +97,21 @@ def density_of(mask: torch.Tensor) -> float:
 
 
 def input_axis_of(kinds: Iterable[type[nn.Module]] | None) -> int:
-    """The input dimension of a weight held by modules of ``kinds``: 0 for ``Conv1D``, else 1."""
-    return 0 if kinds and any(kind.__name__ == "Conv1D" for kind in kinds) else 1
+    """The input dimension of a weight held by modules of ``kinds``: 0 for Hugging Face's
+    ``Conv1D`` (``[in, out]``) and transposed convolutions (``[in, out, *kernel]``), else 1."""
+    transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    return 0 if kinds and any(kind.__name__ == "Conv1D" or issubclass(kind, transposed) for kind in kinds) else 1
 
 
 def pattern_of(mask: torch.Tensor, input_axis: int = 1) -> str:
     """The most structured pattern ``mask`` follows (see :class:`ParameterSparsity`).
 
     ``input_axis`` is the weight's input dimension (1 for ``[out, in, ...]``, 0 for a
-    ``Conv1D``'s ``[in, out]``); a 1-D mask is read as one row.
+    ``Conv1D``'s ``[in, out]``). A 1-D mask (a bias, a norm's weight) is ``dense``,
+    ``empty``, ``soft`` or ``unstructured``: no kernel reads it in groups.
     """
+    if mask.dim() > 1 and not 0 <= input_axis < mask.dim():
+        raise ValueError(f"input_axis must be a dimension of the {tuple(mask.shape)} mask, got {input_axis}")
     values = mask.detach().to("cpu")
     if values.dtype != torch.bool:
         if not bool(((values == 0) | (values == 1)).all()):
@@ -117,7 +122,7 @@ def pattern_of(mask: torch.Tensor, input_axis: int = 1) -> str:
     if not bool(values.any()):
         return "empty"
     if values.dim() < 2:
-        values, input_axis = values.reshape(1, -1), 1
+        return "unstructured"
     # [out, in] with the kernel positions as more rows: N:M groups run along the input
     # channels at each kernel position, as NVIDIA's sparse convolutions take them.
     moved = values.movedim(input_axis, -1)  # [out, *kernel, in]

@@ -99,6 +99,10 @@ def test_commands_name_a_bad_source(source: str, message: str, capsys: pytest.Ca
     assert message in capsys.readouterr().err
 
 
+def broken_factory() -> nn.Module:
+    raise ValueError("no such width")
+
+
 class RunsCode:
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (print, ("this ran",))
@@ -115,7 +119,16 @@ class RunsCode:
             ["diff", "zoo:ModelUnderTest", "--masks", "wrong.pt"],
             "cannot transform 'zoo:ModelUnderTest': mask key 'nope'",
         ),
-        (["draw", "zoo:ZOO"], "'zoo:ZOO' is a dict, not a function that makes a model"),
+        (["draw", "zoo:ZOO"], "'zoo:ZOO' is a dict object, not a function that makes a model"),
+        (
+            ["draw", "zoo:ModelUnderTest", "--depth", "abc"],
+            "argument --depth: must be a whole number, 0 or more; got 'abc'",
+        ),
+        (["draw", "zoo:ModelUnderTest", "--out", "x.gif"], "--out x.gif: the suffix picks the format, and .gif is not"),
+        (["draw", "zoo:ModelUnderTest", "--out", "x"], "--out x: the suffix picks the format, and no suffix is not"),
+        (["diff", "zoo:ModelUnderTest", "--masks", "empty.pt"], "--masks: empty.pt holds no masks (an empty dict)"),
+        (["draw", "test_report:broken_factory"], "'test_report:broken_factory' raised ValueError: no such width"),
+        (["draw", "script.pt"], "'script.pt' is TorchScript, which has no FX graph to draw"),
         (["draw", "torch.nn:Linear"], "'torch.nn:Linear' must be callable with no arguments"),
         (["draw", "zoo:ModelUnderTest", "--depth", "-1"], "argument --depth: must be 0 or more, got -1"),
         (["draw", "garbage.pt"], "cannot load garbage.pt with torch.load"),
@@ -132,11 +145,14 @@ def test_commands_answer_bad_arguments(
     torch.save(RunsCode(), "code.pt")
     torch.save([torch.ones(1)], "list.pt")
     torch.save({"nope": torch.ones(1)}, "wrong.pt")
+    torch.save({}, "empty.pt")
+    torch.jit.save(torch.jit.script(nn.ReLU()), "script.pt")
     Path("garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as exit_info:
         main(arguments)
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
+    assert f"usage: fxsparse {arguments[0]}" in captured.err  # the command's own usage
     assert message in captured.err and "this ran" not in captured.out + captured.err
     assert "Traceback" not in captured.err
 
@@ -169,3 +185,63 @@ def test_demo_report_in_headless_chromium(tmp_path: Path) -> None:
     assert dom.count("<svg") == 3 and "Masked parameters" in dom
     console = [line for line in result.stderr.splitlines() if "CONSOLE" in line]
     assert console == [], json.dumps(console)
+
+
+def test_masks_of_every_output_form() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    masks = {"0": torch.rand(4, 4) > 0.5, "2": torch.rand(2, 4) > 0.5}
+    example = (torch.randn(2, 4),)
+    for emit in ("graph", "export", "parametrize"):
+        found = fxsparse.viz.masks_of(fxsparse.transform(model, masks, emit=emit, example_inputs=example))
+        assert sorted(found) == ["0.weight", "2.weight"], emit
+        assert torch.equal(found["0.weight"].bool(), masks["0"]), emit
+    with pytest.raises(TypeError, match=r"masks_of takes fxsparse's output or a torch\.nn\.Module, got int"):
+        fxsparse.viz.masks_of(3)  # type: ignore[arg-type]
+
+
+def test_viz_names_what_it_takes() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match=r"got Sequential: trace it first, or pass fxsparse\.transform"):
+        fxsparse.viz.draw(model)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"diff takes a torch\.fx\.GraphModule"):
+        fxsparse.viz.diff(model, model)  # type: ignore[arg-type]
+
+
+def test_report_of_exported_programs(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    example = (torch.randn(2, 4),)
+    before = fxsparse.transform(model, {}, emit="export", example_inputs=example)
+    after = fxsparse.transform(model, {"0": torch.eye(4)}, emit="export", example_inputs=example)
+    text = fxsparse.viz.report(before, after, tmp_path / "r.html").read_text()
+    assert "<td>0.weight</td><td>4×4</td><td>0.250</td>" in text
+    assert ">guards<" not in text and ">called<" not in text  # the legend shows the kinds drawn
+
+
+def test_draw_command_on_an_exported_program(tmp_path: Path) -> None:
+    program = fxsparse.transform(nn.Sequential(nn.Linear(4, 4)), {"0": torch.eye(4)}, emit="export",
+                                 example_inputs=(torch.randn(2, 4),))  # fmt: skip
+    torch.export.save(program, tmp_path / "model.pt2")
+    assert main(["draw", str(tmp_path / "model.pt2"), "--out", str(tmp_path / "g.dot")]) == 0
+    assert "linear" in (tmp_path / "g.dot").read_text()
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_diff_command_masks_convolutions_and_says_what(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["diff", "test_report:SmallConvNet", "--html", "r.html"]) == 0
+    captured = capsys.readouterr()
+    assert "masking 2 weights (Conv2d ×1, Linear ×1) at 50% sparsity by magnitude" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]  # no diff.svg when only the report is asked
+    assert "<td>conv.weight</td>" in (tmp_path / "r.html").read_text()

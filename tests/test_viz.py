@@ -60,7 +60,7 @@ def edge_blocks() -> torch.Tensor:
         (edge_blocks(), "block 4x4", 1),
         (torch.tensor([[1, 0, 1], [1, 1, 0]]), "unstructured", 1),
         (torch.tensor([[0.5, 1.0], [0.0, 1.0]]), "soft", 1),
-        (torch.tensor([1, 0, 0, 1, 0, 1, 1, 0]), "2:4", 1),  # a 1-D mask is one row
+        (torch.tensor([1, 0, 0, 1, 0, 1, 1, 0]), "unstructured", 1),  # a 1-D mask: no groups
         (torch.tensor([1, 0, 1]), "unstructured", 1),
         (torch.tensor([[1, 1, 0, 0, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0, 1, 1]]), "2:4", 1),  # at most 2 of 4
         (torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) < 0.1, "unstructured", 1),  # merely sparse
@@ -68,6 +68,19 @@ def edge_blocks() -> torch.Tensor:
 )
 def test_patterns(mask: torch.Tensor, pattern: str, input_axis: int) -> None:
     assert viz.pattern_of(mask, input_axis=input_axis) == pattern
+
+
+def test_pattern_names_a_wrong_axis() -> None:
+    with pytest.raises(ValueError, match=r"input_axis must be a dimension of the \(4, 4\) mask, got 5"):
+        viz.pattern_of(torch.ones(4, 4), input_axis=5)
+
+
+def test_transposed_convolutions_read_dimension_zero() -> None:
+    model = nn.ConvTranspose2d(8, 4, 3)  # weight [in 8, out 4, 3, 3]
+    mask = torch.ones(8, 4, 3, 3, dtype=torch.bool)
+    mask[:2] = False  # input channels 0 and 1 pruned
+    (entry,) = viz.summarize({"weight": mask}, model)
+    assert entry.pattern == "columns"
 
 
 def test_summary_of_a_plan() -> None:
@@ -274,7 +287,8 @@ def test_collapsed_modules_keep_their_edges_and_marks() -> None:
     dot = viz.draw_diff(before, after, depth=0)
     assert "collapsed__a -> collapsed__b" in dot.source and "x -> collapsed__a" in dot.source
     (box,) = [line for line in dot.source.splitlines() if line.strip().startswith("collapsed__a [")]
-    assert viz.DIFF_MARKS["added"][0] in box  # nodes were added inside it
+    assert viz.DIFF_MARKS["changed"][0] in box  # its Linear changed, and nodes were added inside it
+    assert "(collapsed, 1 masked weight)" in box
     plain = viz.render_bytes(dot, "plain").decode()
     assert "node module " not in plain  # no stray node from a port-like id
 
@@ -301,7 +315,12 @@ def test_big_graphs_fold_runs_of_numbered_modules() -> None:
         assert f"\t\t{drawn}" in source or f"\t{drawn}" in source
     assert "relu_5 " not in source and "layers_5 " not in source  # inside the run's box
     assert 'relu_1 -> "collapsed__layers.2-398"' in source
-    expanded = viz.draw(out, compact=False, depth=10).source
+    assert (
+        '"collapsed__layers.2-398" [label="layers.2 … layers.398\\n(×397)\\n(collapsed, 397 masked weights)"' in source
+    )
+    shallow = viz.draw(out, depth=1).source  # runs stay folded at a depth given
+    assert "layers.2 … layers.398" in shallow and "relu_5 " not in shallow
+    expanded = viz.draw(out, compact=False, fold=False, depth=10).source
     assert "relu_5 " in expanded and "layers_5_weight_mask " in expanded
 
 
