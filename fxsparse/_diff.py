@@ -16,7 +16,7 @@ from typing import Any
 import torch.export
 import torch.fx
 
-from ._rewrite import META_KEY
+from ._rewrite import META_KEY, retag
 from ._unified import unified_diff
 
 __all__ = ["Drawable", "GraphDiff", "diff", "graph_of", "module_calls", "to_networkx"]
@@ -75,7 +75,11 @@ class GraphDiff:
 
     def unified(self, context: int = 1) -> str:
         """A unified diff of the two graphs' generated code (``context`` lines around each change)."""
-        before, after = self.before_code.splitlines(keepends=True), self.after_code.splitlines(keepends=True)
+        # Whole lines only, so that the diff applies with patch (FX's code ends without a newline).
+        before, after = (
+            (code if code.endswith("\n") else code + "\n").splitlines(keepends=True)
+            for code in (self.before_code, self.after_code)
+        )
         return "".join(unified_diff(before, after, context))
 
     def __str__(self) -> str:
@@ -113,9 +117,8 @@ def diff(before: Drawable, after: Drawable) -> GraphDiff:
     taken = set(match.values())
     old_edges = {(match.get(u), match[v]) for u, v in a.edges if v in match}
     new_edges = {(u, v) for u, v in b.edges if v in taken}
-    back = {v: k for k, v in match.items()}
     rewired = new_edges - old_edges
-    dropped = {(u, back[v]) for u, v in a.edges if v in match and (match.get(u), match[v]) not in new_edges}
+    dropped = {(u, v) for u, v in a.edges if v in match and (match.get(u), match[v]) not in new_edges}
     old_nodes = {node.name: node for node in old.nodes}
     new_nodes = {node.name: node for node in new.nodes}
     changed: list[tuple[str, str]] = []
@@ -166,12 +169,14 @@ def _match(old: torch.fx.Graph, new: torch.fx.Graph, a: Any, b: Any) -> dict[str
     for node in old.find_nodes(op="call_module"):
         calls_of.setdefault(str(node.target), []).append(node.name)
     # 1. provenance: an opened or swapped-parameter call replaces the module call it names
+    unmatched_calls = {module: list(names) for module, names in calls_of.items()}
     for name, data in b.nodes(data=True):
         module = data["tag"].get("module")
-        if data["role"] in ("opened", "called") and module is not None:
-            candidates = [n for n in calls_of.get(module, []) if n not in match]
-            if candidates:
-                pair(name if name in candidates else candidates[0], name)
+        candidates = unmatched_calls.get(module) if data["role"] in ("opened", "called") else None
+        if candidates:
+            chosen = name if name in candidates else candidates[0]
+            candidates.remove(chosen)  # usually the first: calls are opened in graph order
+            pair(chosen, name)
     # 2. a leaf call that ``after`` traced into matches the node its traced call returns
     still_called = {str(node.target) for node in new.find_nodes(op="call_module")}
     traced_into = {
@@ -184,10 +189,13 @@ def _match(old: torch.fx.Graph, new: torch.fx.Graph, a: Any, b: Any) -> dict[str
         for module, waiting in traced_into.items():
             for old_name, new_name in zip(waiting, results.get(module, []), strict=False):
                 pair(old_name, new_name)
-    # 3. same name, op and target
+    # 3. same name, op and target; or a fetch of the same name the rewrite pointed at a tied
+    # parameter's masked name
     for name, data in a.nodes(data=True):
-        if name not in match and name in b and name not in taken and _same_kind(data, b.nodes[name]):
-            pair(name, name)
+        if name not in match and name in b and name not in taken:
+            other = b.nodes[name]
+            if _same_kind(data, other) or (data["op"] == other["op"] == "get_attr" and other["role"] == "weight"):
+                pair(name, name)
     # 4. same op and target, in graph order
     waiting_by_kind: dict[tuple[str, str], list[str]] = {}
     for name, data in b.nodes(data=True):
@@ -218,9 +226,15 @@ def _call_results(graph: torch.fx.Graph, modules: set[str], taken: set[str]) -> 
 
 
 def graph_of(value: Drawable, what: str) -> tuple[torch.fx.GraphModule | None, torch.fx.Graph]:
-    """The module (if any) and graph of what :func:`draw` and :func:`~fxsparse.viz.diff` take."""
+    """The module (if any) and graph of what :func:`draw` and :func:`~fxsparse.viz.diff` take.
+
+    An exported program is unlifted first (``program.module()``, a new module: the
+    program is not changed), so parameters are fetched by name as in fxsparse's graphs,
+    and its ``mask * weight`` products are tagged as the rewrite tags them.
+    """
     if isinstance(value, torch.export.ExportedProgram):
-        value = value.graph_module
+        value = value.module()
+        retag(value.graph, value)
     if isinstance(value, torch.fx.GraphModule):
         return value, value.graph
     if isinstance(value, torch.fx.Graph):

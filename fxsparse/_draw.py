@@ -46,7 +46,6 @@ DIFF_MARKS: dict[str, tuple[str, str]] = {
 _AUTO_COLLAPSE = 1500  # nodes: larger graphs are drawn collapsed by module unless told otherwise
 _RUN_HEAD = 2  # numbered siblings a folded run shows before its box
 _RENDER_TIMEOUT = 600  # seconds
-_RUN_ABSORB_PASSES = 8  # enough for a loop body of a few chained functions
 
 
 class RenderError(FxsparseError, RuntimeError):
@@ -116,7 +115,7 @@ def _draw(
     big = len(nodes) > _AUTO_COLLAPSE
     compact = big if compact is None else compact
     paths = {node: _module_path(node) for node in nodes}
-    runs: set[tuple[str, ...]] = set()  # paths standing for a folded run of numbered siblings
+    runs: dict[tuple[str, ...], int] = {}  # path standing for a folded run of numbered siblings -> members
     if big if fold is None else fold:
         paths, runs = _fold_runs(paths, {node: _leaf_of(node) for node in nodes})
     if depth is None and big:
@@ -127,15 +126,16 @@ def _draw(
     masked: dict[str, int] = {}  # collapsed box -> masked weights inside
     dot = graphviz.Digraph(name=_identifier(title or "graph"), graph_attr={"rankdir": "TB", "fontname": "Helvetica"})
     dot.attr("node", shape="box", style="rounded,filled", fontname="Helvetica", fontsize="10")
-    if title:
-        dot.attr(label=_dot_lines(title), labelloc="t", fontsize="14")
+    if title:  # nohtml: a title in <...> is text, not a Graphviz HTML label
+        dot.attr(label=graphviz.nohtml(_dot_lines(title)), labelloc="t", fontsize="14")
     shown: dict[str, str] = {}  # node name -> the drawn node standing for it
     clusters: dict[tuple[str, ...], list[tuple[str, dict[str, str]]]] = {}
     for node in nodes:
         path = paths[node]
         run = next((end for end in range(1, len(path) + 1) if tuple(path[:end]) in runs), None)
         cut = min(depth + 1 if depth is not None else len(path) + 1, run or len(path) + 1)
-        box = f"collapsed__{'.'.join(path[:cut])}" if cut <= len(path) else None  # no colon: DOT reads a:b as a port
+        # No colon in ids: in an edge, DOT reads "a:b" as node a, port b.
+        box = f"collapsed__{'.'.join(path[:cut]).replace(':', '_')}" if cut <= len(path) else None
         if node.meta.get(META_KEY, {}).get("role") == "masked" and box is not None:
             masked[box] = masked.get(box, 0) + 1
         if compact and _folds(node):
@@ -158,7 +158,7 @@ def _draw(
             _mark(attributes, marks[node.name])
         clusters.setdefault(tuple(path), []).append((node.name, attributes))
     for box, box_path in boxes.items():
-        name = _run_label(box_path) if box_path in runs else ".".join(box_path)
+        name = _run_label(box_path, runs[box_path]) if box_path in runs else ".".join(box_path)
         count = masked.get(box, 0)
         label = f"{name}\n(collapsed{f', {count:,} masked weight' + 's' * (count != 1) if count else ''})"
         attributes = {"label": label, "fillcolor": KINDS["module"]}
@@ -200,6 +200,8 @@ def draw_diff(
         >>> f'color="{green}"' in dot.source
         True
     """
+    (before_module, before_graph), (after_module, after_graph) = graph_of(before, "diff"), graph_of(after, "diff")
+    before, after = before_module or before_graph, after_module or after_graph  # exported programs unlifted once
     graph_diff = graph_diff if graph_diff is not None else diff(before, after)
     marks = {name: "added" for name in graph_diff.added}
     marks.update({new: "changed" for _, new in graph_diff.changed})
@@ -243,6 +245,8 @@ def render_bytes(dot: Any, format: str = "svg", *, timeout: float = _RENDER_TIME
             f"{name} took over {timeout:g} s; draw fewer nodes (depth=, compact=True) or raise the timeout"
         ) from None
     if result.returncode != 0:
+        if not result.stderr.strip():  # killed, say for memory: name how
+            raise RenderError(f"{name} exited with status {result.returncode} and no message; draw fewer nodes")
         hint = ""
         if name == "graphviz-pure" and "not recognized" in result.stderr.decode():
             hint = f"; graphviz-pure cannot write {format}: install Graphviz (apt-get install graphviz) for it"
@@ -275,23 +279,23 @@ def render(dot: Any, path: str | Path, format: str | None = None) -> Path:
 
 def _fold_runs(
     paths: dict[torch.fx.Node, list[str]], leaves: dict[torch.fx.Node, str | None]
-) -> tuple[dict[torch.fx.Node, list[str]], set[tuple[str, ...]]]:
+) -> tuple[dict[torch.fx.Node, list[str]], dict[tuple[str, ...], int]]:
     """Fold long runs of numbered sibling modules (``layers.0`` ... ``layers.4999``): keep the
     first :data:`_RUN_HEAD` and the last, and put the nodes of those between (of leaf modules
     ``leaves`` names, too) under one path ``[..., "layers", "2-4998"]``. Returns the new
-    paths and the set of folded paths."""
+    paths, and each folded path with the number of modules it stands for."""
     full = {node: [*path, leaf] if (leaf := leaves.get(node)) else path for node, path in paths.items()}
     children: dict[tuple[str, ...], set[int]] = {}
     for distinct in {tuple(path) for path in full.values()}:
         for end, part in enumerate(distinct):
             if part.isdigit():
                 children.setdefault(distinct[:end], set()).add(int(part))
-    middles: dict[tuple[str, ...], tuple[int, int]] = {}
+    middles: dict[tuple[str, ...], tuple[int, int, int]] = {}
     for parent, numbers in children.items():
         ordered = sorted(numbers)
         if len(ordered) > _RUN_HEAD + 2:
-            middles[parent] = (ordered[_RUN_HEAD], ordered[-2])
-    runs: set[tuple[str, ...]] = set()
+            middles[parent] = (ordered[_RUN_HEAD], ordered[-2], len(ordered) - _RUN_HEAD - 1)
+    runs: dict[tuple[str, ...], int] = {}
     folded: dict[torch.fx.Node, list[str]] = {}
     for node, path in full.items():
         folded[node] = paths[node]
@@ -299,21 +303,22 @@ def _fold_runs(
             span = middles.get(tuple(path[:end]))
             if span is not None and part.isdigit() and span[0] <= int(part) <= span[1]:
                 folded[node] = [*path[:end], f"{span[0]}-{span[1]}"]
-                runs.add(tuple(folded[node]))
+                runs[tuple(folded[node])] = span[2]
                 break
-    # What a loop's body computes between the calls of a run (``x = relu(layers[i](x))``)
-    # belongs to the run: a node all of whose inputs and users are in one run joins it.
-    for _ in range(_RUN_ABSORB_PASSES):
-        joined = False
-        for node, path in folded.items():
-            if tuple(path) in runs:
-                continue
-            around = {tuple(folded[other]) for other in (*node.all_input_nodes, *node.users) if other in folded}
-            if len(around) == 1 and next(iter(around)) in runs:
-                folded[node] = list(next(iter(around)))
-                joined = True
-        if not joined:
-            break
+    # What a loop's body computes between the calls of a run (``x = relu(layers[i](x))``,
+    # ``x = x + layers[i](x)``) belongs to the run: a call outside every module made
+    # between the run's first and last member, in graph order, joins it.
+    position = {node: index for index, node in enumerate(full)}
+    spans: dict[tuple[str, ...], list[int]] = {}
+    for node, path in folded.items():
+        if tuple(path) in runs:
+            bounds = spans.setdefault(tuple(path), [position[node], position[node]])
+            bounds[0], bounds[1] = min(bounds[0], position[node]), max(bounds[1], position[node])
+    for node, path in folded.items():
+        if not path and leaves.get(node) is None and node.op in ("call_function", "call_method"):
+            inside = next((run for run, (lo, hi) in spans.items() if lo < position[node] < hi), None)
+            if inside is not None:
+                folded[node] = list(inside)
     return folded, runs
 
 
@@ -331,14 +336,14 @@ def _leaf_of(node: torch.fx.Node) -> str | None:
     return None
 
 
-def _run_label(path: tuple[str, ...]) -> str:
+def _run_label(path: tuple[str, ...], members: int) -> str:
     """``layers.2 … layers.4998 (×4997)`` for a folded run's path."""
     first, last = path[-1].split("-")
     prefix = "".join(f"{part}." for part in path[:-1])
-    return f"{prefix}{first} … {prefix}{last}\n(×{int(last) - int(first) + 1})"
+    return f"{prefix}{first} … {prefix}{last}\n(×{members})"
 
 
-def _depth_within_budget(paths: list[list[str]], runs: set[tuple[str, ...]]) -> int:
+def _depth_within_budget(paths: list[list[str]], runs: dict[tuple[str, ...], int]) -> int:
     """The deepest module level to draw such that at most ``_AUTO_COLLAPSE`` boxes remain (0 at least)."""
     deepest = max((len(path) for path in paths), default=0)
     for depth in range(deepest, 0, -1):
@@ -419,7 +424,9 @@ def _node_style(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> dic
         tag = node.meta[META_KEY]
         label = f"mask * weight\n{tag['param']}"
         mask = _buffer(module, tag.get("mask"))
-        if mask is not None:
+        if mask is not None and mask.is_meta:
+            label += f"\n{'×'.join(str(size) for size in mask.shape)}  (meta: no values)"
+        elif mask is not None:
             shape = "×".join(str(size) for size in mask.shape)
             axis = input_axis_of(_holder_kinds(module, str(tag["param"]))) if mask.dim() > 1 else 0
             label += f"\n{shape}  density {density_of(mask):.3f}  {pattern_of(mask, axis)}"

@@ -95,12 +95,11 @@ def report(
         ...     "density" in page.read_text()
         True
     """
+    # Each graph once: an exported program is unlifted (torch.export's module(), slow on big ones).
+    (before_module, before_graph), (after_module, after_graph) = graph_of(before, "report"), graph_of(after, "report")
+    before, after = before_module or before_graph, after_module or after_graph
     graph_diff = graph_diff if graph_diff is not None else diff(before, after)
-    after_module = graph_of(after, "report")[0]
-    if isinstance(after, torch.export.ExportedProgram):
-        masks = masks_of(after)
-    else:
-        masks = masks_of(after_module) if after_module is not None else {}
+    masks = masks_of(after_module) if after_module is not None else {}
     summary = summarize(masks, after_module)
     rows = "".join(
         f"<tr><td>{html.escape(entry.name)}</td><td>{'×'.join(map(str, entry.shape))}</td>"
@@ -131,7 +130,7 @@ def report(
         "<p class='note'>Added and removed: nodes only one graph has. Changed: a node both have whose operation "
         "or inputs differ (a Linear call now reading mask * weight). Rewired: inputs a kept node newly reads; "
         "dropped: inputs it no longer reads.</p>",
-        _legend(graph_of(before, "report")[1], graph_of(after, "report")[1]),
+        _legend(before_graph, after_graph),
         _figure(draw_diff(before, after, graph_diff), "diff"),
         f"<details><summary>Generated code, before and after</summary><pre>{_code_diff(graph_diff.unified())}</pre>"
         "</details>",

@@ -73,6 +73,8 @@ def summarize(masks: Plan | Mapping[str, torch.Tensor], model: nn.Module | None 
     holders = _holders(model) if model is not None else {}
     summary = []
     for name, mask in items:
+        if mask.is_meta:
+            raise ValueError(f"the mask of {name!r} is on the meta device: it has a shape but no values to summarize")
         kinds = holders.get(name)
         axis = input_axis_of(kinds) if mask.dim() > 1 else 0
         multiplies = mask.dim() > 1 and not (kinds and all(issubclass(kind, nn.Embedding) for kind in kinds))

@@ -396,7 +396,7 @@ def test_code_diff_is_difflibs_on_the_zoo() -> None:
         model = build(case)
         before = torch.fx.symbolic_trace(model)
         after = fxsparse.transform(model, make_masks(model, case, "random"))
-        a, b = before.code.splitlines(keepends=True), after.code.splitlines(keepends=True)
+        a, b = (before.code + "\n").splitlines(keepends=True), (after.code + "\n").splitlines(keepends=True)
         expected = "".join(difflib.unified_diff(a, b, "before", "after", n=1))
         assert viz.diff(before, after).unified() == expected, name
 
@@ -411,3 +411,82 @@ def test_code_diff_applies_back() -> None:
                 for n in torch.randint(0, 14, (2,), generator=rng))  # fmt: skip
         for context in (0, 1, 3):
             assert patched(a, "".join(unified_diff(a, b, context))) == b
+
+
+def test_diff_of_a_graph_transformed_twice() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    once = fxsparse.transform(model, {"0.weight": torch.eye(4)})
+    twice = fxsparse.transform(once, {"0.bias": torch.tensor([1.0, 0, 1, 0])})
+    d = viz.diff(once, twice)
+    assert ("_0_bias", "_0") in d.dropped and ("_0_bias_masked", "linear") in d.rewired
+    assert all(user in d.matched for _, user in d.dropped)  # dropped edges are named as in before
+
+
+def test_diff_of_tied_fetches_under_export() -> None:
+    case = ZOO["shared_module"]
+    model = build(case)
+    example = {"example_inputs": case.inputs()}
+    before = fxsparse.transform(model, {}, capture="export", **example)
+    after = fxsparse.transform(model, make_masks(model, case, "random"), capture="export", **example)
+    d = viz.diff(before, after)
+    assert not set(d.removed) & {n for _, n in d.matched.items()}  # nothing both removed and drawn alive
+
+
+class Residual(nn.Module):
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x) * 0.5
+        return x
+
+
+def test_a_residual_loop_folds_into_its_run() -> None:
+    dot = viz.draw(torch.fx.symbolic_trace(Residual(800)))  # 2,402 nodes, most at the root
+    assert dot.source.count("[label=") < 20
+    assert "layers.2 … layers.798\\n(×797)" in dot.source
+
+
+class Gappy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict({str(i): nn.Linear(2, 2) for i in (0, 1, 5, 100, *range(1000, 1400))})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers.values():
+            x = torch.relu(layer(x))
+        return x
+
+
+def test_folded_runs_count_their_members_and_colons_stay_labels() -> None:
+    source = viz.draw(torch.fx.symbolic_trace(Gappy()), fold=True).source
+    assert "layers.5 … layers.1398\\n(×401)" in source  # 404 members, less the first two and the last
+
+    class Colons(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleDict({"enc:0": nn.Sequential(nn.Linear(4, 4))})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blocks["enc:0"](x)
+
+    dot = viz.draw(fxsparse.transform(Colons(), {"blocks.enc:0.0.weight": torch.eye(4)}), depth=1)
+    plain = viz.render_bytes(dot, "plain").decode()
+    drawn = [line.split()[1].strip('"') for line in plain.splitlines() if line.startswith("node ")]
+    assert sorted(drawn) == ["collapsed__blocks.enc_0", "output", "x"]
+
+
+def test_meta_masks_are_drawn_without_values() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4))
+    out = fxsparse.transform(model, {"0": torch.ones(4, 4, dtype=torch.bool, device="meta")})
+    assert "4×4  (meta: no values)" in viz.draw(out).source
+    with pytest.raises(ValueError, match="on the meta device: it has a shape but no values"):
+        viz.summarize(viz.masks_of(out))
+
+
+def test_titles_in_angle_brackets_are_text() -> None:
+    dot = viz.draw(torch.fx.symbolic_trace(nn.Sequential(nn.ReLU())), title="<GPT-2>")
+    assert ">&lt;GPT&#45;2&gt;</text>" in viz.render_bytes(dot).decode()
