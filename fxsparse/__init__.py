@@ -30,27 +30,37 @@ Example:
     True
 """
 
-from . import viz
+from . import masks, viz
+from ._check import CheckReport, MaskCheck, check
 from ._emit import EMITS, MaskedGraphModule
 from ._errors import EmitError, FxsparseError, MaskError, TraceError
+from ._maskfile import load_masks, save_masks
 from ._plan import MaskedParameter, Plan
 from ._rewrite import META_KEY, ROLES
 from ._transform import plan, transform
+from ._update import update_masks
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "EMITS",
     "META_KEY",
     "ROLES",
+    "CheckReport",
     "EmitError",
     "FxsparseError",
+    "MaskCheck",
     "MaskError",
     "MaskedGraphModule",
     "MaskedParameter",
     "Plan",
     "TraceError",
+    "check",
+    "load_masks",
+    "masks",
     "plan",
+    "save_masks",
     "transform",
+    "update_masks",
     "viz",
 ]

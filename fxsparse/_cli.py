@@ -19,6 +19,8 @@ import torch
 import torch.export
 import torch.fx
 
+from ._errors import MaskError
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     from fxsparse import __version__
@@ -75,7 +77,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff.add_argument("--depth", type=_depth, default=None, help=depth)
     diff.add_argument("--full", action="store_true", help=full)
     diff.add_argument("--html", type=Path, help="write a standalone HTML report here")
+    make = commands.add_parser("masks", help="make a mask file for a model: magnitude, N:M or block masks")
+    make.add_argument("source", help="a model factory, package.module:function, or a model saved with torch.save")
+    make.add_argument(
+        "--recipe",
+        default="magnitude",
+        help="magnitude (unstructured), N:M such as 2:4, or block (with --block) (default: %(default)s)",
+    )
+    make.add_argument(
+        "--sparsity", type=float, default=0.5, help="fraction to prune, magnitude and block (default: 0.5)"
+    )
+    make.add_argument("--block", default="4x4", help="block shape for --recipe block, ROWSxCOLUMNS (default: 4x4)")
+    make.add_argument("--global", dest="scope", action="store_const", const="global", default="layer",
+                      help="magnitude: rank all selected weights together instead of layer by layer")  # fmt: skip
+    make.add_argument(
+        "--include", action="append", help="module-name glob to mask (repeatable; default: Linear, Conv1D)"
+    )
+    make.add_argument("--exclude", action="append", help="module-name glob to leave out (repeatable)")
+    make.add_argument("--out", type=Path, default=Path("masks.safetensors"), help="mask file (default: %(default)s)")
+    checker = commands.add_parser("check", help="check a mask file against a model: shapes, densities, patterns")
+    checker.add_argument("source", help="a model factory, package.module:function, or a model saved with torch.save")
+    checker.add_argument("--masks", type=Path, help="mask file (.safetensors or .pt); default: the model's own masks")
+    checker.add_argument("--pattern", help="require this pattern of every mask: N:M such as 2:4, or 'block 4x4'")
     args = parser.parse_args(argv)
+    if args.command == "masks":
+        return run_masks(make, args)
+    if args.command == "check":
+        return run_check(checker, args.source, args.masks, args.pattern)
     if args.command in ("draw", "diff") and args.out is not None:
         _check_format(draw if args.command == "draw" else diff, args.out)
     if args.command == "draw":
@@ -235,18 +263,13 @@ def _load(parser: argparse.ArgumentParser, source: str) -> torch.nn.Module | tor
 
 
 def _load_masks(parser: argparse.ArgumentParser, path: Path) -> dict[str, torch.Tensor]:
-    """A masks file: loaded as data only (``weights_only``), so it cannot run code."""
+    """A mask file (safetensors, or ``.pt`` read as data only): it cannot run code."""
+    from ._maskfile import load_masks
+
     try:
-        masks = torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        parser.error(f"--masks: no such file {path}")
-    except Exception as error:
-        detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        parser.error(f"--masks: cannot load {path} as tensors only; is it a file saved with torch.save? ({detail})")
-    if not isinstance(masks, dict) or not all(isinstance(k, str) for k in masks):
-        parser.error(
-            f"--masks: {path} must hold a dict of parameter or module name -> mask, got {type(masks).__name__}"
-        )
+        masks = load_masks(path)
+    except MaskError as error:
+        parser.error(f"--masks: {error}")
     if not masks:
         parser.error(f"--masks: {path} holds no masks (an empty dict)")
     return masks
@@ -288,6 +311,59 @@ def run_draw(parser: argparse.ArgumentParser, source: str, out: Path, depth: int
         return 1
     print(f"fxsparse draw: {_count(nodes, 'node')} -> {path}")
     return 0
+
+
+def run_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import fxsparse
+
+    if not 0.0 <= args.sparsity <= 1.0:
+        parser.error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
+    model = _load(parser, args.source)
+    if isinstance(model, torch.export.ExportedProgram):
+        parser.error(f"{args.source!r} is an exported program; masks need the model: pass its factory")
+    chosen = {"include": args.include, "exclude": args.exclude}
+    recipe = args.recipe.lower()
+    started = time.perf_counter()
+    try:
+        if recipe == "magnitude":
+            masks = fxsparse.masks.magnitude(model, args.sparsity, scope=args.scope, **chosen)
+        elif recipe == "block":
+            rows, _, columns = args.block.lower().partition("x")
+            if not (rows.isdigit() and columns.isdigit() and int(rows) > 0 and int(columns) > 0):
+                parser.error(f"--block must be ROWSxCOLUMNS such as 4x4, got {args.block!r}")
+            masks = fxsparse.masks.block(model, args.sparsity, (int(rows), int(columns)), **chosen)
+        elif (n_m := recipe.split(":")) and len(n_m) == 2 and all(part.isdigit() for part in n_m):
+            masks = fxsparse.masks.n_m(model, int(n_m[0]), int(n_m[1]), **chosen)
+        else:
+            parser.error(f"--recipe must be magnitude, N:M (such as 2:4) or block, got {args.recipe!r}")
+    except fxsparse.MaskError as error:
+        parser.error(str(error))
+    if not masks:
+        parser.error(f"{args.source!r}: no weight selected (Linear and Conv1D by default; see --include)")
+    elapsed = time.perf_counter() - started
+    try:
+        path = fxsparse.save_masks(masks, args.out)
+    except (OSError, fxsparse.MaskError) as error:
+        print(f"fxsparse: cannot write {args.out}: {error}", file=sys.stderr)
+        return 1
+    kept = sum(int(mask.sum()) for mask in masks.values()) / sum(mask.numel() for mask in masks.values())
+    print(f"fxsparse masks: {_count(len(masks), 'mask')} ({recipe}, density {kept:.3f}) in {elapsed:.2f} s -> {path}")
+    return 0
+
+
+def run_check(parser: argparse.ArgumentParser, source: str, masks_file: Path | None, pattern: str | None) -> int:
+    import fxsparse
+
+    model = _load(parser, source)
+    if isinstance(model, torch.export.ExportedProgram):
+        parser.error(f"{source!r} is an exported program; check needs the model: pass its factory")
+    try:
+        masks = fxsparse.load_masks(masks_file) if masks_file is not None else None
+        report = fxsparse.check(model, masks, pattern=pattern)
+    except fxsparse.MaskError as error:
+        parser.error(str(error))
+    print(report)
+    return 0 if report.ok else 1
 
 
 def run_diff(

@@ -16,8 +16,8 @@ import torch.fx
 
 from ._diff import Drawable, GraphDiff, diff, graph_of
 from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, kind_of, render_bytes
+from ._masks import mask_buffers
 from ._plan import MASK_SUFFIX
-from ._rewrite import META_KEY
 from ._sparsity import summarize
 
 __all__ = ["masks_of", "report"]
@@ -41,34 +41,22 @@ pre { background: #f7f7f7; padding: .75rem; overflow: auto; font-size: 12px; }
 
 
 def masks_of(model: torch.fx.GraphModule | torch.export.ExportedProgram | torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The masks a model applies, by parameter name.
+    """The masks a model applies, by parameter name (the buffers themselves, not copies).
 
     Reads fxsparse's output (``emit="graph"``: its tagged mask nodes; ``emit="export"``: the
     program's ``<param>_mask`` buffers) or a module carrying ``FakeSparsity``
     parametrizations (``emit="parametrize"``, or ``torch.ao.pruning``'s own).
     """
-    masks: dict[str, torch.Tensor] = {}
     if isinstance(model, torch.export.ExportedProgram):
         state = model.state_dict
-        for name, value in state.items():
-            if name.endswith(MASK_SUFFIX) and name.removesuffix(MASK_SUFFIX) in state:
-                masks[name.removesuffix(MASK_SUFFIX)] = value
-        return masks
+        return {
+            name.removesuffix(MASK_SUFFIX): value
+            for name, value in state.items()
+            if name.endswith(MASK_SUFFIX) and name.removesuffix(MASK_SUFFIX) in state
+        }
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"masks_of takes fxsparse's output or a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.fx.GraphModule):
-        for node in model.graph.find_nodes(op="get_attr"):
-            tag = node.meta.get(META_KEY, {})
-            if tag.get("role") == "mask":
-                masks[tag["param"]] = model.get_buffer(tag["mask"])
-        if masks:
-            return masks
-    for prefix, module in model.named_modules():
-        for parameter, chain in getattr(module, "parametrizations", {}).items():
-            for parametrization in chain:
-                if isinstance(getattr(parametrization, "mask", None), torch.Tensor):
-                    masks[f"{prefix}.{parameter}" if prefix else parameter] = parametrization.mask
-    return masks
+    return {name: buffer for name, (_, buffer) in mask_buffers(model).items()}
 
 
 def report(

@@ -112,9 +112,15 @@ class RunsCode:
     ("arguments", "message"),
     [
         (["diff", "zoo:ModelUnderTest", "--sparsity", "2"], "--sparsity must be between 0 and 1, got 2.0"),
-        (["diff", "zoo:ModelUnderTest", "--masks", "missing.pt"], "--masks: no such file missing.pt"),
-        (["diff", "zoo:ModelUnderTest", "--masks", "code.pt"], "--masks: cannot load code.pt as tensors only"),
-        (["diff", "zoo:ModelUnderTest", "--masks", "list.pt"], "must hold a dict of parameter or module name -> mask"),
+        (["diff", "zoo:ModelUnderTest", "--masks", "missing.pt"], "--masks: no mask file at missing.pt"),
+        (
+            ["diff", "zoo:ModelUnderTest", "--masks", "code.pt"],
+            "--masks: cannot read code.pt as a mask file: torch.load(weights_only=True) refused",
+        ),
+        (
+            ["diff", "zoo:ModelUnderTest", "--masks", "list.pt"],
+            "list.pt must hold a dict of parameter name -> tensor, got list",
+        ),
         (
             ["diff", "zoo:ModelUnderTest", "--masks", "wrong.pt"],
             "cannot transform 'zoo:ModelUnderTest': mask key 'nope'",

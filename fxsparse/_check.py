@@ -1,0 +1,146 @@
+"""Check masks before (or after) using them: a report per parameter, problems as sentences.
+
+``check`` never raises for a bad mask: it says what is wrong with each, so that a user
+with a mask file from elsewhere sees every problem at once rather than the first
+``MaskError`` ``transform`` would raise.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._errors import MaskError
+from ._masks import mask_buffers
+from ._plan import build_plan
+from ._sparsity import _holders, _is_blocked, density_of, input_axis_of, pattern_of
+
+__all__ = ["CheckReport", "MaskCheck", "check"]
+
+
+@dataclass(frozen=True)
+class MaskCheck:
+    """One mask: what it is, and what is wrong with it (``problems``, empty when fine)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    density: float | None  # None when it cannot be computed (meta tensors, wrong types)
+    binary: bool | None
+    pattern: str | None
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Every mask checked; ``ok`` when none has a problem."""
+
+    masks: tuple[MaskCheck, ...]
+    problems: tuple[str, ...]  # every problem, each naming its parameter
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        lines = [f"{'parameter':<40} {'shape':<14} {'dtype':<14} {'density':>7}  {'binary':<6} pattern"]
+        for entry in self.masks:
+            density = "-" if entry.density is None else f"{entry.density:.3f}"
+            binary = "-" if entry.binary is None else ("yes" if entry.binary else "no")
+            shape = "×".join(map(str, entry.shape))
+            lines.append(
+                f"{entry.name:<40} {shape:<14} {entry.dtype:<14} {density:>7}  {binary:<6} {entry.pattern or '-'}"
+            )
+        lines.append(
+            f"{len(self.masks)} masks, " + (f"{len(self.problems)} problems:" if self.problems else "no problems")
+        )
+        lines += [f"  - {problem}" for problem in self.problems]
+        return "\n".join(lines)
+
+
+def check(
+    model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None, *, pattern: str | None = None
+) -> CheckReport:
+    """Check ``masks`` against ``model`` (or, without ``masks``, the masks ``model`` applies:
+    fxsparse's output, or a module with ``FakeSparsity`` parametrizations).
+
+    For each mask: shape, dtype, device, density, whether it is binary, and its pattern
+    (read along the weight's input dimension). Problems: a key that names no parameter,
+    a shape or dtype ``transform`` refuses, NaN or infinite values, two keys for one tied
+    parameter, and, given ``pattern`` (``"2:4"``, ``"block 4x4"``), a mask that does not
+    follow it (an N:M mask may keep fewer than N of a group, as sparse kernels allow).
+
+    Example:
+        >>> import torch, fxsparse
+        >>> model = torch.nn.Linear(8, 2)
+        >>> report = fxsparse.check(model, {"weight": torch.tensor([[1, 1, 0, 0] * 2] * 2)}, pattern="2:4")
+        >>> report.ok, report.masks[0].pattern
+        (True, 'columns')
+        >>> fxsparse.check(model, {"wieght": torch.ones(2, 8)}).problems[0]
+        "mask key 'wieght' names no parameter or module of the model; closest valid names: 'weight'"
+    """
+    own = masks is None  # the masks a transformed model applies: already accepted by transform
+    if masks is None:
+        masks = {name: buffer for name, (_, buffer) in mask_buffers(model).items()}
+    if not isinstance(masks, Mapping):
+        problem = f"masks must be a mapping from parameter or module names to tensors, got {type(masks).__name__}"
+        return CheckReport((), (problem,))
+    holders = _holders(model)
+    entries = []
+    problems: list[str] = []
+    for key, mask in masks.items():
+        found: list[str] = []
+        try:
+            (name,) = [key] if own else [p.name for p in build_plan(model, {key: mask}).parameters]
+        except MaskError as error:
+            found.append(str(error))
+            name = str(key)
+        except Exception as error:
+            found.append(f"{key!r}: {type(error).__name__}: {error}")
+            name = str(key)
+        if not isinstance(mask, torch.Tensor):
+            entries.append(MaskCheck(name, (), type(mask).__name__, "-", None, None, None, tuple(found)))
+            problems += found
+            continue
+        values = mask.detach()
+        density = binary = kind = None
+        if not values.is_meta and not found:  # what transform refuses is the problem to fix first
+            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                found.append(f"mask for {name!r} holds NaN or infinite values")
+            elif not values.is_complex():
+                density = density_of(values)
+                binary = values.dtype == torch.bool or bool(((values == 0) | (values == 1)).all())
+                axis = input_axis_of(holders.get(name)) if values.dim() > 1 else 0
+                kind = pattern_of(values, axis)
+                if pattern is not None and not _follows(values, pattern, axis):
+                    found.append(f"mask for {name!r} does not follow {pattern} (it is {kind})")
+        entries.append(MaskCheck(name, tuple(mask.shape), str(mask.dtype).removeprefix("torch."), str(mask.device),
+                                 density, binary, kind, tuple(found)))  # fmt: skip
+        problems += found
+    if not problems and not own:
+        try:
+            build_plan(model, masks)  # what only shows across keys: two keys for one tied parameter
+        except MaskError as error:
+            problems.append(str(error))
+    return CheckReport(tuple(entries), tuple(problems))
+
+
+def _follows(mask: torch.Tensor, pattern: str, axis: int) -> bool:
+    """Whether ``mask`` can run as ``pattern``: ``"N:M"`` (at most N kept per M along the input) or ``"block BxB"``."""
+    kept = mask != 0
+    n_m = re.fullmatch(r"(\d+):(\d+)", pattern)
+    block = re.fullmatch(r"block (\d+)x\1", pattern)
+    if n_m and kept.dim() > 1:
+        n, m = int(n_m.group(1)), int(n_m.group(2))
+        moved = kept.movedim(axis, -1)
+        return moved.shape[-1] % m == 0 and bool((moved.reshape(-1, m).sum(dim=1) <= n).all())
+    if block and kept.dim() > 1:
+        size = int(block.group(1))
+        moved = kept.movedim(axis, -1)
+        return _is_blocked(moved.reshape(-1, moved.shape[-1]), size) or not bool((~kept).any())
+    raise MaskError(f"pattern must be 'N:M' (such as '2:4') or 'block BxB' (such as 'block 4x4'), got {pattern!r}")

@@ -1,0 +1,91 @@
+"""Mask files: safetensors (a ``bool`` mask stays 1 byte an element), or ``.pt`` read as data only.
+
+A mask file never runs code: safetensors holds tensors and nothing else, and a ``.pt``
+file is read with ``torch.load(weights_only=True)``, which refuses pickled objects.
+Writes go to a temporary file that is renamed into place, so an interrupted save leaves
+the old file (or none), never a truncated one that loads as wrong masks.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ._errors import MaskError
+
+__all__ = ["load_masks", "save_masks"]
+
+_FORMAT = {"format": "fxsparse-masks", "version": "1"}
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
+    """Write ``masks`` (parameter name -> tensor) to a safetensors file, atomically.
+
+    Tensors keep their dtype (``bool`` masks 1 byte an element) and are written from the
+    CPU. A ``.pt`` suffix writes with ``torch.save`` instead.
+
+    Example:
+        >>> import tempfile, torch, fxsparse
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = fxsparse.save_masks({"fc.weight": torch.eye(2, dtype=torch.bool)}, f"{folder}/m.safetensors")
+        ...     fxsparse.load_masks(path)["fc.weight"]
+        tensor([[ True, False],
+                [False,  True]])
+    """
+    path = Path(path)
+    if not isinstance(masks, Mapping):
+        raise MaskError(f"masks must be a mapping from parameter names to tensors, got {type(masks).__name__}")
+    tensors = {}
+    for name, mask in masks.items():
+        if not isinstance(name, str) or not isinstance(mask, torch.Tensor):
+            raise MaskError(f"masks must map names (str) to tensors; {name!r} maps to {type(mask).__name__}")
+        tensors[name] = mask.detach().to("cpu").contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        if path.suffix in (".pt", ".pth"):
+            torch.save(tensors, temporary)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(tensors, temporary, metadata=_FORMAT)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a mask file written by :func:`save_masks` (or any safetensors file, or a ``.pt``
+    file holding a dict of tensors). Never runs code from the file; a corrupt or
+    truncated file raises ``MaskError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MaskError(f"no mask file at {path}")
+    if path.suffix in (".pt", ".pth"):
+        try:
+            masks = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise MaskError(
+                f"cannot read {path} as a mask file: torch.load(weights_only=True) refused it "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            ) from None
+    else:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            masks = load_file(path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise MaskError(f"cannot read {path} as a safetensors mask file (corrupt or truncated?): {error}") from None
+    if not isinstance(masks, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in masks.items()
+    ):
+        raise MaskError(f"{path} must hold a dict of parameter name -> tensor, got {type(masks).__name__}")
+    return masks

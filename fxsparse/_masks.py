@@ -1,0 +1,445 @@
+"""Masks: make them (magnitude, N:M, blocks, ``WeightNormSparsifier``'s rule), and bring them
+in from, or back to, ``torch.ao.pruning`` and ``torch.nn.utils.prune``.
+
+Pure functions: they read a model's weights and return ``{parameter name: bool mask}``
+(``True`` keeps a weight), the mapping :func:`fxsparse.transform` takes. Nothing here
+changes the model it is given.
+
+Which weights: :func:`select` picks, by default, the weight of every ``nn.Linear`` and
+Hugging Face ``Conv1D``; ``include``/``exclude`` take ``fnmatch`` globs over module names
+(``"encoder.*.attn.*"``) and ``filter_fn(module, name)`` any test. A weight tied between
+modules is selected once, under its first name.
+
+Ties: where weights of equal magnitude straddle the cut, the one earlier in the weight
+(row-major order, layer order for ``scope="global"``) is pruned first, so masks are
+deterministic. A NaN weight counts as the largest.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ._errors import MaskError
+from ._rewrite import META_KEY
+
+__all__ = [
+    "block",
+    "from_parametrized",
+    "from_prune",
+    "from_sparsifier",
+    "magnitude",
+    "mask_buffers",
+    "n_m",
+    "select",
+    "to_sparsifier",
+    "weight_norm",
+]
+
+Sparsity = float | Mapping[str, float]
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def select(
+    model: nn.Module,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    filter_fn: FilterFn | None = None,
+) -> list[str]:
+    """The weights to mask, as parameter names (``"blocks.0.fc.weight"``), in module order.
+
+    Without ``include`` or ``filter_fn``: the weight of every ``nn.Linear`` and Hugging Face
+    ``Conv1D``. ``include`` (globs over module names) and ``filter_fn(module, name)`` pick
+    any module that has a ``weight`` parameter instead; given both, a module must pass both.
+    ``exclude`` globs remove modules from the result.
+
+    Example:
+        >>> import torch, fxsparse
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Conv1d(4, 4, 1))
+        >>> fxsparse.masks.select(model), fxsparse.masks.select(model, include="*")
+        (['0.weight'], ['0.weight', '2.weight'])
+    """
+    includes, excludes = _globs(include, "include"), _globs(exclude, "exclude")
+    seen: set[int] = set()
+    names = []
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight") if name or module is model else None
+        if not isinstance(weight, nn.Parameter) or id(weight) in seen:
+            continue
+        if includes is None and filter_fn is None:
+            chosen = _linear_like(module)
+        else:
+            chosen = (includes is None or any(fnmatch.fnmatchcase(name, glob) for glob in includes)) and (
+                filter_fn is None or bool(filter_fn(module, name))
+            )
+        if chosen and not (excludes and any(fnmatch.fnmatchcase(name, glob) for glob in excludes)):
+            seen.add(id(weight))
+            names.append(f"{name}.weight" if name else "weight")
+    return names
+
+
+def magnitude(
+    model: nn.Module,
+    sparsity: Sparsity,
+    *,
+    scope: str = "layer",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    filter_fn: FilterFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """Unstructured masks that prune the smallest-magnitude weights.
+
+    ``sparsity`` is the fraction to prune: one number for every selected weight, or a
+    mapping from module-name globs to numbers (the first glob that matches a module
+    decides; modules no glob matches are left out). Each weight of ``n`` elements at
+    sparsity ``s`` loses exactly ``floor(s * n)`` of them: never more than asked.
+    ``scope="global"`` ranks all selected weights together instead (one ``sparsity``
+    number) and prunes ``floor(s * total)``; it holds every selected magnitude in memory.
+
+    Example:
+        >>> import torch, fxsparse
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, -5, 3, 0.5], [2, 2, -7, 4]]))
+        >>> fxsparse.masks.magnitude(model, 0.5, include="*")["weight"].int()
+        tensor([[0, 1, 1, 0],
+                [0, 0, 1, 1]], dtype=torch.int32)
+    """
+    if scope not in ("layer", "global"):
+        raise MaskError(f"scope must be 'layer' or 'global', got {scope!r}")
+    levels = _levels(model, sparsity, include, exclude, filter_fn)
+    if scope == "layer":
+        return {name: _prune_smallest(_scores(model, name), level) for name, level in levels.items()}
+    if isinstance(sparsity, Mapping):
+        raise MaskError("scope='global' takes one sparsity for all selected weights, got a mapping")
+    if not levels:
+        return {}
+    scores = [_scores(model, name) for name in levels]
+    flat = _prune_smallest(torch.cat([s.flatten().to(torch.float32) for s in scores]), float(sparsity))
+    masks, start = {}, 0
+    for name, score in zip(levels, scores, strict=True):
+        masks[name] = flat[start : start + score.numel()].view(score.shape)
+        start += score.numel()
+    return masks
+
+
+def n_m(
+    model: nn.Module,
+    n: int = 2,
+    m: int = 4,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    filter_fn: FilterFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """N:M masks: keep the ``n`` largest-magnitude of every ``m`` consecutive weights along the
+    input dimension (2:4 by default, the pattern NVIDIA's sparse tensor cores run).
+
+    The input dimension is dimension 1 of a ``Linear`` or convolution weight (groups run
+    along the input channels at each kernel position) and dimension 0 of a Hugging Face
+    ``Conv1D``. It must be a multiple of ``m``: a ``MaskError`` names a weight that is not.
+
+    Example:
+        >>> import torch, fxsparse
+        >>> model = torch.nn.Linear(8, 1)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, -5, 3, 0.5, 2, 2, -7, 4]]))
+        >>> fxsparse.masks.n_m(model, include="*")["weight"].int()
+        tensor([[0, 1, 1, 0, 0, 0, 1, 1]], dtype=torch.int32)
+    """
+    if not (isinstance(n, int) and isinstance(m, int) and 0 <= n <= m and m > 0):
+        raise MaskError(f"n:m must be whole numbers with 0 <= n <= m and m > 0, got {n}:{m}")
+    masks = {}
+    for name in select(model, include=include, exclude=exclude, filter_fn=filter_fn):
+        scores = _scores(model, name)
+        if scores.dim() < 2:
+            raise MaskError(f"{name}: N:M masks need a weight of 2 or more dimensions, got shape {tuple(scores.shape)}")
+        axis = _input_axis(model, name)
+        moved = scores.movedim(axis, -1)
+        if moved.shape[-1] % m:
+            raise MaskError(
+                f"{name}: its input dimension ({moved.shape[-1]}, dimension {axis} of {tuple(scores.shape)}) "
+                f"is not a multiple of m={m}; leave it out (exclude=) or pick another m"
+            )
+        groups = moved.reshape(-1, m)
+        # Largest first; stable, so that of equal weights the earlier one is kept.
+        order = torch.sort(groups, dim=1, descending=True, stable=True).indices
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order[:, :n], True)
+        masks[name] = keep.reshape(moved.shape).movedim(-1, axis).contiguous()
+    return masks
+
+
+def weight_norm(
+    model: nn.Module,
+    sparsity_level: Sparsity = 0.5,
+    sparse_block_shape: tuple[int, int] = (1, 4),
+    zeros_per_block: int | None = None,
+    norm: int = 2,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    filter_fn: FilterFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """The masks ``torch.ao.pruning.WeightNormSparsifier`` computes, for the same configuration.
+
+    Blocks of ``sparse_block_shape`` (rows, columns of the weight, from index 0; blocks at
+    the edges are cut short) are ranked by the mean of ``|w|**norm`` (``norm`` 1 or 2);
+    the ``round(sparsity_level * blocks)`` lowest (at most all but one) lose their
+    ``zeros_per_block`` smallest weights (default: the whole block). Equal to the
+    sparsifier's masks (its first step) bit for bit; for 2-D weights only, as the
+    sparsifier.
+
+    Example:
+        >>> import torch, fxsparse
+        >>> model = torch.nn.Linear(8, 2)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.arange(16.0).reshape(2, 8))
+        >>> fxsparse.masks.weight_norm(model, 0.5, (1, 4), include="*")["weight"].int()
+        tensor([[0, 0, 0, 0, 0, 0, 0, 0],
+                [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.int32)
+    """
+    block_h, block_w = sparse_block_shape
+    per_block = block_h * block_w
+    zeros = per_block if zeros_per_block is None else zeros_per_block
+    if not 0 <= zeros <= per_block:
+        raise MaskError(
+            f"zeros_per_block must be between 0 and {per_block} for blocks {sparse_block_shape}, got {zeros}"
+        )
+    if norm not in (1, 2):
+        raise MaskError(f"norm must be 1 or 2, got {norm}")
+    masks = {}
+    for name, level in _levels(model, sparsity_level, include, exclude, filter_fn).items():
+        weight = model.get_parameter(name).detach()
+        if weight.dim() != 2:
+            raise MaskError(f"{name}: WeightNormSparsifier's rule is for 2-D weights, got shape {tuple(weight.shape)}")
+        masks[name] = _weight_norm_mask(weight, level, (block_h, block_w), zeros, norm)
+    return masks
+
+
+def block(
+    model: nn.Module,
+    sparsity: Sparsity,
+    block_shape: tuple[int, int] = (4, 4),
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    filter_fn: FilterFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """Block masks: prune whole ``block_shape`` blocks, those of smallest mean square, until
+    ``round(sparsity * blocks)`` are gone (``WeightNormSparsifier``'s rule with whole blocks
+    zeroed; blocks at the edges are cut short). A weight of more than two dimensions
+    (a convolution's) is blocked as the matrix ``[out, in * kernel]``."""
+    masks = {}
+    for name, level in _levels(model, sparsity, include, exclude, filter_fn).items():
+        weight = model.get_parameter(name).detach()
+        matrix = weight.reshape(weight.shape[0], -1) if weight.dim() > 1 else weight.reshape(1, -1)
+        whole = block_shape[0] * block_shape[1]
+        masks[name] = _weight_norm_mask(matrix, level, block_shape, whole, 2).reshape(weight.shape)
+    return masks
+
+
+def from_sparsifier(sparsifier: Any) -> dict[str, torch.Tensor]:
+    """The masks of a prepared ``torch.ao.pruning`` sparsifier (one per group), by parameter name."""
+    masks = {}
+    for group in getattr(sparsifier, "groups", ()):
+        module, tensor_name = group["module"], group.get("tensor_name", "weight")
+        fqn = group.get("module_fqn") or ""
+        chain = getattr(getattr(module, "parametrizations", None), tensor_name, None)
+        if chain is None:
+            raise MaskError(f"sparsifier group {fqn!r} has no parametrization on {tensor_name!r}: was it prepared?")
+        masks[f"{fqn}.{tensor_name}" if fqn else tensor_name] = chain[0].mask.detach().clone()
+    return masks
+
+
+def from_parametrized(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks of every ``FakeSparsity``-like parametrization (one with a ``mask``) in ``model``
+    (or of fxsparse's output), copied."""
+    return {name: buffer.detach().clone() for name, (_, buffer) in mask_buffers(model).items()}
+
+
+def from_prune(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks of a model pruned with ``torch.nn.utils.prune`` (``<name>_orig`` with ``<name>_mask``)."""
+    masks = {}
+    for prefix, module in model.named_modules():
+        for buffer_name, buffer in module._buffers.items():
+            if buffer is None or not buffer_name.endswith("_mask"):
+                continue
+            name = buffer_name.removesuffix("_mask")
+            if f"{name}_orig" in module._parameters:
+                masks[f"{prefix}.{name}" if prefix else name] = buffer.detach().clone()
+    return masks
+
+
+def to_sparsifier(model: nn.Module, masks: Mapping[str, torch.Tensor], sparsifier: Any = None) -> Any:
+    """A ``torch.ao.pruning`` sparsifier prepared on a copy of ``model`` and holding ``masks``,
+    to go on with (``sparsifier.step()``, ``sparsifier.squash_mask()``); the copy is
+    ``sparsifier.model``. ``sparsifier`` defaults to a ``WeightNormSparsifier()``."""
+    from torch.ao.pruning.sparsifier.weight_norm_sparsifier import WeightNormSparsifier
+
+    sparsifier = WeightNormSparsifier() if sparsifier is None else sparsifier
+    copied = copy.deepcopy(model)
+    config = []
+    for name in masks:
+        owner, _, tensor_name = name.rpartition(".")
+        if not isinstance(getattr(copied.get_submodule(owner), tensor_name, None), nn.Parameter):
+            raise MaskError(f"mask key {name!r} names no parameter of the model (give parameter names)")
+        config.append({"tensor_fqn": name})
+    sparsifier.prepare(copied, config)
+    for group in sparsifier.groups:
+        fqn = f"{group['module_fqn']}.{group['tensor_name']}" if group["module_fqn"] else group["tensor_name"]
+        target = getattr(group["module"].parametrizations, group["tensor_name"])[0].mask
+        source = masks[fqn]
+        if tuple(source.shape) != tuple(target.shape):
+            raise MaskError(f"mask for {fqn!r} has shape {tuple(source.shape)}, expected {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(source.to(device=target.device, dtype=target.dtype))
+    return sparsifier
+
+
+def mask_buffers(model: nn.Module) -> dict[str, tuple[nn.Parameter, torch.Tensor]]:
+    """Masked parameter name -> (the parameter, its mask buffer), of fxsparse's output (its tagged
+    mask nodes) or of a module with ``FakeSparsity``-like parametrizations (a ``mask``)."""
+    found: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+    if isinstance(model, torch.fx.GraphModule):
+        for node in model.graph.find_nodes(op="get_attr"):
+            tag = node.meta.get(META_KEY, {})
+            if tag.get("role") == "mask":
+                found[tag["param"]] = (model.get_parameter(tag["param"]), model.get_buffer(tag["mask"]))
+    for prefix, module in model.named_modules():
+        for tensor_name, chain in getattr(module, "parametrizations", {}).items():
+            for parametrization in chain:
+                mask = getattr(parametrization, "mask", None)
+                if isinstance(mask, torch.Tensor):
+                    name = f"{prefix}.{tensor_name}" if prefix else tensor_name
+                    found[name] = (chain.original, mask)
+    return found
+
+
+def _globs(value: str | Sequence[str] | None, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    globs = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(glob, str) for glob in globs):
+        raise MaskError(f"{what} takes module-name globs (str), got {value!r}")
+    return globs
+
+
+def _linear_like(module: nn.Module) -> bool:
+    kind = type(module)
+    return isinstance(module, nn.Linear) or (kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers."))
+
+
+def _input_axis(model: nn.Module, name: str) -> int:
+    owner = model.get_submodule(name.rpartition(".")[0])
+    transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    return 0 if type(owner).__name__ == "Conv1D" or isinstance(owner, transposed) else 1
+
+
+def _levels(
+    model: nn.Module,
+    sparsity: Sparsity,
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    filter_fn: FilterFn | None,
+) -> dict[str, float]:
+    """Each selected weight's sparsity level (a mapping picks by the first matching glob)."""
+    names = select(model, include=include, exclude=exclude, filter_fn=filter_fn)
+    if not isinstance(sparsity, Mapping):
+        return {name: _level(sparsity, name) for name in names}
+    levels = {}
+    for name in names:
+        module = name.rpartition(".")[0]
+        glob = next((glob for glob in sparsity if fnmatch.fnmatchcase(module, glob)), None)
+        if glob is not None:
+            levels[name] = _level(sparsity[glob], name)
+    return levels
+
+
+def _level(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise MaskError(f"sparsity for {name!r} must be a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _scores(model: nn.Module, name: str) -> torch.Tensor:
+    """``|w|`` with NaN as the largest, so a NaN weight is never pruned for being small."""
+    weight = model.get_parameter(name).detach()
+    if not (weight.is_floating_point() or weight.is_complex()):
+        raise MaskError(f"{name}: magnitude masks need a floating-point weight, got {weight.dtype}")
+    return torch.nan_to_num(weight.abs(), nan=math.inf)
+
+
+def _prune_smallest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """``False`` at the ``floor(sparsity * n)`` smallest scores (earlier first among equals)."""
+    flat = scores.flatten()
+    count = math.floor(sparsity * flat.numel() + 1e-9)  # 0.3 * 10 is 2.9999999999999996
+    keep = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
+    if count >= flat.numel():
+        return keep.fill_(False).view(scores.shape)
+    if count <= 0:
+        return keep.view(scores.shape)
+    cut = flat.kthvalue(count).values  # the count-th smallest: O(n), no full sort
+    keep &= flat > cut
+    below = int((flat < cut).sum())
+    ties = (flat == cut).nonzero().flatten()
+    keep[ties[count - below :]] = True  # of the equal ones, the earliest are pruned
+    return keep.view(scores.shape)
+
+
+def _weight_norm_mask(
+    weight: torch.Tensor, level: float, shape: tuple[int, int], zeros: int, norm: int
+) -> torch.Tensor:
+    """``WeightNormSparsifier.update_mask``'s arithmetic, for one 2-D weight (``True`` keeps)."""
+    per_block = shape[0] * shape[1]
+    if level <= 0 or zeros == 0:
+        return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+    if level >= 1.0 and zeros == per_block:
+        return torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+    data = weight.abs() if norm == 1 else weight * weight
+    kept = _tensor_mask(data, level, shape)
+    if zeros != per_block:
+        kept = torch.logical_or(kept, _block_mask(data, shape, zeros))
+    return kept.to(torch.bool)
+
+
+def _tensor_mask(data: torch.Tensor, level: float, shape: tuple[int, int]) -> torch.Tensor:
+    h, w = data.shape
+    dh, dw = (shape[0] - h % shape[0]) % shape[0], (shape[1] - w % shape[1]) % shape[1]
+    mask = torch.ones(h + dh, w + dw, device=data.device)
+    if level >= 1.0:
+        return torch.zeros_like(mask)[:h, :w]
+    per_block = shape[0] * shape[1]
+    if per_block > 1:
+        data = F.avg_pool2d(data[None, None, :], kernel_size=shape, stride=shape, ceil_mode=True)
+    data = data.flatten()
+    blocks = len(data)
+    data = data.repeat(1, per_block, 1)
+    threshold = max(0, min(blocks - 1, round(level * blocks)))
+    _, lowest = torch.topk(data, k=threshold, dim=2, largest=False)
+    reshaped = mask.reshape(data.shape)
+    reshaped.scatter_(dim=2, index=lowest, value=0)
+    folded = F.fold(reshaped, output_size=(h + dh, w + dw), kernel_size=shape, stride=shape)
+    return folded.squeeze().reshape(mask.shape)[:h, :w].contiguous()
+
+
+def _block_mask(data: torch.Tensor, shape: tuple[int, int], zeros: int) -> torch.Tensor:
+    h, w = data.shape
+    dh, dw = (shape[0] - h % shape[0]) % shape[0], (shape[1] - w % shape[1]) % shape[1]
+    mask = torch.ones((h + dh, w + dw), device=data.device)
+    padded = torch.full((h + dh, w + dw), torch.nan, dtype=data.dtype, device=data.device)
+    padded[:h, :w] = data
+    unfolded = F.unfold(padded[None, None, :], kernel_size=shape, stride=shape)
+    reshaped = mask.reshape(unfolded.shape)
+    _, lowest = torch.topk(unfolded, k=zeros, dim=1, largest=False)
+    reshaped.scatter_(dim=1, index=lowest, value=0)
+    folded = F.fold(reshaped, output_size=padded.shape, kernel_size=shape, stride=shape)
+    return folded.squeeze().reshape(mask.shape)[:h, :w].contiguous()

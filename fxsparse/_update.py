@@ -1,0 +1,88 @@
+"""Update the masks of a transformed model in place, without tracing again.
+
+A pruning schedule changes masks every few hundred steps; the graph stays the same,
+only the values in its mask buffers change. The buffers are the same tensors before and
+after (an optimizer, a DDP bucket or a compiled graph that holds them keeps working).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ._errors import MaskError
+from ._masks import mask_buffers
+
+__all__ = ["update_masks"]
+
+
+def update_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Write ``masks`` into the mask buffers of ``model``, in place.
+
+    ``model`` is fxsparse's output (``emit="graph"``) or a module with ``FakeSparsity``
+    parametrizations (``emit="parametrize"``). Keys are parameter names, any alias of a
+    tied parameter, or module names (meaning their ``weight``), as for ``transform``;
+    each must name a parameter that is already masked. A mask must have the parameter's
+    shape; it is moved to the buffer's device and cast to its dtype, and a ``bool`` buffer
+    takes binary masks only. Every mask is checked before any is written: on a
+    ``MaskError`` nothing has changed.
+
+    Example:
+        >>> import torch, fxsparse
+        >>> out = fxsparse.transform(torch.nn.Linear(2, 2), {"weight": torch.ones(2, 2, dtype=torch.bool)})
+        >>> fxsparse.update_masks(out, {"weight": torch.eye(2, dtype=torch.bool)})
+        >>> fxsparse.viz.masks_of(out)["weight"]
+        tensor([[ True, False],
+                [False,  True]])
+    """
+    if not isinstance(masks, Mapping):
+        raise MaskError(f"masks must be a mapping from parameter names to tensors, got {type(masks).__name__}")
+    buffers = mask_buffers(model)
+    if not buffers:
+        raise MaskError(f"{type(model).__name__} has no masks to update: pass fxsparse.transform's output")
+    by_parameter = {id(parameter): (name, buffer) for name, (parameter, buffer) in buffers.items()}
+    writes: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for key, mask in masks.items():
+        name, buffer = _find(model, key, buffers, by_parameter)
+        if not isinstance(mask, torch.Tensor):
+            raise MaskError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != tuple(buffer.shape):
+            raise MaskError(f"mask for {name!r} has shape {tuple(mask.shape)}, expected {tuple(buffer.shape)}")
+        if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+            raise MaskError(f"mask for {name!r} holds NaN or infinite values")
+        if buffer.dtype == torch.bool and mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise MaskError(
+                f"mask for {name!r} has values other than 0 and 1, but this model's mask is bool; "
+                "transform again with a floating mask to use soft masks"
+            )
+        writes.append((buffer, mask.detach().to(device=buffer.device, dtype=buffer.dtype)))
+    with torch.no_grad():
+        for buffer, mask in writes:
+            buffer.copy_(mask)
+
+
+def _find(
+    model: nn.Module,
+    key: object,
+    buffers: dict[str, tuple[nn.Parameter, torch.Tensor]],
+    by_parameter: dict[int, tuple[str, torch.Tensor]],
+) -> tuple[str, torch.Tensor]:
+    if not isinstance(key, str):
+        raise MaskError(f"mask keys must be parameter or module names (str), got {key!r}")
+    for candidate in (key, f"{key}.weight" if key else "weight"):
+        if candidate in buffers:
+            return candidate, buffers[candidate][1]
+    for candidate in (key, f"{key}.weight" if key else "weight"):
+        try:
+            parameter = model.get_parameter(candidate)
+        except AttributeError:
+            continue
+        if id(parameter) in by_parameter:
+            return by_parameter[id(parameter)]
+        raise MaskError(
+            f"{candidate!r} is not masked in this model, so it has no mask to update; "
+            f"masked: {', '.join(sorted(buffers))}. Transform again to add masks"
+        )
+    raise MaskError(f"mask key {key!r} names no parameter or module; masked: {', '.join(sorted(buffers))}")

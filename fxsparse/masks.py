@@ -1,0 +1,45 @@
+"""Make masks, and bring them in from (or back to) ``torch.ao.pruning`` and ``torch.nn.utils.prune``.
+
+Every function returns ``{parameter name: bool mask}`` for :func:`fxsparse.transform`, and
+none changes the model it reads:
+
+- :func:`magnitude`: unstructured, per layer or global;
+- :func:`n_m`: N of every M along the input dimension (2:4 by default);
+- :func:`block` and :func:`weight_norm`: whole blocks, and ``WeightNormSparsifier``'s rule,
+  equal to its masks for the same configuration;
+- :func:`select`: which weights (globs over module names, or a ``filter_fn``);
+- :func:`from_sparsifier`, :func:`from_parametrized`, :func:`from_prune` and
+  :func:`to_sparsifier`: to and from torch's pruning tools.
+
+Example:
+    >>> import torch, fxsparse
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    >>> masks = fxsparse.masks.n_m(model)  # 2:4 on every Linear
+    >>> sorted(masks), masks["0.weight"].sum().item()
+    (['0.weight', '2.weight'], 32)
+    >>> out = fxsparse.transform(model, masks)
+"""
+
+from ._masks import (
+    block,
+    from_parametrized,
+    from_prune,
+    from_sparsifier,
+    magnitude,
+    n_m,
+    select,
+    to_sparsifier,
+    weight_norm,
+)
+
+__all__ = [
+    "block",
+    "from_parametrized",
+    "from_prune",
+    "from_sparsifier",
+    "magnitude",
+    "n_m",
+    "select",
+    "to_sparsifier",
+    "weight_norm",
+]

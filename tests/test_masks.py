@@ -1,0 +1,365 @@
+"""fxsparse.masks: generators, selection, importers/exporters, mask files, check, update_masks, CLI."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.pruning import FakeSparsity
+from torch.ao.pruning.sparsifier.weight_norm_sparsifier import WeightNormSparsifier
+from torch.nn.utils import parametrize, prune
+
+import fxsparse
+from fxsparse._cli import main
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.conv = nn.Conv1d(16, 8, 1)
+        self.head = nn.Linear(16, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(x)
+        return self.head(x) + self.conv(x[..., None]).sum()
+
+
+def weights_of(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: model.get_parameter(name).detach() for name in masks}
+
+
+# -- selection --------------------------------------------------------------------------
+
+
+def test_select_defaults_globs_and_filters() -> None:
+    model = Net()
+    assert fxsparse.masks.select(model) == ["encoder.0.weight", "encoder.2.weight", "head.weight"]
+    assert fxsparse.masks.select(model, include="encoder.*") == ["encoder.0.weight", "encoder.2.weight"]
+    assert fxsparse.masks.select(model, exclude=["head"]) == ["encoder.0.weight", "encoder.2.weight"]
+    convs = fxsparse.masks.select(model, filter_fn=lambda module, name: isinstance(module, nn.Conv1d))
+    assert convs == ["conv.weight"]
+    assert fxsparse.masks.select(model, include="*", filter_fn=lambda m, n: n.startswith("h")) == ["head.weight"]
+
+
+def test_a_tied_weight_is_selected_once() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    assert fxsparse.masks.select(model) == ["0.weight"]
+
+
+# -- magnitude --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.3, 0.5, 0.9, 0.999, 1.0])
+def test_magnitude_prunes_exactly_the_smallest(sparsity: float) -> None:
+    model = Net()
+    masks = fxsparse.masks.magnitude(model, sparsity)
+    for name, mask in masks.items():
+        weight = model.get_parameter(name).detach().abs()
+        assert mask.dtype == torch.bool and mask.shape == weight.shape
+        pruned = int((~mask).sum())
+        assert pruned == math.floor(sparsity * weight.numel() + 1e-9)
+        if 0 < pruned < weight.numel():
+            assert weight[~mask].max() <= weight[mask].min()
+
+
+def test_magnitude_ties_prune_the_earlier_weights() -> None:
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.weight[1, 3] = 0.0  # an all-equal weight but for one zero
+    mask = fxsparse.masks.magnitude(model, 0.5, include="*")["weight"]
+    assert mask.tolist() == [[False, False, False, True], [True, True, True, False]]
+
+
+def test_magnitude_all_zero_rows_and_nan() -> None:
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 0, 0, 0], [1, 2, 3, 4], [float("nan"), -9, 0.5, 0.1]]))
+    mask = fxsparse.masks.magnitude(model, 0.5, include="*")["weight"]
+    assert not mask[0].any()  # the zero row goes first
+    assert mask[2, 0]  # a NaN weight counts as the largest: kept
+
+
+def test_magnitude_per_layer_levels_and_global_scope() -> None:
+    model = Net()
+    masks = fxsparse.masks.magnitude(model, {"encoder.0": 0.75, "encoder.*": 0.25})
+    assert sorted(masks) == ["encoder.0.weight", "encoder.2.weight"]  # head: no glob matched
+    assert float((~masks["encoder.0.weight"]).float().mean()) == 0.75
+    assert float((~masks["encoder.2.weight"]).float().mean()) == 0.25
+    global_masks = fxsparse.masks.magnitude(model, 0.5, scope="global")
+    scores = torch.cat([w.abs().flatten() for w in weights_of(model, global_masks).values()])
+    cut = scores.sort().values[scores.numel() // 2 - 1]
+    for name, mask in global_masks.items():
+        assert torch.equal(mask, model.get_parameter(name).detach().abs() > cut)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda m: fxsparse.masks.magnitude(m, 1.5),
+            "sparsity for 'encoder.0.weight' must be a number between 0 and 1",
+        ),
+        (lambda m: fxsparse.masks.magnitude(m, 0.5, scope="row"), "scope must be 'layer' or 'global'"),
+        (lambda m: fxsparse.masks.magnitude(m, {"*": 0.5}, scope="global"), "takes one sparsity"),
+        (lambda m: fxsparse.masks.n_m(m, 3, 2), "n:m must be whole numbers with 0 <= n <= m"),
+        (lambda m: fxsparse.masks.n_m(m, 2, 5), r"encoder.0.weight: its input dimension \(16"),
+        (lambda m: fxsparse.masks.weight_norm(m, 0.5, (1, 4), 5), "zeros_per_block must be between 0 and 4"),
+        (lambda m: fxsparse.masks.select(m, include=[3]), "include takes module-name globs"),
+    ],
+)
+def test_generators_name_bad_arguments(call: object, message: str) -> None:
+    with pytest.raises(fxsparse.MaskError, match=message):
+        call(Net())  # type: ignore[operator]
+
+
+# -- N:M --------------------------------------------------------------------------------
+
+
+def test_two_of_four_along_the_input() -> None:
+    model = Net()
+    masks = fxsparse.masks.n_m(model)
+    for name, mask in masks.items():
+        groups = mask.reshape(mask.shape[0], -1, 4)
+        assert bool((groups.sum(dim=2) == 2).all())
+        weight = model.get_parameter(name).detach().abs().reshape(groups.shape)
+        assert bool((weight.masked_fill(~groups, math.inf).min(dim=2).values
+                     >= weight.masked_fill(groups, -1).max(dim=2).values).all())  # fmt: skip
+        assert fxsparse.viz.pattern_of(mask) == "2:4"
+
+
+def test_n_m_of_a_convolution_runs_along_input_channels() -> None:
+    conv = nn.Conv2d(8, 4, 3)
+    mask = fxsparse.masks.n_m(conv, include="*")["weight"]  # [4, 8, 3, 3]
+    per_group = mask.movedim(1, -1).reshape(-1, 4).sum(dim=1)
+    assert bool((per_group == 2).all())
+
+
+def test_n_m_of_a_conv1d_reads_dimension_zero() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    layer = transformers.pytorch_utils.Conv1D(6, 8)  # weight [in 8, out 6]
+    mask = fxsparse.masks.n_m(layer, include="*")["weight"]
+    assert bool((mask.T.reshape(6, 2, 4).sum(dim=2) == 2).all())
+
+
+def test_n_m_ties_keep_the_earlier_weights_and_edges() -> None:
+    model = nn.Linear(8, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 1, 1, 1, 0, 0, 0, 0]]))
+    assert fxsparse.masks.n_m(model, include="*")["weight"].int().tolist() == [[1, 1, 0, 0, 1, 1, 0, 0]]
+    assert not fxsparse.masks.n_m(model, 0, 4, include="*")["weight"].any()
+    assert fxsparse.masks.n_m(model, 4, 4, include="*")["weight"].all()
+
+
+# -- blocks and WeightNormSparsifier ---------------------------------------------------------
+
+
+CONFIGS = [
+    {"sparsity_level": 0.5, "sparse_block_shape": (1, 4)},
+    {"sparsity_level": 0.3, "sparse_block_shape": (2, 2)},
+    {"sparsity_level": 0.5, "sparse_block_shape": (3, 3)},  # blocks cut short at the edges
+    {"sparsity_level": 0.9, "sparse_block_shape": (1, 1)},
+    {"sparsity_level": 0.6, "sparse_block_shape": (1, 4), "zeros_per_block": 2},
+    {"sparsity_level": 0.5, "sparse_block_shape": (4, 4), "zeros_per_block": 10},
+    {"sparsity_level": 1.0, "sparse_block_shape": (1, 4)},
+    {"sparsity_level": 0.0, "sparse_block_shape": (2, 4)},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_weight_norm_equals_the_sparsifier(config: dict[str, object]) -> None:
+    torch.manual_seed(1)
+    divisible = "zeros_per_block" in config  # the sparsifier itself fails on cut blocks with zeros_per_block
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8 if divisible else 10))
+    prepared = copy.deepcopy(model)
+    sparsifier = WeightNormSparsifier(**config)  # type: ignore[arg-type]
+    sparsifier.prepare(prepared, config=None)
+    sparsifier.step()
+    expected = fxsparse.masks.from_sparsifier(sparsifier)
+    ours = fxsparse.masks.weight_norm(model, **config)  # type: ignore[arg-type]
+    assert sorted(ours) == sorted(expected) == ["0.weight", "2.weight"]
+    for name in expected:
+        assert torch.equal(ours[name], expected[name].bool()), name
+
+
+def test_block_masks_prune_whole_blocks() -> None:
+    model = nn.Linear(16, 8)
+    mask = fxsparse.masks.block(model, 0.5, (4, 4), include="*")["weight"]
+    blocks = mask.reshape(2, 4, 4, 4).permute(0, 2, 1, 3).reshape(8, 16)
+    assert sorted(blocks.sum(dim=1).tolist()) == [0, 0, 0, 0, 16, 16, 16, 16]
+    assert fxsparse.viz.pattern_of(mask) == "block 4x4"
+
+
+# -- to and from torch's pruning tools ---------------------------------------------------------
+
+
+def test_sparsifier_round_trip() -> None:
+    model = Net()
+    masks = fxsparse.masks.n_m(model)
+    sparsifier = fxsparse.masks.to_sparsifier(model, masks)
+    assert not parametrize.is_parametrized(model.head)  # the model itself is untouched
+    back = fxsparse.masks.from_sparsifier(sparsifier)
+    assert sorted(back) == sorted(masks) and all(torch.equal(back[k].bool(), masks[k]) for k in masks)
+    sparsifier.step()  # and it goes on
+    sparsifier.squash_mask()
+
+
+def test_masks_from_a_parametrized_model_and_from_prune() -> None:
+    model = Net()
+    masks = fxsparse.masks.magnitude(model, 0.5)
+    reference = fxsparse.transform(model, masks, emit="parametrize")
+    found = fxsparse.masks.from_parametrized(reference)
+    assert sorted(found) == sorted(masks) and all(torch.equal(found[k].bool(), masks[k]) for k in masks)
+
+    pruned = copy.deepcopy(model)
+    prune.l1_unstructured(pruned.encoder[0], "weight", amount=0.5)
+    prune.random_unstructured(pruned.head, "weight", amount=0.3)
+    imported = fxsparse.masks.from_prune(pruned)
+    assert sorted(imported) == ["encoder.0.weight", "head.weight"]
+    out = fxsparse.transform(model, imported)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(out(x), pruned(x))  # prune's weight_orig * weight_mask, bit for bit
+
+
+# -- files --------------------------------------------------------------------------------
+
+
+def test_mask_files_round_trip(tmp_path: Path) -> None:
+    masks = fxsparse.masks.magnitude(Net(), 0.5)
+    masks["soft"] = torch.rand(3, 3)
+    for suffix in (".safetensors", ".pt"):
+        path = fxsparse.save_masks(masks, tmp_path / f"m{suffix}")
+        loaded = fxsparse.load_masks(path)
+        assert sorted(loaded) == sorted(masks)
+        assert all(loaded[k].dtype == masks[k].dtype and torch.equal(loaded[k], masks[k]) for k in masks)
+    weights = sum(m.numel() for m in masks.values())
+    assert (tmp_path / "m.safetensors").stat().st_size < weights * 1.1 + 2000  # bool stays 1 byte
+
+
+class RunsCode:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (exec, ("open('ran.txt', 'w').write('code ran')",))
+
+
+def test_a_mask_file_never_runs_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.save({"weight": RunsCode()}, "evil.pt")
+    with pytest.raises(fxsparse.MaskError, match=r"torch.load\(weights_only=True\) refused it"):
+        fxsparse.load_masks("evil.pt")
+    assert not Path("ran.txt").exists()
+
+
+def test_corrupt_and_truncated_files(tmp_path: Path) -> None:
+    path = fxsparse.save_masks({"w": torch.ones(64, 64, dtype=torch.bool)}, tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(fxsparse.MaskError, match="corrupt or truncated"):
+        fxsparse.load_masks(path)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(fxsparse.MaskError, match="cannot read"):
+        fxsparse.load_masks(tmp_path / "junk.pt")
+    with pytest.raises(fxsparse.MaskError, match="no mask file at"):
+        fxsparse.load_masks(tmp_path / "missing.safetensors")
+
+
+def test_an_interrupted_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = fxsparse.save_masks({"w": torch.ones(2, 2, dtype=torch.bool)}, tmp_path / "m.safetensors")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        fxsparse.save_masks({"w": torch.zeros(2, 2, dtype=torch.bool)}, path)
+    assert fxsparse.load_masks(path)["w"].all() and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+# -- update_masks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("emit", ["graph", "parametrize"])
+def test_update_masks_in_place_equals_fake_sparsity(emit: str) -> None:
+    model = Net()
+    first, second = fxsparse.masks.magnitude(model, 0.3), fxsparse.masks.magnitude(model, 0.7)
+    out = fxsparse.transform(model, first, emit=emit)
+    buffers = {name: mask.data_ptr() for name, mask in fxsparse.viz.masks_of(out).items()}
+    x = torch.randn(5, 16)
+    for masks in (second, first, second):
+        fxsparse.update_masks(out, masks)
+        reference = copy.deepcopy(model)
+        for name, mask in masks.items():
+            owner, _, tensor = name.rpartition(".")
+            parametrize.register_parametrization(reference.get_submodule(owner), tensor, FakeSparsity(mask))
+        with torch.no_grad():
+            assert torch.equal(out(x), reference(x))
+    assert {name: mask.data_ptr() for name, mask in fxsparse.viz.masks_of(out).items()} == buffers
+
+
+def test_update_masks_checks_everything_before_writing() -> None:
+    model = Net()
+    masks = fxsparse.masks.magnitude(model, 0.5)
+    out = fxsparse.transform(model, masks)
+    before = {k: v.clone() for k, v in fxsparse.viz.masks_of(out).items()}
+    bad = [
+        ({"encoder.0": torch.zeros(32, 16, dtype=torch.bool), "head": torch.ones(3, 3)}, r"has shape \(3, 3\)"),
+        ({"encoder.0": torch.full((32, 16), 0.5)}, "values other than 0 and 1, but this model's mask is bool"),
+        ({"conv": torch.ones(8, 16, 1)}, "'conv.weight' is not masked in this model"),
+        ({"nope": torch.ones(1)}, "mask key 'nope' names no parameter or module"),
+        ({"head": torch.full((12, 16), float("nan"))}, "NaN or infinite"),
+    ]
+    for masks_given, message in bad:
+        with pytest.raises(fxsparse.MaskError, match=message):
+            fxsparse.update_masks(out, masks_given)
+        assert all(torch.equal(fxsparse.viz.masks_of(out)[k], v) for k, v in before.items())
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+def test_check_reports_every_problem_at_once() -> None:
+    model = Net()
+    masks = {
+        "encoder.0.weight": fxsparse.masks.n_m(model)["encoder.0.weight"],
+        "head": torch.ones(12, 16),
+        "conv": torch.ones(3, 3),
+        "encodr.2.weight": torch.ones(16, 32),
+        "encoder.2.weight": torch.full((16, 32), float("nan")),
+    }
+    report = fxsparse.check(model, masks, pattern="2:4")
+    assert not report.ok and len(report.problems) == 4
+    assert report.masks[0].pattern == "2:4" and report.masks[0].binary and report.masks[0].density == 0.5
+    text = str(report)
+    assert "5 masks, 4 problems:" in text and "'conv.weight' (key 'conv') has shape (3, 3)" in text
+    assert "mask key 'encodr.2.weight'" in text and "NaN" in text
+    assert "mask for 'head.weight' does not follow 2:4 (it is dense)" in text
+    assert fxsparse.check(fxsparse.transform(model, {"head": torch.ones(12, 16)})).ok
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def test_masks_and_check_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["masks", "test_masks:Net", "--recipe", "2:4", "--out", "m.safetensors"]) == 0
+    assert "3 masks (2:4, density 0.500)" in capsys.readouterr().out
+    assert main(["check", "test_masks:Net", "--masks", "m.safetensors", "--pattern", "2:4"]) == 0
+    assert "3 masks, no problems" in capsys.readouterr().out
+    assert (
+        main(["masks", "test_masks:Net", "--recipe", "block", "--block", "4x4", "--include", "*", "--out", "b.pt"]) == 0
+    )
+    assert main(["check", "test_masks:Net", "--masks", "b.pt", "--pattern", "2:4"]) == 1
+    assert "does not follow 2:4" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["masks", "test_masks:Net", "--recipe", "3:8:1"])
+    assert "--recipe must be magnitude, N:M" in capsys.readouterr().err
