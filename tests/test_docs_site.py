@@ -34,4 +34,8 @@ def test_pictures_are_up_to_date() -> None:
         if not committed.exists() or committed.read_text() != make().source:
             stale.append(name)
         assert (ROOT / "docs" / "images" / f"{name}.svg").exists(), name
+    for name, svg in tool.mask_pictures().items():
+        committed = ROOT / "docs" / "images" / f"{name}.svg"
+        if not committed.exists() or committed.read_text() != svg:
+            stale.append(name)
     assert stale == [], f"stale pictures {stale}: run python tools/make_pictures.py"

@@ -363,3 +363,15 @@ def test_masks_and_check_commands(
     with pytest.raises(SystemExit):
         main(["masks", "test_masks:Net", "--recipe", "3:8:1"])
     assert "--recipe must be magnitude, N:M" in capsys.readouterr().err
+
+
+def test_generators_leave_the_model_alone() -> None:
+    model = Net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fxsparse.masks.magnitude(model, 0.5, scope="global")
+    fxsparse.masks.n_m(model)
+    fxsparse.masks.block(model, 0.5, include="*")
+    fxsparse.masks.to_sparsifier(model, fxsparse.masks.magnitude(model, 0.5))
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())

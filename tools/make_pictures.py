@@ -3,7 +3,7 @@
 Usage::
 
     python tools/make_pictures.py            # write docs/images/*.dot and *.svg
-    python tools/make_pictures.py --check    # exit 1 if a committed DOT source is stale
+    python tools/make_pictures.py --check    # exit 1 if a committed DOT source or mask picture is stale
 
 The tests run ``--check``'s comparison, so a picture that no longer matches the code fails CI.
 The SVGs are rendered with whichever renderer ``fxsparse.viz.render`` finds.
@@ -80,6 +80,38 @@ def pictures() -> dict[str, Callable[[], Any]]:
     }
 
 
+def mask_svg(mask: torch.Tensor, title: str, cell: int = 12) -> str:
+    """A mask as a grid, kept weights dark: a deterministic SVG, compared as text."""
+    rows, columns = mask.shape
+    width, height = columns * cell + 2, rows * cell + 28
+    cells = "".join(
+        f'<rect x="{1 + c * cell}" y="{24 + r * cell}" width="{cell - 1}" height="{cell - 1}" '
+        f'fill="{"#1f4e79" if mask[r, c] else "#e8e8e8"}"/>'
+        for r in range(rows)
+        for c in range(columns)
+    )
+    kept = float(mask.float().mean())
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="13">'
+        f'<text x="1" y="16">{title}: {rows}×{columns}, density {kept:.2f}</text>{cells}</svg>\n'
+    )
+
+
+def mask_pictures() -> dict[str, str]:
+    """Each mask family's picture on one random 16 × 32 weight (seeded)."""
+    torch.manual_seed(0)
+    model = nn.Linear(32, 16)
+    return {
+        "mask-magnitude": mask_svg(fxsparse.masks.magnitude(model, 0.5)["weight"], "magnitude, 50 %"),
+        "mask-2-4": mask_svg(fxsparse.masks.n_m(model, 2, 4)["weight"], "2:4 along the input"),
+        "mask-block": mask_svg(fxsparse.masks.block(model, 0.5, (4, 4))["weight"], "blocks of 4×4, 50 %"),
+        "mask-weight-norm": mask_svg(
+            fxsparse.masks.weight_norm(model, 0.5, (1, 8), 6)["weight"], "WeightNormSparsifier (1, 8), 6 zeros a block"
+        ),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare DOT sources only; write nothing")
@@ -95,6 +127,14 @@ def main() -> int:
                 stale.append(name)
         else:
             viz.render(dot, path)
+            print(f"wrote {path.relative_to(IMAGES.parent.parent)}")
+    for name, svg in mask_pictures().items():
+        path = IMAGES / f"{name}.svg"
+        if args.check:
+            if not path.exists() or path.read_text() != svg:
+                stale.append(name)
+        else:
+            path.write_text(svg)
             print(f"wrote {path.relative_to(IMAGES.parent.parent)}")
     if stale:
         print(f"stale pictures: {', '.join(stale)}; run python tools/make_pictures.py", file=sys.stderr)

@@ -1,0 +1,75 @@
+"""How long does mask generation take on a 7B-parameter model's shapes?
+
+Llama-2-7B's masked weights: 32 blocks of q, k, v, o (4096 × 4096), gate and up
+(11008 × 4096) and down (4096 × 11008), and the 32000 × 4096 head: 6.6e9 weights. Layer
+by layer, as a user with a model too big for memory would go, each weight is made with
+random values (not timed) and masked with ``fxsparse.masks.magnitude`` (50 %, per layer)
+and ``fxsparse.masks.n_m`` (2:4), timed. Prints the time per shape and the totals, and
+``--json`` writes them. Usage::
+
+    python tools/bench_masks.py [--blocks 32] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import fxsparse
+
+SHAPES = {  # Llama-2-7B: name -> ([out, in], how many)
+    "q/k/v/o 4096×4096": ((4096, 4096), 4),
+    "gate/up 11008×4096": ((11008, 4096), 2),
+    "down 4096×11008": ((4096, 11008), 1),
+}
+HEAD = ((32000, 4096), 1)
+
+
+def timed_masks(shape: tuple[int, int]) -> tuple[float, float]:
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.randn(shape), requires_grad=False)
+    start = time.perf_counter()
+    fxsparse.masks.magnitude(holder, 0.5, include="*")
+    middle = time.perf_counter()
+    fxsparse.masks.n_m(holder, 2, 4, include="*")
+    return middle - start, time.perf_counter() - middle
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=32, help="transformer blocks (default: 32, Llama-2-7B)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows: dict[str, dict[str, float]] = {}
+    weights = 0
+    plan = [(name, shape) for _ in range(args.blocks) for name, (shape, count) in SHAPES.items() for _ in range(count)]
+    plan.append(("head 32000×4096", HEAD[0]))
+    for name, shape in plan:
+        magnitude, two_four = timed_masks(shape)
+        row = rows.setdefault(name, {"layers": 0, "magnitude_s": 0.0, "n_m_s": 0.0})
+        row["layers"] += 1
+        row["magnitude_s"] += magnitude
+        row["n_m_s"] += two_four
+        weights += shape[0] * shape[1]
+    print(f"# fxsparse.masks on {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads: "
+          f"{weights / 1e9:.2f}e9 weights, layer by layer")  # fmt: skip
+    print("| shape | layers | magnitude 50 % (s) | 2:4 (s) |")
+    print("|---|---:|---:|---:|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['layers']} | {row['magnitude_s']:.1f} | {row['n_m_s']:.1f} |")
+    total_magnitude = sum(row["magnitude_s"] for row in rows.values())
+    total_n_m = sum(row["n_m_s"] for row in rows.values())
+    print(f"| total | {sum(int(r['layers']) for r in rows.values())} | {total_magnitude:.1f} | {total_n_m:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"weights": weights, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
