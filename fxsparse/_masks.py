@@ -307,7 +307,8 @@ def to_sparsifier(model: nn.Module, masks: Mapping[str, torch.Tensor], sparsifie
 
 def mask_buffers(model: nn.Module) -> dict[str, tuple[nn.Parameter, torch.Tensor]]:
     """Masked parameter name -> (the parameter, its mask buffer), of fxsparse's output (its tagged
-    mask nodes) or of a module with ``FakeSparsity``-like parametrizations (a ``mask``)."""
+    mask nodes), of a module with ``FakeSparsity``-like parametrizations (a ``mask``), or, for
+    other outputs (TorchScript), every ``<param>_mask`` buffer beside its parameter."""
     found: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
     if isinstance(model, torch.fx.GraphModule):
         for node in model.graph.find_nodes(op="get_attr"):
@@ -321,6 +322,11 @@ def mask_buffers(model: nn.Module) -> dict[str, tuple[nn.Parameter, torch.Tensor
                 if isinstance(mask, torch.Tensor):
                     name = f"{prefix}.{tensor_name}" if prefix else tensor_name
                     found[name] = (chain.original, mask)
+    if not found:
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        for name, buffer in model.named_buffers(remove_duplicate=False):
+            if name.endswith("_mask") and name.removesuffix("_mask") in parameters:
+                found[name.removesuffix("_mask")] = (parameters[name.removesuffix("_mask")], buffer)
     return found
 
 

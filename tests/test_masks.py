@@ -375,3 +375,14 @@ def test_generators_leave_the_model_alone() -> None:
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("emit", ["script", "trace"])
+def test_update_masks_of_torchscript_outputs(emit: str) -> None:
+    model = Net()
+    x = torch.randn(2, 16)
+    out = fxsparse.transform(model, fxsparse.masks.magnitude(model, 0.3), emit=emit, example_inputs=(x,))
+    new = fxsparse.masks.magnitude(model, 0.8)
+    fxsparse.update_masks(out, new)
+    with torch.no_grad():
+        assert torch.equal(out(x), fxsparse.transform(model, new, emit="parametrize")(x))
