@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     make.add_argument("--exclude", action="append", help="module-name glob to leave out (repeatable)")
     make.add_argument("--out", type=Path, default=Path("masks.safetensors"), help="mask file (default: %(default)s)")
+    make.add_argument("--packed", action="store_true", help="store masks as bits, 8 to a byte (safetensors only)")
     checker = commands.add_parser("check", help="check a mask file against a model: shapes, densities, patterns")
     checker.add_argument("source", help="a model factory, package.module:function, or a model saved with torch.save")
     checker.add_argument("--masks", type=Path, help="mask file (.safetensors or .pt); default: the model's own masks")
@@ -342,7 +343,7 @@ def run_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"{args.source!r}: no weight selected (Linear and Conv1D by default; see --include)")
     elapsed = time.perf_counter() - started
     try:
-        path = fxsparse.save_masks(masks, args.out)
+        path = fxsparse.save_masks(masks, args.out, packed=args.packed)
     except (OSError, fxsparse.MaskError) as error:
         print(f"fxsparse: cannot write {args.out}: {error}", file=sys.stderr)
         return 1

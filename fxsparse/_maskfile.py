@@ -8,6 +8,8 @@ the old file (or none), never a truncated one that loads as wrong masks.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -20,13 +22,31 @@ from ._errors import MaskError
 __all__ = ["load_masks", "save_masks"]
 
 _FORMAT = {"format": "fxsparse-masks", "version": "1"}
+_PACKED = "fxsparse.packed"  # metadata: JSON {name: shape} of the masks stored as bits
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
-def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as bits, 8 to a byte, most significant first (numpy.packbits' order)."""
+    flat = mask.flatten()
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    return (flat.view(-1, 8).to(torch.uint8) * _BITS).sum(dim=1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    count = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.numel() != -(-count // 8):
+        raise ValueError(f"a packed mask of shape {shape} needs {-(-count // 8)} bytes, found {packed.numel()}")
+    return ((packed[:, None] & _BITS) != 0).flatten()[:count].view(shape)
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, packed: bool = False) -> Path:
     """Write ``masks`` (parameter name -> tensor) to a safetensors file, atomically.
 
     Tensors keep their dtype (``bool`` masks 1 byte an element) and are written from the
-    CPU. A ``.pt`` suffix writes with ``torch.save`` instead.
+    CPU. ``packed=True`` stores each ``bool`` mask as bits, 8 to a byte (a 7B-parameter
+    model's masks: 0.8 GB instead of 6.6 GB); :func:`load_masks` unpacks them. A ``.pt``
+    suffix writes with ``torch.save`` instead (never packed).
 
     Example:
         >>> import tempfile, torch, fxsparse
@@ -44,6 +64,13 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) 
         if not isinstance(name, str) or not isinstance(mask, torch.Tensor):
             raise MaskError(f"masks must map names (str) to tensors; {name!r} maps to {type(mask).__name__}")
         tensors[name] = mask.detach().to("cpu").contiguous()
+    metadata = dict(_FORMAT)
+    if packed:
+        if path.suffix in (".pt", ".pth"):
+            raise MaskError(f"packed masks are written to safetensors files, not {path.suffix}")
+        shapes = {name: list(mask.shape) for name, mask in tensors.items() if mask.dtype == torch.bool}
+        tensors.update({name: _pack(tensors[name]) for name in shapes})
+        metadata[_PACKED] = json.dumps(shapes)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(handle)
@@ -53,7 +80,7 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) 
         else:
             from safetensors.torch import save_file
 
-            save_file(tensors, temporary, metadata=_FORMAT)
+            save_file(tensors, temporary, metadata=metadata)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -77,12 +104,16 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
             ) from None
     else:
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
             masks = load_file(path)
-        except (SafetensorError, OSError, ValueError) as error:
+            with safe_open(path, "pt") as opened:
+                packed = json.loads((opened.metadata() or {}).get(_PACKED, "{}"))
+            for name, shape in packed.items():
+                masks[name] = _unpack(masks[name], shape)
+        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as error:
             raise MaskError(f"cannot read {path} as a safetensors mask file (corrupt or truncated?): {error}") from None
     if not isinstance(masks, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in masks.items()

@@ -386,3 +386,24 @@ def test_update_masks_of_torchscript_outputs(emit: str) -> None:
     fxsparse.update_masks(out, new)
     with torch.no_grad():
         assert torch.equal(out(x), fxsparse.transform(model, new, emit="parametrize")(x))
+
+
+def test_packed_mask_files(tmp_path: Path) -> None:
+    masks = {"w": torch.rand(37, 11) > 0.5, "scalar": torch.tensor(True), "soft": torch.rand(2, 3)}
+    path = fxsparse.save_masks(masks, tmp_path / "p.safetensors", packed=True)
+    loaded = fxsparse.load_masks(path)
+    assert all(loaded[k].dtype == masks[k].dtype and torch.equal(loaded[k], masks[k]) for k in masks)
+    plain = fxsparse.save_masks({"w": torch.ones(256, 256, dtype=torch.bool)}, tmp_path / "b.safetensors")
+    bits = fxsparse.save_masks({"w": torch.ones(256, 256, dtype=torch.bool)}, tmp_path / "c.safetensors", packed=True)
+    assert bits.stat().st_size * 7 < plain.stat().st_size  # 8 to a byte
+    with pytest.raises(fxsparse.MaskError, match="packed masks are written to safetensors files"):
+        fxsparse.save_masks(masks, tmp_path / "p.pt", packed=True)
+
+
+def test_a_packed_file_that_lies_about_its_shape(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2, dtype=torch.uint8)}, str(tmp_path / "x.safetensors"),
+              metadata={"fxsparse.packed": '{"w": [64, 64]}'})  # fmt: skip
+    with pytest.raises(fxsparse.MaskError, match="needs 512 bytes, found 2"):
+        fxsparse.load_masks(tmp_path / "x.safetensors")
