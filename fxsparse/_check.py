@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.export
+import torch.nn.functional as F
 from torch import nn
 
 from ._errors import MaskError
 from ._masks import mask_buffers
 from ._plan import build_plan
-from ._sparsity import _holders, _is_blocked, density_of, input_axis_of, pattern_of
+from ._sparsity import _holders, density_of, input_axis_of, pattern_of
 
 __all__ = ["CheckReport", "MaskCheck", "check"]
 
@@ -48,7 +50,7 @@ class CheckReport:
         return not self.problems
 
     def __str__(self) -> str:
-        lines = [f"{'parameter':<40} {'shape':<14} {'dtype':<14} {'density':>7}  {'binary':<6} pattern"]
+        lines = [f"{'parameter':<40} {'shape':<14} {'dtype':<10} {'device':<8} {'density':>7}  {'binary':<6} pattern"]
         for entry in self.masks:
             density = "-" if entry.density is None else f"{entry.density:.3f}"
             binary = "-" if entry.binary is None else ("yes" if entry.binary else "no")
@@ -84,6 +86,9 @@ def check(
         >>> fxsparse.check(model, {"wieght": torch.ones(2, 8)}).problems[0]
         "mask key 'wieght' names no parameter or module of the model; closest valid names: 'weight'"
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        raise MaskError("check takes the model, or fxsparse's emit='graph' output; for an exported program, check that")
+    expected = _pattern(pattern) if pattern is not None else None
     own = masks is None  # the masks a transformed model applies: already accepted by transform
     if masks is None:
         masks = {name: buffer for name, (_, buffer) in mask_buffers(model).items()}
@@ -117,7 +122,9 @@ def check(
                 binary = values.dtype == torch.bool or bool(((values == 0) | (values == 1)).all())
                 axis = input_axis_of(holders.get(name)) if values.dim() > 1 else 0
                 kind = pattern_of(values, axis)
-                if pattern is not None and not _follows(values, pattern, axis):
+                if expected is not None and values.dim() < 2:
+                    found.append(f"mask for {name!r} is {values.dim()}-D: {pattern} applies to weights of 2 or more")
+                elif expected is not None and not _follows(values, expected, axis):
                     found.append(f"mask for {name!r} does not follow {pattern} (it is {kind})")
         entries.append(MaskCheck(name, tuple(mask.shape), str(mask.dtype).removeprefix("torch."), str(mask.device),
                                  density, binary, kind, tuple(found)))  # fmt: skip
@@ -130,17 +137,31 @@ def check(
     return CheckReport(tuple(entries), tuple(problems))
 
 
-def _follows(mask: torch.Tensor, pattern: str, axis: int) -> bool:
-    """Whether ``mask`` can run as ``pattern``: ``"N:M"`` (at most N kept per M along the input) or ``"block BxB"``."""
-    kept = mask != 0
+def _pattern(pattern: str) -> tuple[str, int, int]:
+    """``("n:m", n, m)`` or ``("block", rows, columns)`` from ``"2:4"`` or ``"block 4x4"``."""
     n_m = re.fullmatch(r"(\d+):(\d+)", pattern)
-    block = re.fullmatch(r"block (\d+)x\1", pattern)
-    if n_m and kept.dim() > 1:
-        n, m = int(n_m.group(1)), int(n_m.group(2))
+    if n_m and 0 <= int(n_m.group(1)) <= int(n_m.group(2)) and int(n_m.group(2)) > 0:
+        return "n:m", int(n_m.group(1)), int(n_m.group(2))
+    block = re.fullmatch(r"block (\d+)x(\d+)", pattern)
+    if block and int(block.group(1)) > 0 and int(block.group(2)) > 0:
+        return "block", int(block.group(1)), int(block.group(2))
+    raise MaskError(
+        f"pattern must be 'N:M' with 0 <= N <= M (such as '2:4') or 'block RxC' (such as 'block 4x4'), got {pattern!r}"
+    )
+
+
+def _follows(mask: torch.Tensor, pattern: tuple[str, int, int], axis: int) -> bool:
+    """Whether ``mask`` can run as ``pattern``: at most N kept of every M along the input, or
+    blocks (of ``[out, in * kernel]``, cut short at the edges) each all kept or all pruned."""
+    kind, first, second = pattern
+    kept = mask != 0
+    if kind == "n:m":
         moved = kept.movedim(axis, -1)
-        return moved.shape[-1] % m == 0 and bool((moved.reshape(-1, m).sum(dim=1) <= n).all())
-    if block and kept.dim() > 1:
-        size = int(block.group(1))
-        moved = kept.movedim(axis, -1)
-        return _is_blocked(moved.reshape(-1, moved.shape[-1]), size) or not bool((~kept).any())
-    raise MaskError(f"pattern must be 'N:M' (such as '2:4') or 'block BxB' (such as 'block 4x4'), got {pattern!r}")
+        return moved.shape[-1] % second == 0 and bool((moved.reshape(-1, second).sum(dim=1) <= first).all())
+    matrix = kept.reshape(kept.shape[0], -1)
+    rows, columns = matrix.shape
+    pad = (0, -columns % second, 0, -rows % first)
+    shape = ((rows + pad[3]) // first, first, (columns + pad[1]) // second, second)
+    anywhere = F.pad(matrix, pad, value=False).reshape(shape).any(dim=(1, 3))
+    everywhere = F.pad(matrix, pad, value=True).reshape(shape).all(dim=(1, 3))
+    return bool((everywhere | ~anywhere).all())

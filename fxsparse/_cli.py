@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff.add_argument("source", help="a model factory, package.module:function (called with no arguments)")
     masks = diff.add_mutually_exclusive_group()
     masks.add_argument(
-        "--masks", type=Path, help="a file saved with torch.save: {parameter or module name: mask} (loaded as data)"
+        "--masks", type=Path, help="a mask file: safetensors (fxsparse masks, save_masks) or .pt (loaded as data only)"
     )
     masks.add_argument(
         "--sparsity",

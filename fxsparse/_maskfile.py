@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +26,14 @@ __all__ = ["load_masks", "save_masks"]
 _FORMAT = {"format": "fxsparse-masks", "version": "1"}
 _PACKED = "fxsparse.packed"  # metadata: JSON {name: shape} of the masks stored as bits
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def _refuse_compressed(path: Path) -> None:
+    """``torch.save`` stores its zip entries uncompressed; a compressed one could unpack to any size."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(entry.compress_type != zipfile.ZIP_STORED for entry in archive.infolist()):
+                raise MaskError(f"{path} has compressed entries, which torch.save never writes: refused")
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
@@ -59,11 +69,13 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], 
     path = Path(path)
     if not isinstance(masks, Mapping):
         raise MaskError(f"masks must be a mapping from parameter names to tensors, got {type(masks).__name__}")
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for name, mask in masks.items():
         if not isinstance(name, str) or not isinstance(mask, torch.Tensor):
             raise MaskError(f"masks must map names (str) to tensors; {name!r} maps to {type(mask).__name__}")
-        tensors[name] = mask.detach().to("cpu").contiguous()
+        tensor = mask.detach().to("cpu").contiguous()
+        shared = any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values())
+        tensors[name] = tensor.clone() if shared else tensor  # safetensors refuses tensors sharing memory
     metadata = dict(_FORMAT)
     if packed:
         if path.suffix in (".pt", ".pth"):
@@ -96,12 +108,17 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise MaskError(f"no mask file at {path}")
     if path.suffix in (".pt", ".pth"):
+        _refuse_compressed(path)
         try:
             masks = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise MaskError(
+                f"cannot read {path} as a mask file: torch.load(weights_only=True) refused it, as it holds "
+                "pickled objects other than tensors (a mask file never runs code; save masks as tensors)"
+            ) from None
         except Exception as error:
             raise MaskError(
-                f"cannot read {path} as a mask file: torch.load(weights_only=True) refused it "
-                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                f"cannot read {path} as a mask file: torch.load(weights_only=True) refused it ({type(error).__name__})"
             ) from None
     else:
         from safetensors import SafetensorError, safe_open
@@ -111,6 +128,11 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             masks = load_file(path)
             with safe_open(path, "pt") as opened:
                 packed = json.loads((opened.metadata() or {}).get(_PACKED, "{}"))
+            if not isinstance(packed, dict) or not all(
+                isinstance(shape, list) and all(isinstance(size, int) and size >= 0 for size in shape)
+                for shape in packed.values()
+            ):
+                raise ValueError(f"its {_PACKED} metadata must map names to shapes, got {packed!r}")
             for name, shape in packed.items():
                 masks[name] = _unpack(masks[name], shape)
         except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as error:

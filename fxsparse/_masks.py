@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._errors import MaskError
 from ._rewrite import META_KEY
@@ -37,7 +39,6 @@ __all__ = [
     "from_prune",
     "from_sparsifier",
     "magnitude",
-    "mask_buffers",
     "n_m",
     "select",
     "to_sparsifier",
@@ -69,11 +70,15 @@ def select(
         (['0.weight'], ['0.weight', '2.weight'])
     """
     includes, excludes = _globs(include, "include"), _globs(exclude, "exclude")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise MaskError("make masks from the model before scripting it (a ScriptModule's weights are not selectable)")
     seen: set[int] = set()
     names = []
     for name, module in model.named_modules():
-        weight = module._parameters.get("weight") if name or module is model else None
-        if not isinstance(weight, nn.Parameter) or id(weight) in seen:
+        if isinstance(module, parametrize.ParametrizationList) or ".parametrizations." in f".{name}.":
+            continue
+        weight = _stored_weight(module)
+        if weight is None or id(weight) in seen:
             continue
         if includes is None and filter_fn is None:
             chosen = _linear_like(module)
@@ -124,7 +129,8 @@ def magnitude(
     if not levels:
         return {}
     scores = [_scores(model, name) for name in levels]
-    flat = _prune_smallest(torch.cat([s.flatten().to(torch.float32) for s in scores]), float(sparsity))
+    dtype = functools.reduce(torch.promote_types, (score.dtype for score in scores))
+    flat = _prune_smallest(torch.cat([score.flatten().to(dtype) for score in scores]), float(sparsity))
     masks, start = {}, 0
     for name, score in zip(levels, scores, strict=True):
         masks[name] = flat[start : start + score.numel()].view(score.shape)
@@ -195,8 +201,9 @@ def weight_norm(
     the edges are cut short) are ranked by the mean of ``|w|**norm`` (``norm`` 1 or 2);
     the ``round(sparsity_level * blocks)`` lowest (at most all but one) lose their
     ``zeros_per_block`` smallest weights (default: the whole block). Equal to the
-    sparsifier's masks (its first step) bit for bit; for 2-D weights only, as the
-    sparsifier.
+    sparsifier's masks (its first step) bit for bit wherever the sparsifier runs; for 2-D
+    weights only, as the sparsifier. (Where blocks are cut by the edges and
+    ``zeros_per_block`` is less than a block, the sparsifier itself fails; this crops.)
 
     Example:
         >>> import torch, fxsparse
@@ -207,7 +214,7 @@ def weight_norm(
         tensor([[0, 0, 0, 0, 0, 0, 0, 0],
                 [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.int32)
     """
-    block_h, block_w = sparse_block_shape
+    block_h, block_w = _block_shape(sparse_block_shape)
     per_block = block_h * block_w
     zeros = per_block if zeros_per_block is None else zeros_per_block
     if not 0 <= zeros <= per_block:
@@ -218,9 +225,12 @@ def weight_norm(
         raise MaskError(f"norm must be 1 or 2, got {norm}")
     masks = {}
     for name, level in _levels(model, sparsity_level, include, exclude, filter_fn).items():
-        weight = model.get_parameter(name).detach()
+        weight = _weight(model, name)
         if weight.dim() != 2:
             raise MaskError(f"{name}: WeightNormSparsifier's rule is for 2-D weights, got shape {tuple(weight.shape)}")
+        if weight.numel() == 0:
+            masks[name] = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+            continue
         masks[name] = _weight_norm_mask(weight, level, (block_h, block_w), zeros, norm)
     return masks
 
@@ -238,9 +248,13 @@ def block(
     ``round(sparsity * blocks)`` are gone (``WeightNormSparsifier``'s rule with whole blocks
     zeroed; blocks at the edges are cut short). A weight of more than two dimensions
     (a convolution's) is blocked as the matrix ``[out, in * kernel]``."""
+    block_shape = _block_shape(block_shape)
     masks = {}
     for name, level in _levels(model, sparsity, include, exclude, filter_fn).items():
-        weight = model.get_parameter(name).detach()
+        weight = _weight(model, name)
+        if weight.numel() == 0:
+            masks[name] = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+            continue
         matrix = weight.reshape(weight.shape[0], -1) if weight.dim() > 1 else weight.reshape(1, -1)
         whole = block_shape[0] * block_shape[1]
         masks[name] = _weight_norm_mask(matrix, level, block_shape, whole, 2).reshape(weight.shape)
@@ -249,21 +263,28 @@ def block(
 
 def from_sparsifier(sparsifier: Any) -> dict[str, torch.Tensor]:
     """The masks of a prepared ``torch.ao.pruning`` sparsifier (one per group), by parameter name."""
-    masks = {}
+    masks, seen = {}, set()
     for group in getattr(sparsifier, "groups", ()):
         module, tensor_name = group["module"], group.get("tensor_name", "weight")
         fqn = group.get("module_fqn") or ""
         chain = getattr(getattr(module, "parametrizations", None), tensor_name, None)
         if chain is None:
             raise MaskError(f"sparsifier group {fqn!r} has no parametrization on {tensor_name!r}: was it prepared?")
-        masks[f"{fqn}.{tensor_name}" if fqn else tensor_name] = chain[0].mask.detach().clone()
+        if id(chain.original) not in seen:  # a tied parameter: one mask, under its first name
+            seen.add(id(chain.original))
+            masks[f"{fqn}.{tensor_name}" if fqn else tensor_name] = chain[0].mask.detach().clone()
     return masks
 
 
 def from_parametrized(model: nn.Module) -> dict[str, torch.Tensor]:
     """The masks of every ``FakeSparsity``-like parametrization (one with a ``mask``) in ``model``
     (or of fxsparse's output), copied."""
-    return {name: buffer.detach().clone() for name, (_, buffer) in mask_buffers(model).items()}
+    masks, seen = {}, set()
+    for name, (parameter, buffer) in mask_buffers(model).items():
+        if id(parameter) not in seen:  # a tied parameter: one mask, under its first name
+            seen.add(id(parameter))
+            masks[name] = buffer.detach().clone()
+    return masks
 
 
 def from_prune(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -287,17 +308,21 @@ def to_sparsifier(model: nn.Module, masks: Mapping[str, torch.Tensor], sparsifie
 
     sparsifier = WeightNormSparsifier() if sparsifier is None else sparsifier
     copied = copy.deepcopy(model)
-    config = []
+    aliases: dict[int, list[str]] = {}
+    for alias, parameter in copied.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(alias)
+    parameters = dict(copied.named_parameters(remove_duplicate=False))
+    source_of: dict[str, str] = {}  # every alias of a masked parameter -> its key in masks
     for name in masks:
-        owner, _, tensor_name = name.rpartition(".")
-        if not isinstance(getattr(copied.get_submodule(owner), tensor_name, None), nn.Parameter):
+        if name not in parameters:
             raise MaskError(f"mask key {name!r} names no parameter of the model (give parameter names)")
-        config.append({"tensor_fqn": name})
-    sparsifier.prepare(copied, config)
+        for alias in aliases[id(parameters[name])]:  # a tied weight is masked at every use
+            source_of[alias] = name
+    sparsifier.prepare(copied, [{"tensor_fqn": alias} for alias in source_of])
     for group in sparsifier.groups:
         fqn = f"{group['module_fqn']}.{group['tensor_name']}" if group["module_fqn"] else group["tensor_name"]
         target = getattr(group["module"].parametrizations, group["tensor_name"])[0].mask
-        source = masks[fqn]
+        source = masks[source_of[fqn]]
         if tuple(source.shape) != tuple(target.shape):
             raise MaskError(f"mask for {fqn!r} has shape {tuple(source.shape)}, expected {tuple(target.shape)}")
         with torch.no_grad():
@@ -330,9 +355,46 @@ def mask_buffers(model: nn.Module) -> dict[str, tuple[nn.Parameter, torch.Tensor
     return found
 
 
+def _block_shape(shape: Any) -> tuple[int, int]:
+    if not (
+        isinstance(shape, (tuple, list))
+        and len(shape) == 2
+        and all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in shape)
+    ):
+        raise MaskError(f"a block shape is two whole numbers above 0 (rows, columns), got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def _stored_weight(module: nn.Module) -> torch.Tensor | None:
+    """The tensor a module's ``weight`` is stored as: the parameter, or a parametrization's original."""
+    if parametrize.is_parametrized(module, "weight"):
+        original = module.parametrizations.weight.original  # type: ignore[union-attr]
+        return original if isinstance(original, torch.Tensor) else None
+    weight = module._parameters.get("weight")
+    return weight if isinstance(weight, nn.Parameter) else None
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight ``name`` as the model computes with it (through any parametrization), checked."""
+    owner, _, tensor_name = name.rpartition(".")
+    value = getattr(model.get_submodule(owner), tensor_name)
+    if isinstance(value, nn.parameter.UninitializedParameter):
+        raise MaskError(f"{name}: the weight is not initialised yet (a lazy module): run a forward pass first")
+    if not isinstance(value, torch.Tensor):
+        raise MaskError(f"{name} is not a tensor of the model, but a {type(value).__name__}")
+    weight = value.detach()
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise MaskError(f"{name}: the weight is not initialised yet (a lazy module): run a forward pass first")
+    if weight.is_meta:
+        raise MaskError(f"{name}: the weight is on the meta device: it has no values to rank")
+    return weight
+
+
 def _globs(value: str | Sequence[str] | None, what: str) -> list[str] | None:
     if value is None:
         return None
+    if not isinstance(value, (str, Sequence)):
+        raise MaskError(f"{what} takes module-name globs (str, or a list of them), got {value!r}")
     globs = [value] if isinstance(value, str) else list(value)
     if not all(isinstance(glob, str) for glob in globs):
         raise MaskError(f"{what} takes module-name globs (str), got {value!r}")
@@ -364,7 +426,7 @@ def _levels(
     levels = {}
     for name in names:
         module = name.rpartition(".")[0]
-        glob = next((glob for glob in sparsity if fnmatch.fnmatchcase(module, glob)), None)
+        glob = next((g for g in sparsity if fnmatch.fnmatchcase(module, g) or fnmatch.fnmatchcase(name, g)), None)
         if glob is not None:
             levels[name] = _level(sparsity[glob], name)
     return levels
@@ -378,7 +440,7 @@ def _level(value: Any, name: str) -> float:
 
 def _scores(model: nn.Module, name: str) -> torch.Tensor:
     """``|w|`` with NaN as the largest, so a NaN weight is never pruned for being small."""
-    weight = model.get_parameter(name).detach()
+    weight = _weight(model, name)
     if not (weight.is_floating_point() or weight.is_complex()):
         raise MaskError(f"{name}: magnitude masks need a floating-point weight, got {weight.dtype}")
     return weight.abs().nan_to_num_(nan=math.inf)

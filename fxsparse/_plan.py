@@ -286,7 +286,7 @@ def _check_buffer_names(parameters: tuple[MaskedParameter, ...], modules: Mappin
         if buffer in owner._buffers:
             raise MaskError(
                 f"{p.name!r} already has a mask buffer {p.mask_name!r} (is the model an fxsparse output?); "
-                f"change the mask in place with out.get_buffer({p.mask_name!r}).copy_(mask), "
+                f"change the mask in place with fxsparse.update_masks(out, {{{p.name!r}: mask}}), "
                 "or transform the original model"
             )
         if hasattr(owner, buffer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.export
 from torch import nn
 
 from ._errors import MaskError
@@ -39,15 +40,26 @@ def update_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """
     if not isinstance(masks, Mapping):
         raise MaskError(f"masks must be a mapping from parameter names to tensors, got {type(masks).__name__}")
+    if isinstance(model, torch.export.ExportedProgram):
+        raise MaskError(
+            "an exported program's masks are constants of the program; update the masks of the "
+            "emit='graph' output (fxsparse.update_masks) and export it again"
+        )
     buffers = mask_buffers(model)
     if not buffers:
         raise MaskError(f"{type(model).__name__} has no masks to update: pass fxsparse.transform's output")
     by_parameter = {id(parameter): (name, buffer) for name, (parameter, buffer) in buffers.items()}
     writes: list[tuple[torch.Tensor, torch.Tensor]] = []
+    keys: dict[str, object] = {}
     for key, mask in masks.items():
         name, buffer = _find(model, key, buffers, by_parameter)
+        if name in keys:
+            raise MaskError(f"mask keys {keys[name]!r} and {key!r} name the same parameter {name!r}; give one")
+        keys[name] = key
         if not isinstance(mask, torch.Tensor):
             raise MaskError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
+        if mask.is_meta or mask.is_complex():
+            raise MaskError(f"mask for {name!r} must be a real tensor with values, got {mask.dtype} on {mask.device}")
         if tuple(mask.shape) != tuple(buffer.shape):
             raise MaskError(f"mask for {name!r} has shape {tuple(mask.shape)}, expected {tuple(buffer.shape)}")
         if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):

@@ -407,3 +407,115 @@ def test_a_packed_file_that_lies_about_its_shape(tmp_path: Path) -> None:
               metadata={"fxsparse.packed": '{"w": [64, 64]}'})  # fmt: skip
     with pytest.raises(fxsparse.MaskError, match="needs 512 bytes, found 2"):
         fxsparse.load_masks(tmp_path / "x.safetensors")
+
+
+# -- from the review -------------------------------------------------------------------------
+
+
+def test_generators_read_parametrized_models() -> None:
+    model = Net()
+    prepared = fxsparse.masks.to_sparsifier(model, fxsparse.masks.magnitude(model, 0.5)).model
+    assert fxsparse.masks.select(prepared) == fxsparse.masks.select(model)
+    again = fxsparse.masks.magnitude(prepared, 0.75)  # ranks the masked weights, as a schedule steps
+    assert all(float((~mask).float().mean()) == 0.75 for mask in again.values())
+    with pytest.raises(fxsparse.MaskError, match="before scripting"):
+        fxsparse.masks.magnitude(fxsparse.transform(model, {}, emit="script"), 0.5)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_tied_weights_round_trip() -> None:
+    model, x = Tied(), torch.randn(2, 8)
+    masks = fxsparse.masks.magnitude(model, 0.5)
+    assert sorted(masks) == ["a.weight"]
+    reference = fxsparse.transform(model, masks)
+    assert sorted(fxsparse.masks.from_parametrized(fxsparse.transform(model, masks, emit="parametrize"))) == [
+        "a.weight"
+    ]
+    sparsifier = fxsparse.masks.to_sparsifier(model, masks)
+    with torch.no_grad():
+        assert torch.equal(sparsifier.model(x), reference(x))  # masked at both uses
+    assert sorted(fxsparse.masks.from_sparsifier(sparsifier)) == ["a.weight"]
+
+
+def test_check_takes_block_masks_of_any_shape_and_validates_patterns() -> None:
+    conv = nn.Conv2d(8, 16, 3)
+    assert fxsparse.check(conv, fxsparse.masks.block(conv, 0.5, include="*"), pattern="block 4x4").ok
+    small = nn.Linear(6, 6)
+    assert fxsparse.check(small, fxsparse.masks.block(small, 0.5, include="*"), pattern="block 4x4").ok
+    for bad in ("2:0", "8:4", "block 0x0", "2-4"):
+        with pytest.raises(fxsparse.MaskError, match="pattern must be 'N:M'"):
+            fxsparse.check(small, {"weight": torch.ones(6, 6)}, pattern=bad)
+    report = fxsparse.check(small, {"bias": torch.ones(6)}, pattern="2:4")
+    assert report.problems == ("mask for 'bias' is 1-D: 2:4 applies to weights of 2 or more",)
+
+
+def test_update_masks_refuses_what_transform_refuses() -> None:
+    model = Net()
+    out = fxsparse.transform(model, fxsparse.masks.magnitude(model, 0.5))
+    ones = torch.ones(32, 16, dtype=torch.bool)
+    with pytest.raises(fxsparse.MaskError, match=r"name the same parameter 'encoder\.0\.weight'"):
+        fxsparse.update_masks(out, {"encoder.0.weight": ones, "encoder.0": ones})
+    with pytest.raises(fxsparse.MaskError, match="must be a real tensor with values"):
+        fxsparse.update_masks(out, {"encoder.0": torch.ones(32, 16, device="meta")})
+    program = fxsparse.transform(
+        model, {"head": torch.ones(12, 16)}, emit="export", example_inputs=(torch.randn(2, 16),)
+    )
+    with pytest.raises(fxsparse.MaskError, match="constants of the program"):
+        fxsparse.update_masks(program, {"head": torch.ones(12, 16)})  # type: ignore[arg-type]
+
+
+def test_odd_weights_get_mask_errors() -> None:
+    lazy = nn.LazyLinear(4)
+    with pytest.raises(fxsparse.MaskError, match="not initialised yet"):
+        fxsparse.masks.magnitude(lazy, 0.5)
+    with torch.device("meta"):
+        meta = nn.Linear(4, 4)
+    with pytest.raises(fxsparse.MaskError, match="meta device"):
+        fxsparse.masks.n_m(meta)
+    empty = nn.Linear(4, 4)
+    empty.weight = nn.Parameter(torch.empty(4, 0))
+    assert fxsparse.masks.block(empty, 0.5, include="*")["weight"].shape == (4, 0)
+    for shape in ((-1, 4), (0, 4), (1.5, 4)):
+        with pytest.raises(fxsparse.MaskError, match="a block shape is two whole numbers above 0"):
+            fxsparse.masks.block(nn.Linear(8, 8), 0.5, shape, include="*")  # type: ignore[arg-type]
+    with pytest.raises(fxsparse.MaskError, match="names no parameter"):
+        fxsparse.masks.to_sparsifier(Net(), {"nine.weight": torch.ones(2)})
+
+
+def test_global_scope_keeps_float64_precision() -> None:
+    model = nn.Linear(2, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1 + 1e-10, 1.0]], dtype=torch.float64))
+    assert fxsparse.masks.magnitude(model, 0.5, scope="global", include="*")["weight"].tolist() == [[True, False]]
+
+
+def test_mask_files_refuse_bombs_and_lies(tmp_path: Path) -> None:
+    import zipfile
+
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(256, 256)}, plain)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as target:
+        for entry in source.infolist():
+            target.writestr(entry.filename, source.read(entry))
+    with pytest.raises(fxsparse.MaskError, match="compressed entries"):
+        fxsparse.load_masks(bomb)
+    for metadata in ('{"a": 5}', "[1]", "null", '{"a": [2.5, 4]}'):
+        save_file({"a": torch.zeros(2, dtype=torch.uint8)}, str(tmp_path / "x.safetensors"),
+                  metadata={"fxsparse.packed": metadata})  # fmt: skip
+        with pytest.raises(fxsparse.MaskError, match="cannot read"):
+            fxsparse.load_masks(tmp_path / "x.safetensors")
+    shared = torch.ones(4, dtype=torch.bool)
+    path = fxsparse.save_masks({"a": shared, "b": shared}, tmp_path / "s.safetensors")
+    assert sorted(fxsparse.load_masks(path)) == ["a", "b"]
