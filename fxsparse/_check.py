@@ -19,7 +19,7 @@ from torch import nn
 from ._errors import MaskError
 from ._masks import mask_buffers
 from ._plan import build_plan
-from ._sparsity import _holders, density_of, input_axis_of, pattern_of
+from ._sparsity import density_of, holder_types, input_axis_of, pattern_of
 
 __all__ = ["CheckReport", "MaskCheck", "check"]
 
@@ -95,7 +95,7 @@ def check(
     if not isinstance(masks, Mapping):
         problem = f"masks must be a mapping from parameter or module names to tensors, got {type(masks).__name__}"
         return CheckReport((), (problem,))
-    holders = _holders(model)
+    holders = holder_types(model)
     entries = []
     problems: list[str] = []
     for key, mask in masks.items():

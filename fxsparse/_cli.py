@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     import fxsparse
 
-    from ._demo import DEMOS, magnitude_masks
+    from ._demo import DEMOS
 
     # TorchScript is deprecated in torch 2.13 and warns on every call; the demo writes it on purpose.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
@@ -137,7 +137,7 @@ def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     demo = DEMOS[name][0](seed)
     model, inputs, other = demo.model, demo.inputs, demo.other_inputs
-    masks = magnitude_masks(model, sparsity)
+    masks = fxsparse.masks.magnitude(model, sparsity)
     print(f"fxsparse demo: {demo.description}; {len(masks)} projection weights", flush=True)
 
     options: dict[str, Any] = {"example_kwargs": inputs, "dynamic_shapes": demo.dynamic_shapes}
@@ -276,13 +276,11 @@ def _load_masks(parser: argparse.ArgumentParser, path: Path) -> dict[str, torch.
     return masks
 
 
-def _prunable(model: torch.nn.Module) -> list[str]:
+def _prunable(module: torch.nn.Module, name: str) -> bool:
     """What ``fxsparse diff --sparsity`` masks: projections (Linear, Conv1D) and convolutions."""
-    from ._demo import linear_like
+    from ._masks import is_linear_like
 
-    convolutions = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-    names = set(linear_like(model)) | {n for n, m in model.named_modules() if isinstance(m, convolutions)}
-    return [name for name, _ in model.named_modules() if name in names]
+    return is_linear_like(module) or isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
 
 
 def _graph_of(parser: argparse.ArgumentParser, model: torch.nn.Module) -> torch.fx.GraphModule:
@@ -380,7 +378,6 @@ def run_diff(
     import fxsparse
 
     from . import viz
-    from ._demo import magnitude_masks
 
     model = _load(parser, source)
     if isinstance(model, torch.export.ExportedProgram):
@@ -388,10 +385,10 @@ def run_diff(
     if masks_file is not None:
         masks = _load_masks(parser, masks_file)
     else:
-        masks = magnitude_masks(model, sparsity, _prunable(model))
+        masks = fxsparse.masks.magnitude(model, sparsity, filter_fn=_prunable)
         if not masks:
             parser.error(f"{source!r} has no Linear, Conv or Conv1D weight to mask by magnitude; pass --masks")
-        kinds = Counter(type(model.get_submodule(name)).__name__ for name in masks)
+        kinds = Counter(type(model.get_submodule(name.rpartition(".")[0])).__name__ for name in masks)
         by_kind = ", ".join(f"{kind} ×{count}" for kind, count in sorted(kinds.items()))
         _say(f"masking {_count(len(masks), 'weight')} ({by_kind}) at {sparsity:.0%} sparsity by magnitude")
     before = _graph_of(parser, model)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._masks import is_linear_like
+
 
 class TinyLM(nn.Module):
     """A two-block MLP language model whose output head is tied to its embedding."""
@@ -91,31 +93,4 @@ DEMOS: dict[str, tuple[Callable[[int], Demo], str | None]] = {
 
 def linear_like(model: nn.Module) -> list[str]:
     """Names of the modules whose weight is a projection: nn.Linear, and transformers' Conv1D (GPT-2)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        or (type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers."))
-    ]
-
-
-def magnitude_masks(model: nn.Module, sparsity: float, modules: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Per-layer unstructured masks keeping the largest-magnitude ``1 - sparsity`` of the weight of
-    each of ``modules`` (default: the projections, :func:`linear_like`).
-
-    A weight tied between modules (an output head tied to the embedding) gets one mask.
-    """
-    masks = {}
-    seen: set[int] = set()
-    for name in linear_like(model) if modules is None else modules:
-        parameter = model.get_parameter(f"{name}.weight")
-        if id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        weight = parameter.detach().abs().flatten()
-        pruned = round(sparsity * weight.numel())
-        keep = torch.ones_like(weight, dtype=torch.bool)
-        if pruned:
-            keep[weight.argsort()[:pruned]] = False
-        masks[name] = keep.view_as(parameter)
-    return masks
+    return [name for name, module in model.named_modules() if is_linear_like(module)]

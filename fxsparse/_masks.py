@@ -81,7 +81,7 @@ def select(
         if weight is None or id(weight) in seen:
             continue
         if includes is None and filter_fn is None:
-            chosen = _linear_like(module)
+            chosen = is_linear_like(module)
         else:
             chosen = (includes is None or any(fnmatch.fnmatchcase(name, glob) for glob in includes)) and (
                 filter_fn is None or bool(filter_fn(module, name))
@@ -401,7 +401,8 @@ def _globs(value: str | Sequence[str] | None, what: str) -> list[str] | None:
     return globs
 
 
-def _linear_like(module: nn.Module) -> bool:
+def is_linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or Hugging Face's ``Conv1D`` (GPT-2's projections, ``[in, out]``)."""
     kind = type(module)
     return isinstance(module, nn.Linear) or (kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers."))
 

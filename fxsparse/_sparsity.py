@@ -17,7 +17,7 @@ from torch import nn
 
 from ._plan import Plan
 
-__all__ = ["ParameterSparsity", "density_of", "input_axis_of", "pattern_of", "summarize"]
+__all__ = ["ParameterSparsity", "density_of", "holder_types", "input_axis_of", "pattern_of", "summarize"]
 
 _N_OF_M = ((2, 4), (1, 4), (3, 4), (4, 8), (1, 2))  # (N, M), most used first
 _BLOCKS = (32, 16, 8, 4, 2)
@@ -70,7 +70,7 @@ def summarize(masks: Plan | Mapping[str, torch.Tensor], model: nn.Module | None 
     items: Iterable[tuple[str, torch.Tensor]] = (
         ((p.name, p.mask) for p in masks.parameters) if isinstance(masks, Plan) else masks.items()
     )
-    holders = _holders(model) if model is not None else {}
+    holders = holder_types(model) if model is not None else {}
     summary = []
     for name, mask in items:
         if mask.is_meta:
@@ -180,7 +180,7 @@ def _is_blocked(matrix: torch.Tensor, size: int) -> bool:
     return bool((kept_everywhere | ~kept_anywhere).all())
 
 
-def _holders(model: nn.Module) -> dict[str, list[type[nn.Module]]]:
+def holder_types(model: nn.Module) -> dict[str, list[type[nn.Module]]]:
     """Each parameter name of ``model`` (every alias) -> the types of all modules holding that parameter."""
     names: dict[int, list[str]] = {}
     kinds: dict[int, list[type[nn.Module]]] = {}

@@ -41,8 +41,6 @@ def _small() -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
 def _gpt2() -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fxsparse._demo import magnitude_masks
-
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0, use_cache=False
@@ -51,7 +49,7 @@ def _gpt2() -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     model.eval()
     example = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
     before = fxsparse.transform(model, {}, example_kwargs=example)
-    return before, fxsparse.transform(model, magnitude_masks(model, 0.5), example_kwargs=example)
+    return before, fxsparse.transform(model, fxsparse.masks.magnitude(model, 0.5), example_kwargs=example)
 
 
 def _big() -> torch.fx.GraphModule:
