@@ -37,7 +37,7 @@ from ._errors import EmitError, FxsparseError, MaskError, TraceError
 from ._maskfile import load_masks, save_masks
 from ._plan import MaskedParameter, Plan
 from ._rewrite import META_KEY, ROLES
-from ._transform import plan, transform
+from ._transform import freeze, plan, transform
 from ._update import update_masks
 
 __version__ = "0.3.0"
@@ -56,6 +56,7 @@ __all__ = [
     "Plan",
     "TraceError",
     "check",
+    "freeze",
     "load_masks",
     "masks",
     "plan",

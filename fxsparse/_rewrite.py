@@ -30,7 +30,7 @@ from ._errors import TraceError
 from ._plan import MASK_SUFFIX, MaskedParameter, Plan
 from ._runtime import call_with_parameters
 
-__all__ = ["META_KEY", "ROLES", "retag", "rewrite"]
+__all__ = ["META_KEY", "ROLES", "fold_masks", "retag", "rewrite"]
 
 META_KEY = "fxsparse"
 ROLES = {
@@ -42,6 +42,7 @@ ROLES = {
     "module": "fetches a module that is called with masked parameters swapped in",
     "called": "a call of a module whose forward cannot be traced, with masked parameters swapped in",
     "guards": "checks the inputs against those a graph captured by torch.export was exported for",
+    "frozen": "fetches a weight with its mask folded in (fxsparse.freeze)",
 }
 
 
@@ -59,6 +60,35 @@ def rewrite(root: nn.Module, graph: torch.fx.Graph, plan: Plan, exported: Export
     retag(graph, root)
     _Rewriter(graph, plan).run()
     graph.lint()
+
+
+def fold_masks(root: nn.Module, graph: torch.fx.Graph) -> list[str]:
+    """Fold each ``mask * weight`` of ``graph`` into its weight, in place: the parameter takes
+    the product's value (computed once, by the same ``torch.mul``, so outputs stay bit for
+    bit the same), every use reads the parameter, and the mask buffer is removed from
+    ``root``. Returns the names of the parameters folded.
+    """
+    folded = []
+    for product in list(graph.nodes):
+        tag = product.meta.get(META_KEY, {})
+        if product.op != "call_function" or tag.get("role") != "masked":
+            continue
+        mask_node, weight_node = product.args
+        assert isinstance(mask_node, torch.fx.Node) and isinstance(weight_node, torch.fx.Node)
+        parameter = root.get_parameter(str(weight_node.target))
+        mask = root.get_buffer(str(mask_node.target))
+        with torch.no_grad():
+            parameter.copy_(product.target(mask, parameter))
+        product.replace_all_uses_with(weight_node)
+        graph.erase_node(product)
+        if not mask_node.users:
+            graph.erase_node(mask_node)
+        owner, _, buffer = str(mask_node.target).rpartition(".")
+        del root.get_submodule(owner)._buffers[buffer]
+        weight_node.meta[META_KEY] = {"role": "frozen", "param": tag["param"]}
+        folded.append(str(tag["param"]))
+    graph.lint()
+    return folded
 
 
 def retag(graph: torch.fx.Graph, root: nn.Module | None = None) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -145,6 +147,30 @@ def _export_instead(
             f"capture='export' to try only one).\nWith torch.fx: {fx_failure}\nWith torch.export: {export_failure}"
         ) from export_failure
     return root, the_plan, exported
+
+
+def freeze(out: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of fxsparse's output with every mask folded into its weight, for inference.
+
+    Each masked parameter holds ``mask * weight`` (computed once, as the graph computes
+    it), the masks are gone from the graph and the ``state_dict`` (which has the model's
+    own keys again), and outputs equal ``out``'s bit for bit, at the speed of the dense
+    model. ``out`` itself is not changed and stays the one to train.
+
+    Example:
+        >>> import torch, fxsparse
+        >>> out = fxsparse.transform(torch.nn.Linear(2, 2), {"weight": torch.eye(2)})
+        >>> frozen = fxsparse.freeze(out)
+        >>> sorted(frozen.state_dict()), frozen.weight[0, 1].item() == 0
+        (['bias', 'weight'], True)
+    """
+    if not isinstance(out, torch.fx.GraphModule):
+        raise TypeError(f"freeze takes fxsparse.transform's output (emit='graph'), got {type(out).__name__}")
+    frozen = copy.deepcopy(out)
+    if not _rewrite.fold_masks(frozen, frozen.graph):
+        raise MaskError(f"{type(out).__name__} has no mask * weight to fold: pass fxsparse.transform's output")
+    frozen.recompile()
+    return frozen
 
 
 def plan(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> Plan:
