@@ -1,0 +1,65 @@
+"""Masked fine-tuning under torch.distributed: DDP and FSDP2 (fully_shard), 2 gloo processes on loopback."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fxsparse
+
+import distributed_worker as worker
+
+WORLD = 2
+TIMEOUT = 120  # seconds for the whole run; a hang fails the test instead of the suite
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn(mode: str, folder: Path) -> list[dict[str, object]]:
+    context = mp.spawn(worker.run, args=(WORLD, free_port(), mode, str(folder)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{mode} did not finish in {TIMEOUT} s")
+    return [torch.load(folder / f"{mode}-{rank}.pt") for rank in range(WORLD)]
+
+
+def single_process(sparsity_after: float | None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The same fine-tuning in one process on the whole batches: the mean of the ranks' losses."""
+    model = worker.make_model()
+    out = fxsparse.transform(model, fxsparse.masks.magnitude(model, 0.5))
+    if sparsity_after is not None:
+        fxsparse.update_masks(out, fxsparse.masks.magnitude(model, sparsity_after))
+    losses = worker.train(out, 0, 1)
+    return losses, {name: p.detach() for name, p in out.named_parameters()}
+
+
+@pytest.mark.parametrize(("mode", "sparsity_after"), [("ddp", None), ("fsdp", 0.75)])
+def test_masked_fine_tuning_across_ranks(mode: str, sparsity_after: float | None, tmp_path: Path) -> None:
+    ranks = spawn(mode, tmp_path)
+    first = ranks[0]
+    for other in ranks[1:]:  # masks and parameters identical on every rank
+        for key in ("masks", "parameters"):
+            assert all(torch.equal(first[key][k], other[key][k]) for k in first[key])  # type: ignore[index]
+    masks: dict[str, torch.Tensor] = first["masks"]  # type: ignore[assignment]
+    parameters: dict[str, torch.Tensor] = first["parameters"]  # type: ignore[assignment]
+    for name, mask in masks.items():  # pruned effective weights stay zero
+        assert not bool((mask * parameters[name])[~mask.bool()].any())
+    if sparsity_after is not None:  # the masks changed after sharding
+        assert [round(float((~m).float().mean()), 2) for m in masks.values()] == [sparsity_after] * 3
+    expected_losses, expected_parameters = single_process(sparsity_after)
+    mean_losses = torch.stack([torch.stack(r["losses"]) for r in ranks]).mean(dim=0)  # type: ignore[arg-type]
+    torch.testing.assert_close(mean_losses, torch.stack(expected_losses), rtol=1e-5, atol=1e-6)
+    for name, parameter in expected_parameters.items():
+        torch.testing.assert_close(parameters[name], parameter, rtol=1e-5, atol=1e-6)
