@@ -37,6 +37,7 @@ from ._errors import EmitError, FxsparseError, MaskError, TraceError
 from ._maskfile import load_masks, save_masks
 from ._plan import MaskedParameter, Plan
 from ._rewrite import META_KEY, ROLES
+from ._save import save
 from ._transform import freeze, plan, transform
 from ._update import update_masks
 
@@ -60,6 +61,7 @@ __all__ = [
     "load_masks",
     "masks",
     "plan",
+    "save",
     "save_masks",
     "transform",
     "update_masks",

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import importlib
 import inspect
+import logging
 import threading
 import typing
 from collections import OrderedDict
@@ -318,12 +319,17 @@ def export(
     # Forward runs on fake tensors and may store some on modules (transformers' longrope rotary
     # embedding caches its frequencies): put back what it changed, drop the fakes it added.
     before = [(module, dict(vars(module))) for module in model.modules()]
+    # torch logs a full traceback when a fake-tensor kernel fails; the TraceError carries the message.
+    fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_tensor_log.level
     try:
         with EXPORT_LOCK:
+            fake_tensor_log.setLevel(logging.CRITICAL)
             program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # the whole message: torch.export's often ends with the fix ("Suggested fixes: ...")
         raise TraceError(f"torch.export could not capture {type(model).__name__}: {describe(exc)}") from exc
     finally:
+        fake_tensor_log.setLevel(level)
         _restore_traced_attributes(before)
     for hooks in (model._forward_hooks, model._forward_pre_hooks):
         hooks.clear()

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ._errors import MaskError
+from ._save import atomic_write
 
 __all__ = ["load_masks", "save_masks"]
 
@@ -83,21 +83,11 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], 
         shapes = {name: list(mask.shape) for name, mask in tensors.items() if mask.dtype == torch.bool}
         tensors.update({name: _pack(tensors[name]) for name in shapes})
         metadata[_PACKED] = json.dumps(shapes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        if path.suffix in (".pt", ".pth"):
-            torch.save(tensors, temporary)
-        else:
-            from safetensors.torch import save_file
+    if path.suffix in (".pt", ".pth"):
+        return atomic_write(path, lambda temporary: torch.save(tensors, temporary))
+    from safetensors.torch import save_file
 
-            save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

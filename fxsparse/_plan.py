@@ -219,6 +219,11 @@ def _resolve_key(
         if weight_name in parameter_by_name:
             return weight_name
         what = "the root module" if not key else f"module {key!r}"
+        if type(modules[key]).__module__.startswith("torch.ao.nn.quantized"):
+            raise MaskError(
+                f"mask key {key!r} names {what} ({type(modules[key]).__name__}), a quantized module whose weight is "
+                "packed, not a parameter: mask the float model, then quantize it"
+            )
         raise MaskError(
             f"mask key {key!r} names {what} ({type(modules[key]).__name__}), which has no parameter "
             f"'weight'; name one of its parameters instead: {_own_parameters(key, parameter_by_name) or 'it has none'}"
@@ -259,6 +264,10 @@ def _normalize(key: str, value: object, name: str, parameter: torch.Tensor) -> t
     what = f"mask for {name!r}" if key == name else f"mask for {name!r} (key {key!r})"
     if not isinstance(value, torch.Tensor):
         raise MaskError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
+    if isinstance(parameter, nn.parameter.UninitializedParameter):
+        raise MaskError(
+            f"{name!r} is not initialised yet (a lazy module such as LazyLinear): run one forward pass first"
+        )
     if tuple(value.shape) != tuple(parameter.shape):
         raise MaskError(f"{what} has shape {tuple(value.shape)}, but the parameter has shape {tuple(parameter.shape)}")
     if value.layout != torch.strided:

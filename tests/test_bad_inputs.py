@@ -1,0 +1,199 @@
+"""Every bad input of the trust issue: a clear fxsparse error naming the parameter, or working as
+documented; the input model untouched. docs/errors.md tables the same rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import fxsparse
+
+DOCS = Path(__file__).parent.parent / "docs" / "errors.md"
+
+
+def small() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.sum() > 0 else x
+
+
+def tied() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    return model
+
+
+def int8_weight() -> nn.Module:
+    model = small()
+    model[0].weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int8), requires_grad=False)
+    return model
+
+
+def quantized() -> nn.Module:
+    import torch.ao.nn.quantized as nnq
+
+    with pytest.warns(UserWarning):  # torch 2.13 deprecates quantized tensor creation
+        return nn.Sequential(nnq.Linear(4, 3))
+
+
+def mask_file(tmp_path: Path, kind: str) -> Path:
+    if kind == "truncated":
+        path = fxsparse.save_masks({"0.weight": torch.ones(3, 4, dtype=torch.bool)}, tmp_path / "m.safetensors")
+        path.write_bytes(path.read_bytes()[:40])
+        return path
+    path = tmp_path / "code.pt"
+
+    class RunsCode:
+        def __reduce__(self) -> tuple[Any, tuple[str]]:
+            return (exec, (f"open({str(tmp_path / 'ran')!r}, 'w')",))
+
+    torch.save({"0.weight": RunsCode()}, path)
+    return path
+
+
+ONES = torch.ones(3, 4)
+# (case as named in docs/errors.md, model factory, call, expected: an error type and message, or None: works)
+CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any], tuple[type, str] | None]] = [
+    (
+        "unknown key",
+        small,
+        lambda m, _: fxsparse.transform(m, {"5.weight": ONES}),
+        (fxsparse.MaskError, "mask key '5.weight' names no parameter or module of the model; closest valid names"),
+    ),
+    (
+        "key naming a module without a weight",
+        small,
+        lambda m, _: fxsparse.transform(m, {"1": ONES}),
+        (fxsparse.MaskError, "names module '1' (ReLU), which has no parameter 'weight'"),
+    ),
+    (
+        "shape mismatch",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": torch.ones(3, 3)}),
+        (fxsparse.MaskError, "mask for '0.weight' (key '0') has shape (3, 3), but the parameter has shape (3, 4)"),
+    ),
+    (
+        "transposed shape",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": ONES.T}),
+        (fxsparse.MaskError, "has shape (4, 3), but the parameter has shape (3, 4)"),
+    ),
+    (
+        "non-tensor",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": [[1] * 4] * 3}),
+        (fxsparse.MaskError, "mask for '0.weight' (key '0') must be a torch.Tensor, got list"),
+    ),
+    (
+        "NaN or inf mask",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": torch.full((3, 4), float("inf"))}),
+        (fxsparse.MaskError, "holds NaN or infinite values"),
+    ),
+    ("integer 0/1 mask", small, lambda m, _: fxsparse.transform(m, {"0": torch.ones(3, 4, dtype=torch.int64)}), None),
+    (
+        "complex mask",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": ONES.to(torch.complex64)}),
+        (fxsparse.MaskError, "must be bool, integer or floating, got torch.complex64"),
+    ),
+    ("mask with requires_grad", small, lambda m, _: fxsparse.transform(m, {"0": ONES.requires_grad_()}), None),
+    (
+        "mask on another device",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": ONES.to("meta")}),
+        (fxsparse.MaskError, "is on the meta device and holds no values"),
+    ),
+    ("empty mask dict", small, lambda m, _: fxsparse.transform(m, {}), None),
+    (
+        "two keys for one tied parameter",
+        tied,
+        lambda m, _: fxsparse.transform(m, {"0.weight": torch.ones(4, 4), "1.weight": torch.zeros(4, 4)}),
+        (fxsparse.MaskError, "mask keys '0.weight' and '1.weight' name the same parameter '0.weight'"),
+    ),
+    (
+        "LazyLinear not initialised",
+        lambda: nn.Sequential(nn.LazyLinear(3)),
+        lambda m, _: fxsparse.transform(m, {"0": ONES}),
+        (fxsparse.MaskError, "is not initialised yet"),
+    ),
+    ("integer weight", int8_weight, lambda m, _: fxsparse.transform(m, {"0": ONES}), None),
+    (
+        "quantized module",
+        quantized,
+        lambda m, _: fxsparse.transform(m, {"0": ONES}),
+        (fxsparse.MaskError, "a quantized module whose weight is packed, not a parameter: mask the float model"),
+    ),
+    (
+        "model FX cannot trace",
+        Untraceable,
+        lambda m, _: fxsparse.transform(m, {"fc": torch.ones(4, 4)}),
+        (fxsparse.TraceError, "pass example_inputs"),
+    ),
+    (
+        "fxsparse output transformed again",
+        lambda: fxsparse.transform(small(), {"0": ONES}),
+        lambda m, _: fxsparse.transform(m, {"0": ONES}),
+        (fxsparse.MaskError, "change the mask in place with fxsparse.update_masks(out, {'0.weight': mask})"),
+    ),
+    (
+        "example inputs of the wrong shape (export)",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": ONES}, capture="export", example_inputs=(torch.randn(2, 5),)),
+        (fxsparse.TraceError, "torch.export could not capture Sequential"),
+    ),
+    (
+        "corrupt or truncated mask file",
+        small,
+        lambda m, tmp: fxsparse.load_masks(mask_file(tmp, "truncated")),
+        (fxsparse.MaskError, "corrupt or truncated"),
+    ),
+    (
+        "mask file that runs code on load",
+        small,
+        lambda m, tmp: fxsparse.load_masks(mask_file(tmp, "code")),
+        (fxsparse.MaskError, "torch.load(weights_only=True) refused it"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "call", "expected"), CASES, ids=[case[0] for case in CASES])
+def test_bad_input(
+    name: str, make: Callable[[], nn.Module], call: Callable[[nn.Module, Path], Any],
+    expected: tuple[type, str] | None, tmp_path: Path,
+) -> None:  # fmt: skip
+    model = make()
+    state = {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor) and not isinstance(v, nn.parameter.UninitializedTensorMixin)
+    }
+    if expected is None:
+        assert call(model, tmp_path) is not None
+    else:
+        error, message = expected
+        with pytest.raises(error) as raised:
+            call(model, tmp_path)
+        assert message in str(raised.value)
+    if state:  # nothing half-done: the model is as it was
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert not (tmp_path / "ran").exists()
+
+
+def test_the_docs_table_every_case() -> None:
+    table = DOCS.read_text()
+    missing = [name for name, *_ in CASES if f"| {name} |" not in table]
+    assert missing == []
