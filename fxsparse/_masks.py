@@ -383,6 +383,8 @@ def _weight(model: nn.Module, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise MaskError(f"{name} is not a tensor of the model, but a {type(value).__name__}")
     weight = value.detach()
+    if hasattr(weight, "full_tensor"):  # a DTensor (FSDP2's fully_shard): every rank gathers the whole weight
+        weight = weight.full_tensor()
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise MaskError(f"{name}: the weight is not initialised yet (a lazy module): run a forward pass first")
     if weight.is_meta:

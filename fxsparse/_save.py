@@ -23,18 +23,35 @@ __all__ = ["atomic_write", "save"]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> Path:
-    """Call ``write(temporary_path)``, then rename the temporary file to ``path``."""
-    path = Path(path)
+    """Call ``write(temporary_path)``, then rename the temporary file to ``path``.
+
+    The file gets the permissions a plain ``open`` would give it (an existing file's own,
+    or the umask's), a symbolic link is written through to its target, ``~`` is expanded,
+    and missing parent folders are made.
+    """
+    text = os.fspath(path)
+    if not text or text.endswith((os.sep, "/")):
+        raise ValueError(f"save needs a file path, got {text!r}")
+    path = Path(os.path.realpath(os.path.expanduser(text)))
+    if path.is_dir():
+        raise IsADirectoryError(f"save needs a file path, but {text!r} is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save(obj: Any, path: str | os.PathLike[str]) -> Path:

@@ -50,8 +50,9 @@ def run(rank: int, world: int, port: int, mode: str, folder: str) -> None:
 
             fully_shard(out)
             wrapped = out
-            # what torch.ao.pruning cannot do after fully_shard: change the masks
-            fxsparse.update_masks(out, fxsparse.masks.magnitude(model, 0.75))
+            # what torch.ao.pruning cannot do after fully_shard: compute new masks from the sharded
+            # weights and change them
+            fxsparse.update_masks(out, fxsparse.masks.magnitude(out, 0.75))
         losses = train(wrapped, rank, world)
         masks = {name: mask.clone() for name, mask in fxsparse.viz.masks_of(out).items()}
         state = {}

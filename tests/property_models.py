@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 import fxsparse
 
 BLOCKS = ("linear", "nested", "reused", "tied")
-MASKS = ("binary", "soft", "zeros", "ones")
+MASKS = ("binary", "soft", "zeros", "ones", "one kept")
 
 
 class Chain(nn.Module):
@@ -68,12 +68,15 @@ def models(draw: Any) -> tuple[nn.Module, int]:
 @st.composite
 def masks_for(draw: Any, model: nn.Module) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    aliases: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
     masks = {}
-    seen: set[int] = set()
-    for name, parameter in model.named_parameters():
-        if id(parameter) in seen or not draw(st.booleans()):
+    for names in aliases.values():
+        if not draw(st.booleans()):
             continue
-        seen.add(id(parameter))
+        name = draw(st.sampled_from(names))  # a tied pair's mask under either name
+        parameter = model.get_parameter(name)
         kind = draw(st.sampled_from(MASKS))
         masks[name] = _mask(kind, parameter.shape, generator)
     return masks
@@ -84,6 +87,10 @@ def _mask(kind: str, shape: torch.Size, generator: torch.Generator) -> torch.Ten
         return torch.rand(shape, generator=generator) > 0.5
     if kind == "soft":
         return torch.rand(shape, generator=generator)
+    if kind == "one kept":
+        mask = torch.zeros(shape, dtype=torch.bool)
+        mask.view(-1)[int(torch.randint(mask.numel(), (1,), generator=generator))] = True
+        return mask
     return torch.zeros(shape, dtype=torch.bool) if kind == "zeros" else torch.ones(shape)
 
 
@@ -114,3 +121,8 @@ def check_properties(model: nn.Module, width: int, masks: dict[str, torch.Tensor
     with torch.no_grad():
         assert torch.equal(other(x), out(x)), "state_dict round trip changed the output"
     assert all(torch.equal(other.state_dict()[k], v) for k, v in out.state_dict().items())
+    if masks:  # frozen: the masks folded into the weights, the same outputs, the model's own keys
+        frozen = fxsparse.freeze(out)
+        with torch.no_grad():
+            assert torch.equal(frozen(x), out(x)), "freeze changed the output"
+        assert set(frozen.state_dict()) == set(model.state_dict())

@@ -80,3 +80,21 @@ def test_an_interrupted_save_leaves_the_old_file(tmp_path: Path, monkeypatch: py
 def test_save_names_what_it_takes(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="save takes a module"):
         fxsparse.save(3, tmp_path / "x")
+
+
+def test_saved_files_get_ordinary_permissions_and_follow_links(tmp_path: Path) -> None:
+    out = fxsparse.transform(model(), masks())
+    plain = tmp_path / "plain.pt"
+    torch.save(out.state_dict(), plain)
+    ours = fxsparse.save(out.state_dict(), tmp_path / "ours.pt")
+    assert ours.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkstemp's 0600
+    plain.chmod(0o640)
+    assert fxsparse.save(out.state_dict(), plain).stat().st_mode & 0o777 == 0o640  # an existing file's kept
+    target, link = tmp_path / "target.pt", tmp_path / "link.pt"
+    target.write_bytes(b"")
+    link.symlink_to(target)
+    fxsparse.save(out.state_dict(), link)
+    assert link.is_symlink() and target.stat().st_size > 0
+    for bad in ("", f"{tmp_path}/folder/", str(tmp_path)):
+        with pytest.raises((ValueError, IsADirectoryError), match="save needs a file path"):
+            fxsparse.save(out.state_dict(), bad)
