@@ -13,13 +13,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.export
-import torch.nn.functional as F
 from torch import nn
 
 from ._errors import MaskError
 from ._masks import mask_buffers
 from ._plan import build_plan
-from ._sparsity import density_of, holder_types, input_axis_of, pattern_of
+from ._sparsity import density_of, holder_types, input_axis_of, pattern_of, uniform_blocks
 
 __all__ = ["CheckReport", "MaskCheck", "check"]
 
@@ -158,10 +157,4 @@ def _follows(mask: torch.Tensor, pattern: tuple[str, int, int], axis: int) -> bo
     if kind == "n:m":
         moved = kept.movedim(axis, -1)
         return moved.shape[-1] % second == 0 and bool((moved.reshape(-1, second).sum(dim=1) <= first).all())
-    matrix = kept.reshape(kept.shape[0], -1)
-    rows, columns = matrix.shape
-    pad = (0, -columns % second, 0, -rows % first)
-    shape = ((rows + pad[3]) // first, first, (columns + pad[1]) // second, second)
-    anywhere = F.pad(matrix, pad, value=False).reshape(shape).any(dim=(1, 3))
-    everywhere = F.pad(matrix, pad, value=True).reshape(shape).all(dim=(1, 3))
-    return bool((everywhere | ~anywhere).all())
+    return uniform_blocks(kept.reshape(kept.shape[0], -1), first, second)

@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 
 from ._errors import MaskError
 from ._rewrite import META_KEY
+from ._sparsity import input_axis_of
 
 __all__ = [
     "block",
@@ -169,7 +170,7 @@ def n_m(
         scores = _scores(model, name)
         if scores.dim() < 2:
             raise MaskError(f"{name}: N:M masks need a weight of 2 or more dimensions, got shape {tuple(scores.shape)}")
-        axis = _input_axis(model, name)
+        axis = input_axis_of([type(model.get_submodule(name.rpartition(".")[0]))])
         moved = scores.movedim(axis, -1)
         if moved.shape[-1] % m:
             raise MaskError(
@@ -407,12 +408,6 @@ def is_linear_like(module: nn.Module) -> bool:
     """An ``nn.Linear``, or Hugging Face's ``Conv1D`` (GPT-2's projections, ``[in, out]``)."""
     kind = type(module)
     return isinstance(module, nn.Linear) or (kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers."))
-
-
-def _input_axis(model: nn.Module, name: str) -> int:
-    owner = model.get_submodule(name.rpartition(".")[0])
-    transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-    return 0 if type(owner).__name__ == "Conv1D" or isinstance(owner, transposed) else 1
 
 
 def _levels(

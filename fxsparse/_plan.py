@@ -30,7 +30,7 @@ from torch import nn
 
 from ._errors import MaskError
 
-__all__ = ["OPENINGS", "MaskedParameter", "OpenedModule", "Opening", "Plan", "build_plan"]
+__all__ = ["OPENINGS", "MaskedParameter", "OpenedModule", "Opening", "Plan", "build_plan", "normalize_mask"]
 
 MASK_SUFFIX = "_mask"
 _PARAMETRIZED = re.compile(r"(.*?)parametrizations\.(\w+)\.original")
@@ -179,14 +179,14 @@ def build_plan(
                 f"mask keys {key_of[id(parameter)]!r} and {key!r} name the same parameter "
                 f"{aliases_of[id(parameter)][0]!r}; give one mask per parameter"
             )
-        mask = _normalize(key, value, name, parameter)
+        mask = normalize_mask(key, value, name, parameter)
         chosen[id(parameter)] = MaskedParameter(name, tuple(aliases_of[id(parameter)]), mask)
         key_of[id(parameter)] = key
     for name, value in (inherited or {}).items():
         parameter = parameter_by_name[name]
         if id(parameter) not in chosen:
             chosen[id(parameter)] = MaskedParameter(
-                name, tuple(aliases_of[id(parameter)]), _normalize(name, value, name, parameter)
+                name, tuple(aliases_of[id(parameter)]), normalize_mask(name, value, name, parameter)
             )
     parameters = tuple(chosen.values())
     _check_buffer_names(parameters, modules)
@@ -260,7 +260,9 @@ def _own_parameters(module_name: str, parameter_by_name: Mapping[str, nn.Paramet
     return ", ".join(repr(n) for n in own)
 
 
-def _normalize(key: str, value: object, name: str, parameter: torch.Tensor) -> torch.Tensor:
+def normalize_mask(key: str, value: object, name: str, parameter: torch.Tensor) -> torch.Tensor:
+    """``value`` checked as a mask for ``parameter`` (named ``name``, given under ``key``) and
+    made a contiguous copy on its device, ``bool`` or in its dtype (the module's mask rules)."""
     what = f"mask for {name!r}" if key == name else f"mask for {name!r} (key {key!r})"
     if not isinstance(value, torch.Tensor):
         raise MaskError(f"{what} must be a torch.Tensor, got {type(value).__name__}")

@@ -17,7 +17,15 @@ from torch import nn
 
 from ._plan import Plan
 
-__all__ = ["ParameterSparsity", "density_of", "holder_types", "input_axis_of", "pattern_of", "summarize"]
+__all__ = [
+    "ParameterSparsity",
+    "density_of",
+    "holder_types",
+    "input_axis_of",
+    "pattern_of",
+    "summarize",
+    "uniform_blocks",
+]
 
 _N_OF_M = ((2, 4), (1, 4), (3, 4), (4, 8), (1, 2))  # (N, M), most used first
 _BLOCKS = (32, 16, 8, 4, 2)
@@ -166,15 +174,18 @@ def _n_of_m(matrix: torch.Tensor) -> str | None:
 
 
 def _is_blocked(matrix: torch.Tensor, size: int) -> bool:
-    """Whether every ``size`` x ``size`` block (cut short at the edges) is all kept or all pruned.
-
-    At least two blocks must fit whole, or any mask of a small matrix would qualify.
-    """
+    """Whether ``matrix`` is made of ``size`` x ``size`` blocks (:func:`uniform_blocks`), at least
+    two of them whole, or any mask of a small matrix would qualify."""
     rows, columns = matrix.shape
-    if (rows // size) * (columns // size) < 2:
-        return False
-    pad = (0, -columns % size, 0, -rows % size)
-    shape = ((rows + pad[3]) // size, size, (columns + pad[1]) // size, size)
+    return (rows // size) * (columns // size) >= 2 and uniform_blocks(matrix, size, size)
+
+
+def uniform_blocks(matrix: torch.Tensor, rows: int, columns: int) -> bool:
+    """Whether every ``rows`` x ``columns`` block of a bool ``matrix`` (from index 0, cut short at
+    the edges) is all kept or all pruned."""
+    height, width = matrix.shape
+    pad = (0, -width % columns, 0, -height % rows)
+    shape = ((height + pad[3]) // rows, rows, (width + pad[1]) // columns, columns)
     kept_anywhere = F.pad(matrix, pad, value=False).reshape(shape).any(dim=(1, 3))
     kept_everywhere = F.pad(matrix, pad, value=True).reshape(shape).all(dim=(1, 3))
     return bool((kept_everywhere | ~kept_anywhere).all())

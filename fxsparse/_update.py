@@ -15,6 +15,7 @@ from torch import nn
 
 from ._errors import MaskError
 from ._masks import mask_buffers
+from ._plan import normalize_mask
 
 __all__ = ["update_masks"]
 
@@ -56,20 +57,17 @@ def update_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         if name in keys:
             raise MaskError(f"mask keys {keys[name]!r} and {key!r} name the same parameter {name!r}; give one")
         keys[name] = key
-        if not isinstance(mask, torch.Tensor):
-            raise MaskError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
-        if mask.is_meta or mask.is_complex():
-            raise MaskError(f"mask for {name!r} must be a real tensor with values, got {mask.dtype} on {mask.device}")
-        if tuple(mask.shape) != tuple(buffer.shape):
-            raise MaskError(f"mask for {name!r} has shape {tuple(mask.shape)}, expected {tuple(buffer.shape)}")
-        if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
-            raise MaskError(f"mask for {name!r} holds NaN or infinite values")
-        if buffer.dtype == torch.bool and mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        checked = normalize_mask(str(key), mask, name, buffers[name][0])  # transform's own rules
+        if (
+            buffer.dtype == torch.bool
+            and checked.dtype != torch.bool
+            and not bool(((checked == 0) | (checked == 1)).all())
+        ):
             raise MaskError(
                 f"mask for {name!r} has values other than 0 and 1, but this model's mask is bool; "
                 "transform again with a floating mask to use soft masks"
             )
-        writes.append((buffer, mask.detach().to(device=buffer.device, dtype=buffer.dtype)))
+        writes.append((buffer, checked.to(device=buffer.device, dtype=buffer.dtype)))
     with torch.no_grad():
         for buffer, mask in writes:
             buffer.copy_(mask)
