@@ -294,15 +294,17 @@ def test_collapsed_modules_keep_their_edges_and_marks() -> None:
 
 
 class LoopedList(nn.Module):
-    """A ModuleList called in a loop whose body also calls a function: 2,402 nodes once masked."""
+    """A ModuleList called in a loop whose body also calls functions: ``relu(layer(x))``, or with
+    ``residual`` ``x + layer(x) * 0.5`` (its nodes then sit at the root, outside every module)."""
 
-    def __init__(self, layers: int) -> None:
+    def __init__(self, layers: int, residual: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(layers))
+        self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = torch.relu(layer(x))
+            x = x + layer(x) * 0.5 if self.residual else torch.relu(layer(x))
         return x
 
 
@@ -432,19 +434,8 @@ def test_diff_of_tied_fetches_under_export() -> None:
     assert not set(d.removed) & {n for _, n in d.matched.items()}  # nothing both removed and drawn alive
 
 
-class Residual(nn.Module):
-    def __init__(self, layers: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = x + layer(x) * 0.5
-        return x
-
-
 def test_a_residual_loop_folds_into_its_run() -> None:
-    dot = viz.draw(torch.fx.symbolic_trace(Residual(800)))  # 2,402 nodes, most at the root
+    dot = viz.draw(torch.fx.symbolic_trace(LoopedList(800, residual=True)))  # 2,402 nodes, most at the root
     assert dot.source.count("[label=") < 20
     assert "layers.2 … layers.798\\n(×797)" in dot.source
 
