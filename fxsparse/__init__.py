@@ -34,22 +34,25 @@ from . import masks, viz
 from ._check import CheckReport, MaskCheck, check
 from ._emit import EMITS, MaskedGraphModule
 from ._errors import EmitError, FxsparseError, MaskError, TraceError
+from ._kernels import LAYOUTS, LayoutChoice
 from ._maskfile import load_masks, save_masks
 from ._plan import MaskedParameter, Plan
 from ._rewrite import META_KEY, ROLES
 from ._save import save
-from ._transform import freeze, plan, transform
+from ._transform import freeze, layouts, plan, transform
 from ._update import update_masks
 
 __version__ = "0.3.0"
 
 __all__ = [
     "EMITS",
+    "LAYOUTS",
     "META_KEY",
     "ROLES",
     "CheckReport",
     "EmitError",
     "FxsparseError",
+    "LayoutChoice",
     "MaskCheck",
     "MaskError",
     "MaskedGraphModule",
@@ -58,6 +61,7 @@ __all__ = [
     "TraceError",
     "check",
     "freeze",
+    "layouts",
     "load_masks",
     "masks",
     "plan",

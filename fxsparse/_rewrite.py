@@ -19,6 +19,7 @@ whose ``"role"`` is one of :data:`ROLES`, with ``"param"`` naming the parameter
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,9 +29,9 @@ from torch import nn
 from ._capture import MISSING, Exported, lookup
 from ._errors import TraceError
 from ._plan import MASK_SUFFIX, MaskedParameter, Plan
-from ._runtime import call_with_parameters
+from ._runtime import bsr_linear, call_with_parameters, csr_linear
 
-__all__ = ["META_KEY", "ROLES", "fold_masks", "retag", "rewrite"]
+__all__ = ["LINEAR_CALLS", "META_KEY", "ROLES", "fold_masks", "frozen_linear_uses", "retag", "rewrite", "use_layouts"]
 
 META_KEY = "fxsparse"
 ROLES = {
@@ -43,6 +44,9 @@ ROLES = {
     "called": "a call of a module whose forward cannot be traced, with masked parameters swapped in",
     "guards": "checks the inputs against those a graph captured by torch.export was exported for",
     "frozen": "fetches a weight with its mask folded in (fxsparse.freeze)",
+    "linear": "a linear call of a frozen weight, tagged with the layout fxsparse.freeze chose for it",
+    "sparse": "a linear call on a frozen weight stored in a sparse layout (fxsparse.freeze(layout=...))",
+    "sparse weight": "fetches a part of a sparse weight: its row pointers, column indices or values",
 }
 
 
@@ -62,13 +66,13 @@ def rewrite(root: nn.Module, graph: torch.fx.Graph, plan: Plan, exported: Export
     graph.lint()
 
 
-def fold_masks(root: nn.Module, graph: torch.fx.Graph) -> list[str]:
+def fold_masks(root: nn.Module, graph: torch.fx.Graph) -> dict[str, torch.Tensor]:
     """Fold each ``mask * weight`` of ``graph`` into its weight, in place: the parameter takes
     the product's value (computed once, by the same ``torch.mul``, so outputs stay bit for
     bit the same), every use reads the parameter, and the mask buffer is removed from
-    ``root``. Returns the names of the parameters folded.
+    ``root``. Returns each folded parameter's name and mask.
     """
-    folded = []
+    folded = {}
     for product in list(graph.nodes):
         tag = product.meta.get(META_KEY, {})
         if product.op != "call_function" or tag.get("role") != "masked":
@@ -86,9 +90,87 @@ def fold_masks(root: nn.Module, graph: torch.fx.Graph) -> list[str]:
         owner, _, buffer = str(mask_node.target).rpartition(".")
         del root.get_submodule(owner)._buffers[buffer]
         weight_node.meta[META_KEY] = {"role": "frozen", "param": tag["param"]}
-        folded.append(str(tag["param"]))
+        folded[str(tag["param"])] = mask
     graph.lint()
     return folded
+
+
+LINEAR_CALLS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
+
+
+def frozen_linear_uses(graph: torch.fx.Graph) -> dict[str, tuple[list[torch.fx.Node], list[torch.fx.Node]]]:
+    """Each frozen weight's linear calls (weight in the second slot), and its other users."""
+    uses = {}
+    for fetch in graph.find_nodes(op="get_attr"):
+        tag = fetch.meta.get(META_KEY, {})
+        if tag.get("role") != "frozen":
+            continue
+        linear: list[torch.fx.Node] = []
+        other: list[torch.fx.Node] = []
+        for user in fetch.users:
+            is_linear = user.op == "call_function" and user.target in LINEAR_CALLS
+            (linear if is_linear and _weight_argument(user) is fetch else other).append(user)
+        uses[str(tag["param"])] = (linear, other)
+    return uses
+
+
+def _weight_argument(call: torch.fx.Node) -> Any:
+    return call.args[1] if len(call.args) > 1 else call.kwargs.get("weight")
+
+
+def _bias_argument(call: torch.fx.Node) -> Any:
+    return call.args[2] if len(call.args) > 2 else call.kwargs.get("bias")
+
+
+def use_layouts(
+    root: nn.Module,
+    graph: torch.fx.Graph,
+    choices: Mapping[str, Any],
+    stored: Mapping[str, Mapping[str, torch.Tensor] | torch.Tensor],
+) -> None:
+    """Run each frozen linear weight in its chosen layout, in place.
+
+    ``choices`` maps a parameter to its ``_kernels.LayoutChoice``; ``stored`` maps each
+    parameter that changes layout to what replaces it: a ``SparseSemiStructuredTensor``
+    (the parameter takes it; the ``linear`` call stays), or the CSR/BSR parts, which become
+    buffers ``<weight>_crow_indices``, ``<weight>_col_indices`` and ``<weight>_values`` read by
+    a ``csr_linear``/``bsr_linear`` call in place of ``linear``, the dense parameter gone.
+    Every linear call of a frozen weight is tagged with its choice.
+    """
+    for param, (linear, _) in frozen_linear_uses(graph).items():
+        choice = choices.get(param)
+        if choice is None:
+            continue
+        for call in linear:
+            call.meta[META_KEY] = {**call.meta.get(META_KEY, {"role": "linear"}), "param": param, **choice.as_meta()}
+        if choice.layout == "dense":
+            continue
+        owner_name, _, attribute = param.rpartition(".")
+        owner = root.get_submodule(owner_name)
+        replacement = stored[param]
+        if isinstance(replacement, torch.Tensor):  # semi-structured: same call, another tensor
+            owner._parameters[attribute] = nn.Parameter(replacement, requires_grad=False)
+            continue
+        fetch = _weight_argument(linear[0])
+        with graph.inserting_before(fetch):
+            parts = []
+            for part, value in replacement.items():
+                owner.register_buffer(f"{attribute}_{part}", value)
+                node = graph.get_attr(f"{param}_{part}")
+                node.meta[META_KEY] = {"role": "sparse weight", "param": param, "layout": choice.layout}
+                parts.append(node)
+        kernel = csr_linear if choice.layout == "csr" else bsr_linear
+        out_features = int(owner._parameters[attribute].shape[0])  # type: ignore[union-attr]
+        for call in linear:
+            x = call.args[0] if call.args else call.kwargs["input"]
+            bias = _bias_argument(call)
+            call.target = kernel
+            call.args = (x, *parts, bias, out_features)
+            call.kwargs = {}
+            call.meta[META_KEY]["role"] = "sparse"
+        graph.erase_node(fetch)
+        del owner._parameters[attribute]
+    graph.lint()
 
 
 def retag(graph: torch.fx.Graph, root: nn.Module | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,12 +13,14 @@ import torch
 import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
-from . import _capture, _emit, _rewrite
+from . import _capture, _emit, _kernels, _rewrite
 from ._errors import EmitError, MaskError, TraceError
 from ._plan import MASK_SUFFIX, Plan, build_plan
+from ._sparsity import pattern_of
 
-__all__ = ["CAPTURES", "plan", "transform"]
+__all__ = ["CAPTURES", "freeze", "layouts", "plan", "transform"]
 
 
 CAPTURES = ("auto", "fx", "export")
@@ -149,13 +152,48 @@ def _export_instead(
     return root, the_plan, exported
 
 
-def freeze(out: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def freeze(
+    out: torch.fx.GraphModule,
+    *,
+    layout: str = "dense",
+    emit: str = "graph",
+    example_inputs: tuple[Any, ...] | torch.Tensor | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+) -> Any:
     """A copy of fxsparse's output with every mask folded into its weight, for inference.
 
     Each masked parameter holds ``mask * weight`` (computed once, as the graph computes
     it), the masks are gone from the graph and the ``state_dict`` (which has the model's
     own keys again), and outputs equal ``out``'s bit for bit, at the speed of the dense
     model. ``out`` itself is not changed and stays the one to train.
+
+    Args:
+        out: ``fxsparse.transform``'s output (``emit="graph"``).
+        layout: how each masked ``linear`` weight is stored and run (see :data:`fxsparse.LAYOUTS`):
+
+            * ``"dense"`` (default): folded dense weights; outputs bitwise equal to ``out``'s.
+            * ``"auto"``: per layer, times dense ``F.linear`` against every sparse layout its
+              mask allows (CSR; BSR for block masks; 2:4 semi-structured on CUDA) on this
+              machine, at the input sizes the example inputs give it (else 1 and 64 rows),
+              and keeps a sparse one only where it is at least 1.1x faster at every size.
+            * ``"csr"``, ``"bsr"``, ``"semi_structured"``: that layout for every masked
+              ``linear`` weight (a :class:`MaskError` names any weight that cannot take it).
+
+            A sparse layer's outputs equal the dense ones to float round-off (the sums run
+            in another order): within ``rtol=1e-5, atol=1e-5`` in float32 in the tests.
+            Its weight is stored as buffers ``<weight>_crow_indices``, ``<weight>_col_indices``
+            and ``<weight>_values`` (semi-structured: the parameter itself). Convolution,
+            embedding and tied weights read by more than ``linear`` calls stay dense.
+            :func:`fxsparse.layouts` reports each choice, its measured speed-up and why.
+        emit: ``"graph"`` (a ``GraphModule``), ``"script"``, ``"trace"``, ``"export"`` or
+            ``"onnx"``: the frozen model in that form, as ``transform``'s ``emit``.
+            ``torch.export`` and ONNX cannot carry sparse tensors: with them a sparse
+            ``layout`` falls back to ``"dense"`` with a warning.
+        example_inputs: as for ``transform``: what ``emit="trace"``, ``"export"`` and ``"onnx"``
+            run the model on; ``layout="auto"`` measures each layer at the input sizes they give it.
+        example_kwargs: keyword inputs, the same way.
+        dynamic_shapes: as for ``transform``, for ``emit="export"`` and ``"onnx"``.
 
     Example:
         >>> import torch, fxsparse
@@ -166,11 +204,128 @@ def freeze(out: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """
     if not isinstance(out, torch.fx.GraphModule):
         raise TypeError(f"freeze takes fxsparse.transform's output (emit='graph'), got {type(out).__name__}")
+    if layout not in _kernels.LAYOUTS:
+        raise MaskError(f"layout must be one of {', '.join(repr(name) for name in _kernels.LAYOUTS)}, got {layout!r}")
+    if emit == "parametrize":
+        raise EmitError("freeze cannot emit 'parametrize': a frozen model has no masks left to parametrize")
+    args, kwargs = _check_arguments("auto", emit, example_inputs, example_kwargs, dynamic_shapes)
+    if layout != "dense" and emit in ("export", "onnx"):
+        warnings.warn(
+            f"emit={emit!r} cannot carry sparse weights (torch.export does not export sparse CSR/BSR or "
+            f"semi-structured tensors): layout={layout!r} falls back to 'dense'",
+            UserWarning,
+            stacklevel=2,
+        )
+        layout = "dense"
     frozen = copy.deepcopy(out)
-    if not _rewrite.fold_masks(frozen, frozen.graph):
+    masks = _rewrite.fold_masks(frozen, frozen.graph)
+    if not masks:
         raise MaskError(f"{type(out).__name__} has no mask * weight to fold: pass fxsparse.transform's output")
     frozen.recompile()
+    if layout != "dense":
+        _store_in_layout(frozen, masks, layout, args, kwargs)
+        frozen.recompile()
+    if emit == "script":
+        return _emit.to_script(frozen)
+    if emit == "trace":
+        return _emit.to_trace(frozen, args, kwargs)
+    if emit == "export":
+        return _emit.to_export(frozen, args or (), kwargs, dynamic_shapes)
+    if emit == "onnx":
+        return _emit.to_onnx(frozen, args or (), kwargs, dynamic_shapes, ())
     return frozen
+
+
+def layouts(frozen: torch.fx.GraphModule) -> dict[str, _kernels.LayoutChoice]:
+    """How :func:`freeze` stored each masked ``linear`` weight of ``frozen``: ``{parameter: LayoutChoice}``.
+
+    Read from the graph's node meta, so it survives copies and ``torch.save``. Empty for a
+    model frozen with ``layout="dense"`` (nothing was chosen).
+
+    Example:
+        >>> import torch, fxsparse
+        >>> out = fxsparse.transform(torch.nn.Linear(8, 8), {"weight": torch.eye(8)})
+        >>> frozen = fxsparse.freeze(out, layout="csr")
+        >>> print(fxsparse.layouts(frozen)["weight"])
+        csr
+    """
+    if not isinstance(frozen, torch.fx.GraphModule):
+        raise TypeError(f"layouts takes fxsparse.freeze's output, got {type(frozen).__name__}")
+    return _kernels.layouts_in(frozen.graph)
+
+
+def _store_in_layout(
+    frozen: torch.fx.GraphModule,
+    masks: Mapping[str, torch.Tensor],
+    layout: str,
+    args: tuple[Any, ...] | None,
+    kwargs: dict[str, Any] | None,
+) -> None:
+    uses = _rewrite.frozen_linear_uses(frozen.graph)
+    rows = _input_rows(frozen, uses, args, kwargs) if args is not None or kwargs is not None else {}
+    names: dict[int, list[str]] = {}
+    for name, parameter in frozen.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    candidates = []
+    for param, (linear, other) in uses.items():
+        if not linear:
+            continue  # a convolution's or embedding's weight: no sparse kernel here
+        weight = frozen.get_parameter(param)
+        blocked = ""
+        if other:
+            readers = ", ".join(f"{node.name} ({getattr(node.target, '__name__', node.target)})" for node in other)
+            blocked = f"also read by {readers}, which needs it dense"
+        elif len(names[id(weight)]) > 1:
+            blocked = f"tied to {', '.join(n for n in names[id(weight)] if n != param)}: kept dense"
+        bias_node = _rewrite._bias_argument(linear[0])
+        bias = None
+        if isinstance(bias_node, torch.fx.Node) and bias_node.op == "get_attr":
+            value = _capture.lookup(frozen, str(bias_node.target))
+            bias = value if isinstance(value, torch.Tensor) else None
+        mask = masks[param]
+        candidates.append(
+            _kernels.Candidate(
+                param,
+                weight,
+                bias,
+                mask,
+                pattern_of(mask) if mask.dim() == 2 else "unstructured",
+                rows.get(param, _kernels.DEFAULT_ROWS),
+                blocked,
+            )
+        )
+    choices = _kernels.choose(candidates, layout)
+    stored: dict[str, Any] = {}
+    for param, choice in choices.items():
+        weight = frozen.get_parameter(param)
+        if choice.layout == "semi_structured":
+            stored[param] = _kernels.semi_structured(weight)
+        elif choice.layout in ("csr", "bsr"):
+            stored[param] = _kernels.sparse_parts(weight, choice.layout, _kernels.blocksize_of(masks[param]))
+    _rewrite.use_layouts(frozen, frozen.graph, choices, stored)
+
+
+def _input_rows(
+    frozen: torch.fx.GraphModule,
+    uses: Mapping[str, tuple[list[torch.fx.Node], list[torch.fx.Node]]],
+    args: tuple[Any, ...] | None,
+    kwargs: dict[str, Any] | None,
+) -> dict[str, tuple[int, ...]]:
+    """The input rows (all but the last dimension) each frozen linear weight sees on the example inputs."""
+    by_weight = {id(frozen.get_parameter(param)): param for param, (linear, _) in uses.items() if linear}
+    seen: dict[str, set[int]] = {}
+
+    class Recorder(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, call_args: Any = (), call_kwargs: Any = None) -> Any:
+            call_kwargs = call_kwargs or {}
+            if func in _rewrite.LINEAR_CALLS and len(call_args) > 1 and id(call_args[1]) in by_weight:
+                x = call_args[0]
+                seen.setdefault(by_weight[id(call_args[1])], set()).add(x.numel() // max(x.shape[-1], 1))
+            return func(*call_args, **call_kwargs)
+
+    with torch.no_grad(), Recorder():
+        frozen(*(args or ()), **(kwargs or {}))
+    return {param: tuple(sorted(rows)) for param, rows in seen.items()}
 
 
 def plan(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> Plan:

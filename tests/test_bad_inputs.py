@@ -65,6 +65,14 @@ def mask_file(tmp_path: Path, kind: str) -> Path:
 
 
 ONES = torch.ones(3, 4)
+
+
+def frozen_with_warning(model: nn.Module, warning: str, **options: Any) -> Any:
+    out = fxsparse.transform(model, {"0": ONES})
+    with pytest.warns(UserWarning, match=warning):
+        return fxsparse.freeze(out, example_inputs=(torch.randn(2, 4),), **options)
+
+
 # (case as named in docs/errors.md, model factory, call, expected: an error type and message, or None: works)
 CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any], tuple[type, str] | None]] = [
     (
@@ -160,6 +168,30 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         small,
         lambda m, tmp: fxsparse.load_masks(mask_file(tmp, "truncated")),
         (fxsparse.MaskError, "corrupt or truncated"),
+    ),
+    (
+        "unknown freeze layout",
+        small,
+        lambda m, _: fxsparse.freeze(fxsparse.transform(m, {"0": ONES}), layout="sparse"),
+        (fxsparse.MaskError, "layout must be one of 'dense', 'auto', 'csr', 'bsr', 'semi_structured', got 'sparse'"),
+    ),
+    (
+        "layout a mask cannot take",
+        small,
+        lambda m, _: fxsparse.freeze(fxsparse.transform(m, {"0": ONES}), layout="bsr"),
+        (fxsparse.MaskError, "0.weight: its dense mask is not made of square blocks (4x4 to 64x64)"),
+    ),
+    (
+        "2:4 kernels without a GPU",
+        small,
+        lambda m, _: fxsparse.freeze(fxsparse.transform(m, {"0": ONES}), layout="semi_structured"),
+        (fxsparse.MaskError, "2:4 semi-structured kernels need a CUDA weight, this one is on cpu"),
+    ),
+    (
+        "sparse layout with emit='export' or 'onnx'",
+        small,
+        lambda m, _: frozen_with_warning(m, "cannot carry sparse weights", layout="csr", emit="export"),
+        None,
     ),
     (
         "mask file that runs code on load",
