@@ -149,10 +149,11 @@ def sparse_parts(weight: torch.Tensor, layout: str, blocksize: int | None = None
             sparse = dense.to_sparse_bsr((blocksize, blocksize))
         else:
             raise ValueError(f"no parts for layout {layout!r}")
+    # Copies: views of a sparse tensor's parts keep it as their base, which torch.compile trips over.
     return {
-        "crow_indices": sparse.crow_indices().to(torch.int32),
-        "col_indices": sparse.col_indices().to(torch.int32),
-        "values": sparse.values().contiguous(),
+        "crow_indices": sparse.crow_indices().to(torch.int32, copy=True),
+        "col_indices": sparse.col_indices().to(torch.int32, copy=True),
+        "values": sparse.values().clone(),
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import reprlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +30,43 @@ def call_with_parameters(module: nn.Module, parameters: dict[str, torch.Tensor],
         return module(*args, **kwargs)
 
 
-_is_tracing: Callable[[], bool] = torch.jit.is_tracing  # type: ignore[attr-defined]
+@torch.library.custom_op("fxsparse::sparse_mm", mutates_args=())
+def sparse_mm(
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    out_features: int,
+    blocked: bool,
+) -> torch.Tensor:
+    """``rows @ weight.T`` for a 2-D ``rows`` and a CSR (or, ``blocked``, BSR) weight given by its parts.
+
+    An operator of its own (``torch.ops.fxsparse.sparse_mm``), so that ``torch.compile`` runs
+    it as one opaque call (dynamo cannot trace sparse tensors) and ``torch.jit.trace``
+    records the call, not the branch it took. ``torch.mv`` serves a single CSR row,
+    ``torch.mm`` of the transposed input the rest: both several times faster than
+    ``F.linear`` on a sparse weight.
+    """
+    size = [out_features, rows.shape[1]]
+    if blocked:
+        weight = torch.ops.aten._sparse_bsr_tensor_unsafe(crow_indices, col_indices, values, size)
+    else:
+        weight = torch.ops.aten._sparse_csr_tensor_unsafe(crow_indices, col_indices, values, size)
+        if rows.shape[0] == 1:
+            return torch.mv(weight, rows[0]).unsqueeze(0)
+    return torch.mm(weight, rows.t()).t().contiguous()
+
+
+@sparse_mm.register_fake
+def _(
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    out_features: int,
+    blocked: bool,
+) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], out_features)
 
 
 def csr_linear(
@@ -43,19 +79,11 @@ def csr_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a weight stored as compressed sparse rows (``fxsparse.freeze``).
 
-    The weight is stored as its three plain tensors (they copy, pickle and load with
+    The weight is kept as its three plain tensors (they copy, pickle and load with
     ``weights_only=True``, which a sparse tensor does not all do) and wrapped per call,
-    which costs microseconds. ``torch.mv`` serves a single input row, ``torch.mm`` of the
-    transposed input the rest: both several times faster than ``F.linear`` on a CSR weight.
+    which costs microseconds.
     """
-    size = [out_features, x.shape[-1]]
-    weight = torch.ops.aten._sparse_csr_tensor_unsafe(crow_indices, col_indices, values, size)
-    rows = x.reshape(-1, x.shape[-1])
-    if not _is_tracing() and rows.shape[0] == 1:  # a trace must not bake in the one-row branch
-        y = torch.mv(weight, rows[0]).unsqueeze(0)
-    else:
-        y = torch.mm(weight, rows.t()).t()
-    return _finish(x, y, bias, out_features)
+    return _sparse_linear(x, crow_indices, col_indices, values, bias, out_features, False)
 
 
 def bsr_linear(
@@ -67,13 +95,20 @@ def bsr_linear(
     out_features: int,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a weight stored as blocked sparse rows (``values`` holds the blocks)."""
-    size = [out_features, x.shape[-1]]
-    weight = torch.ops.aten._sparse_bsr_tensor_unsafe(crow_indices, col_indices, values, size)
-    y = torch.mm(weight, x.reshape(-1, x.shape[-1]).t()).t()
-    return _finish(x, y, bias, out_features)
+    return _sparse_linear(x, crow_indices, col_indices, values, bias, out_features, True)
 
 
-def _finish(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def _sparse_linear(
+    x: torch.Tensor,
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    blocked: bool,
+) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    y = torch.ops.fxsparse.sparse_mm(crow_indices, col_indices, values, rows, out_features, blocked)
     if bias is not None:
         y = y + bias
     shape = list(x.shape[:-1])

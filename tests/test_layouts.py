@@ -288,6 +288,10 @@ def test_the_masked_graph_compiles() -> None:
     torch.testing.assert_close(compiled(x), out(x), **TOLERANCE)
     compiled(x).sum().backward()  # trains too: the gradient reaches the weight through the mask
     assert out.get_parameter("0.weight").grad is not None
+    sparse = torch.compile(fxsparse.freeze(out, layout="csr"))  # the sparse kernel is one opaque operator
+    with torch.no_grad():
+        for rows in (x, x[:1]):
+            torch.testing.assert_close(sparse(rows), out(rows), **TOLERANCE)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured kernels need CUDA")
