@@ -108,7 +108,7 @@ def _sparse_linear(
     blocked: bool,
 ) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
-    y = torch.ops.fxsparse.sparse_mm(crow_indices, col_indices, values, rows, out_features, blocked)
+    y: torch.Tensor = torch.ops.fxsparse.sparse_mm(crow_indices, col_indices, values, rows, out_features, blocked)
     if bias is not None:
         y = y + bias
     shape = list(x.shape[:-1])
