@@ -157,11 +157,30 @@ def sparse_parts(weight: torch.Tensor, layout: str, blocksize: int | None = None
     }
 
 
+def _semi_structured_class() -> Any:
+    """The backend ``to_sparse_semi_structured`` would use: cuSPARSELt, or CUTLASS where torch was
+    built without cuSPARSELt (as torch's own tests choose it)."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    available = cusparselt is not None and cusparselt.is_available()
+    return SparseSemiStructuredTensorCUSPARSELT if available else SparseSemiStructuredTensorCUTLASS
+
+
 def semi_structured(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` as a ``SparseSemiStructuredTensor`` (CUDA, float16/bfloat16, a 2:4 mask)."""
-    from torch.sparse import to_sparse_semi_structured
+    return _semi_structured_class().from_dense(weight.detach().contiguous())  # type: ignore[no-any-return]
 
-    return to_sparse_semi_structured(weight.detach().contiguous())
+
+def _semi_structured_shape_problem(weight: torch.Tensor) -> str:
+    constraints = _semi_structured_class()._DTYPE_SHAPE_CONSTRAINTS.get(weight.dtype)
+    if constraints is None:
+        return f"it is {weight.dtype}; 2:4 kernels take float16 or bfloat16"
+    rows, columns = constraints.sparse_min_rows, constraints.sparse_min_cols
+    height, width = weight.shape
+    if height % rows or width % columns:
+        return f"its {tuple(weight.shape)} shape is not a multiple of ({rows}, {columns}), which 2:4 kernels need"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -212,6 +231,7 @@ def _cannot(c: Candidate, layout: str) -> str:
             return f"its mask is {c.pattern}, not 2:4"
         if c.weight.dtype not in _SEMI_STRUCTURED_DTYPES:
             return f"it is {c.weight.dtype}; 2:4 kernels take float16 or bfloat16"
+        return _semi_structured_shape_problem(c.weight)
     if layout in ("csr", "bsr") and c.weight.dtype not in (torch.float32, torch.float64) and not c.weight.is_cuda:
         return f"it is {c.weight.dtype}; torch's CPU sparse kernels take float32 or float64"
     return ""
