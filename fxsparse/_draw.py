@@ -436,7 +436,7 @@ def _node_style(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> dic
         return {"label": f"{node.name}\n{node.target}", "fillcolor": KINDS[kind], "shape": "note"}
     label = f"{node.name}\n{_short(node.target)}"
     tag = node.meta.get(META_KEY, {})
-    if "layout" in tag and "speedup" in tag:
+    if "layout" in tag and node.op == "call_function":
         label += f"\n{_layout_label(tag)}"
     return {"label": label, "fillcolor": KINDS[kind]}
 

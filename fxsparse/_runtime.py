@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import reprlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,41 @@ def call_with_parameters(module: nn.Module, parameters: dict[str, torch.Tensor],
         return module(*args, **kwargs)
 
 
+_is_tracing: Callable[[], bool] = torch.jit.is_tracing  # type: ignore[attr-defined]
+is_scripting: Callable[[], bool] = torch.jit.is_scripting  # type: ignore[attr-defined]
+
+
+def _sparse_weight(
+    crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, size: list[int], blocked: bool
+) -> torch.Tensor:
+    dtype, device = values.dtype, values.device
+    if blocked:
+        bsr: torch.Tensor = torch.ops.aten._sparse_bsr_tensor_unsafe(
+            crow_indices, col_indices, values, size, dtype=dtype, device=device
+        )
+        return bsr
+    csr: torch.Tensor = torch.ops.aten._sparse_csr_tensor_unsafe(
+        crow_indices, col_indices, values, size, dtype=dtype, device=device
+    )
+    return csr
+
+
+def _sparse_times(
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    out_features: int,
+    blocked: bool,
+    one_row_mv: bool,
+) -> torch.Tensor:
+    """``rows @ weight.T`` with builtin operators only (TorchScript files that use it load in C++)."""
+    weight = _sparse_weight(crow_indices, col_indices, values, [out_features, rows.shape[1]], blocked)
+    if one_row_mv and not blocked and rows.shape[0] == 1:
+        return torch.mv(weight, rows[0]).unsqueeze(0)
+    return torch.mm(weight, rows.t()).t()
+
+
 @torch.library.custom_op("fxsparse::sparse_mm", mutates_args=())
 def sparse_mm(
     crow_indices: torch.Tensor,
@@ -41,20 +76,12 @@ def sparse_mm(
 ) -> torch.Tensor:
     """``rows @ weight.T`` for a 2-D ``rows`` and a CSR (or, ``blocked``, BSR) weight given by its parts.
 
-    An operator of its own (``torch.ops.fxsparse.sparse_mm``), so that ``torch.compile`` runs
-    it as one opaque call (dynamo cannot trace sparse tensors) and ``torch.jit.trace``
-    records the call, not the branch it took. ``torch.mv`` serves a single CSR row,
-    ``torch.mm`` of the transposed input the rest: both several times faster than
-    ``F.linear`` on a sparse weight.
+    An operator of its own (``torch.ops.fxsparse.sparse_mm``) so that ``torch.compile`` runs
+    it as one opaque call: dynamo cannot trace sparse tensors. ``torch.mv`` serves a single
+    CSR row, ``torch.mm`` of the transposed input the rest: both several times faster than
+    ``F.linear`` on a sparse weight. Differentiable in ``rows`` (saliency, adversarial inputs).
     """
-    size = [out_features, rows.shape[1]]
-    if blocked:
-        weight = torch.ops.aten._sparse_bsr_tensor_unsafe(crow_indices, col_indices, values, size)
-    else:
-        weight = torch.ops.aten._sparse_csr_tensor_unsafe(crow_indices, col_indices, values, size)
-        if rows.shape[0] == 1:
-            return torch.mv(weight, rows[0]).unsqueeze(0)
-    return torch.mm(weight, rows.t()).t().contiguous()
+    return _sparse_times(crow_indices, col_indices, values, rows, out_features, blocked, True).contiguous()
 
 
 @sparse_mm.register_fake
@@ -67,6 +94,48 @@ def _(
     blocked: bool,
 ) -> torch.Tensor:
     return rows.new_empty(rows.shape[0], out_features)
+
+
+@torch.library.custom_op("fxsparse::sparse_mm_backward", mutates_args=())
+def sparse_mm_backward(
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    values: torch.Tensor,
+    grad: torch.Tensor,
+    in_features: int,
+    blocked: bool,
+) -> torch.Tensor:
+    """``grad @ weight``: the gradient of :func:`sparse_mm` in its rows (an operator too, for torch.compile)."""
+    weight = _sparse_weight(crow_indices, col_indices, values, [grad.shape[1], in_features], blocked)
+    # A CSR weight transposes to CSC, which mm takes; torch has no CPU kernel for a transposed BSR.
+    return torch.mm(grad, weight.to_dense()) if blocked else torch.mm(weight.t(), grad.t()).t().contiguous()
+
+
+@sparse_mm_backward.register_fake
+def _(
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    values: torch.Tensor,
+    grad: torch.Tensor,
+    in_features: int,
+    blocked: bool,
+) -> torch.Tensor:
+    return grad.new_empty(grad.shape[0], in_features)
+
+
+def _keep_for_backward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    crow_indices, col_indices, values, rows, _, blocked = inputs
+    ctx.save_for_backward(crow_indices, col_indices, values)
+    ctx.in_features, ctx.blocked = rows.shape[1], blocked
+
+
+def _rows_gradient(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    crow_indices, col_indices, values = ctx.saved_tensors
+    grad_rows = sparse_mm_backward(crow_indices, col_indices, values, grad, ctx.in_features, ctx.blocked)
+    return None, None, None, grad_rows, None, None
+
+
+sparse_mm.register_autograd(_rows_gradient, setup_context=_keep_for_backward)
 
 
 def csr_linear(
@@ -108,7 +177,15 @@ def _sparse_linear(
     blocked: bool,
 ) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
-    y: torch.Tensor = torch.ops.fxsparse.sparse_mm(crow_indices, col_indices, values, rows, out_features, blocked)
+    # TorchScript compiles only the first branch (torch.jit.is_scripting() is known when compiling),
+    # a trace records the second: builtin operators, which C++ loads; torch.compile and eager run
+    # the operator. A trace must not bake in the one-row branch: it runs the general kernel.
+    if is_scripting():
+        y = _sparse_times(crow_indices, col_indices, values, rows, out_features, blocked, True)
+    elif _is_tracing():
+        y = _sparse_times(crow_indices, col_indices, values, rows, out_features, blocked, False)
+    else:
+        y = torch.ops.fxsparse.sparse_mm(crow_indices, col_indices, values, rows, out_features, blocked)
     if bias is not None:
         y = y + bias
     shape = list(x.shape[:-1])

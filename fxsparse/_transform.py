@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from . import _capture, _emit, _kernels, _rewrite
-from ._errors import EmitError, MaskError, TraceError
+from ._errors import EmitError, MaskError, TraceError, describe
 from ._plan import MASK_SUFFIX, Plan, build_plan
 from ._sparsity import pattern_of
 
@@ -183,8 +183,9 @@ def freeze(
             A sparse layer's outputs equal the dense ones to float round-off (the sums run
             in another order): within ``rtol=1e-5, atol=1e-5`` in float32 in the tests.
             Its weight is stored as buffers ``<weight>_crow_indices``, ``<weight>_col_indices``
-            and ``<weight>_values`` (semi-structured: the parameter itself). Convolution,
-            embedding and tied weights read by more than ``linear`` calls stay dense.
+            and ``<weight>_values`` (semi-structured: the parameter itself). Convolution and
+            embedding weights, and linear weights that are tied or also read by other
+            operations, stay dense.
             :func:`fxsparse.layouts` reports each choice, its measured speed-up and why.
         emit: ``"graph"`` (a ``GraphModule``), ``"script"``, ``"trace"``, ``"export"`` or
             ``"onnx"``: the frozen model in that form, as ``transform``'s ``emit``.
@@ -220,7 +221,9 @@ def freeze(
     frozen = copy.deepcopy(out)
     masks = _rewrite.fold_masks(frozen, frozen.graph)
     if not masks:
-        raise MaskError(f"{type(out).__name__} has no mask * weight to fold: pass fxsparse.transform's output")
+        already = any(n.meta.get(_rewrite.META_KEY, {}).get("role") == "frozen" for n in out.graph.nodes)
+        hint = " (it is frozen already: freeze the masked graph itself, with the layout= you want)" if already else ""
+        raise MaskError(f"{type(out).__name__} has no mask * weight to fold{hint}: pass fxsparse.transform's output")
     frozen.recompile()
     if layout != "dense":
         _store_in_layout(frozen, masks, layout, args, kwargs)
@@ -262,7 +265,8 @@ def _store_in_layout(
     kwargs: dict[str, Any] | None,
 ) -> None:
     uses = _rewrite.frozen_linear_uses(frozen.graph)
-    rows = _input_rows(frozen, uses, args, kwargs) if args is not None or kwargs is not None else {}
+    measuring = layout == "auto" and (args is not None or kwargs is not None)
+    rows = _input_rows(frozen, uses, args, kwargs) if measuring else {}
     names: dict[int, list[str]] = {}
     for name, parameter in frozen.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
@@ -276,7 +280,7 @@ def _store_in_layout(
             readers = ", ".join(f"{node.name} ({getattr(node.target, '__name__', node.target)})" for node in other)
             blocked = f"also read by {readers}, which needs it dense"
         elif len(names[id(weight)]) > 1:
-            blocked = f"tied to {', '.join(n for n in names[id(weight)] if n != param)}: kept dense"
+            blocked = f"tied to {', '.join(n for n in names[id(weight)] if n != param)}: a tied weight stays dense"
         bias_node = _rewrite._bias_argument(linear[0])
         bias = None
         if isinstance(bias_node, torch.fx.Node) and bias_node.op == "get_attr":
@@ -318,13 +322,29 @@ def _input_rows(
     class Recorder(TorchFunctionMode):
         def __torch_function__(self, func: Any, types: Any, call_args: Any = (), call_kwargs: Any = None) -> Any:
             call_kwargs = call_kwargs or {}
-            if func in _rewrite.LINEAR_CALLS and len(call_args) > 1 and id(call_args[1]) in by_weight:
-                x = call_args[0]
-                seen.setdefault(by_weight[id(call_args[1])], set()).add(x.numel() // max(x.shape[-1], 1))
+            if func in _rewrite.LINEAR_CALLS:
+                x = call_args[0] if call_args else call_kwargs.get("input")
+                weight = call_args[1] if len(call_args) > 1 else call_kwargs.get("weight")
+                if id(weight) in by_weight and x.shape[-1]:
+                    seen.setdefault(by_weight[id(weight)], set()).add(max(x.numel() // x.shape[-1], 1))
             return func(*call_args, **call_kwargs)
 
-    with torch.no_grad(), Recorder():
-        frozen(*(args or ()), **(kwargs or {}))
+    # Measuring must not change the model: no batch-norm statistics updated, no buffer written.
+    buffers = {name: buffer.clone() for name, buffer in frozen.named_buffers()}
+    training = frozen.training
+    try:
+        with torch.no_grad(), Recorder():
+            frozen.eval()(*(args or ()), **(kwargs or {}))
+    except Exception as exc:
+        raise EmitError(
+            f"layout='auto' runs the model on example_inputs/example_kwargs to learn each layer's input "
+            f"size, and it failed: {describe(exc)}"
+        ) from exc
+    finally:
+        frozen.train(training)
+        with torch.no_grad():
+            for name, value in buffers.items():
+                frozen.get_buffer(name).copy_(value)
     return {param: tuple(sorted(rows)) for param, rows in seen.items()}
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -289,9 +291,8 @@ def test_the_masked_graph_compiles() -> None:
     compiled(x).sum().backward()  # trains too: the gradient reaches the weight through the mask
     assert out.get_parameter("0.weight").grad is not None
     sparse = torch.compile(fxsparse.freeze(out, layout="csr"))  # the sparse kernel is one opaque operator
-    with torch.no_grad():
-        for rows in (x, x[:1]):
-            torch.testing.assert_close(sparse(rows), out(rows), **TOLERANCE)
+    for rows in (x, x[:1]):  # with autograd on, as a plain call runs
+        torch.testing.assert_close(sparse(rows), out(rows), **TOLERANCE)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured kernels need CUDA")
@@ -308,3 +309,78 @@ def test_semi_structured_on_cuda() -> None:  # pragma: no cover - run on a GPU m
         warnings.simplefilter("ignore")
         auto = fxsparse.freeze(out, layout="auto", example_inputs=(x,))
     assert set(fxsparse.layouts(auto)) == {"0.weight", "2.weight"}
+
+
+@pytest.mark.parametrize("layout", ["csr", "bsr"])
+def test_sparse_kernels_keep_the_dtype_and_differentiate_in_the_input(layout: str) -> None:
+    model, masks = block_mlp()
+    out = fxsparse.transform(model.double(), masks)
+    frozen = fxsparse.freeze(out, layout=layout)
+    x = torch.randn(5, 64, dtype=torch.float64, requires_grad=True)
+    y = frozen(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, out(x))
+    (grad,) = torch.autograd.grad(y.square().sum(), x)  # saliency maps, adversarial inputs
+    (expected,) = torch.autograd.grad(out(x).square().sum(), x)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_measuring_leaves_the_model_as_it_was() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 64)).train()
+    out = fxsparse.transform(model, fxsparse.masks.magnitude(model, 0.95))
+    frozen = fxsparse.freeze(out, layout="auto", example_inputs=(torch.randn(8, 64) * 5,))
+    assert frozen.training
+    assert torch.equal(frozen.get_buffer("1.running_mean"), out.get_buffer("1.running_mean"))
+
+
+def test_auto_reads_a_weight_passed_by_keyword() -> None:
+    class KeywordLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(256, 256)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(x, weight=self.proj.weight)
+
+    model = KeywordLinear()
+    out = fxsparse.transform(model, fxsparse.masks.magnitude(model, 0.99))
+    frozen = fxsparse.freeze(out, layout="auto", example_inputs=(torch.randn(5, 256),))
+    assert fxsparse.layouts(frozen)["proj.weight"].rows == (5,)
+
+
+def test_bad_example_inputs_name_what_failed() -> None:
+    model, masks = sparse_mlp()
+    out = fxsparse.transform(model, masks)
+    with pytest.raises(fxsparse.EmitError, match=r"layout='auto' runs the model on example_inputs.*mat1 and mat2"):
+        fxsparse.freeze(out, layout="auto", example_inputs=(torch.randn(3, 5),))
+
+
+def test_a_frozen_model_is_frozen_from_its_masked_graph() -> None:
+    model, masks = sparse_mlp()
+    frozen = fxsparse.freeze(fxsparse.transform(model, masks))
+    with pytest.raises(fxsparse.MaskError, match="it is frozen already: freeze the masked graph itself"):
+        fxsparse.freeze(frozen, layout="csr")
+    choices = fxsparse.layouts(fxsparse.freeze(fxsparse.transform(model, masks), layout="csr"))
+    assert len(set(choices.values())) == 2  # hashable
+    assert all(choice.note == "layout='csr'" for choice in choices.values())  # forced: nothing measured
+
+
+@pytest.mark.parametrize("emit", ["script", "trace"])
+def test_sparse_torchscript_loads_without_fxsparse(emit: str, tmp_path: pytest.TempPathFactory) -> None:
+    model, masks = sparse_mlp()
+    scripted = fxsparse.freeze(
+        fxsparse.transform(model, masks), layout="csr", emit=emit, example_inputs=(torch.randn(2, 64),)
+    )
+    path = str(tmp_path / "frozen.pt")  # type: ignore[operator]
+    torch.jit.save(scripted, path)
+    x = torch.randn(3, 64)
+    torch.save(x, path + ".x")
+    expected = scripted(x)
+    code = (
+        "import sys, warnings, torch; warnings.simplefilter('ignore'); "
+        f"m = torch.jit.load({path!r}); y = m(torch.load({path + '.x'!r})); "
+        "assert 'fxsparse' not in sys.modules; torch.save(y, " + repr(path + ".y") + ")"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+    assert torch.equal(torch.load(path + ".y"), expected)
