@@ -54,50 +54,61 @@ def _sparse_times(
     col_indices: torch.Tensor,
     values: torch.Tensor,
     rows: torch.Tensor,
+    bias: torch.Tensor | None,
     out_features: int,
     blocked: bool,
     one_row_mv: bool,
 ) -> torch.Tensor:
-    """``rows @ weight.T`` with builtin operators only (TorchScript files that use it load in C++)."""
+    """``rows @ weight.T + bias`` with builtin operators only (TorchScript files that use it load in C++).
+
+    The product is computed as ``weight @ rows.T`` (what torch's sparse kernels run fast) and
+    returned transposed, without a copy: a ``[rows, out]`` tensor laid out column by column.
+    """
     weight = _sparse_weight(crow_indices, col_indices, values, [out_features, rows.shape[1]], blocked)
     if one_row_mv and not blocked and rows.shape[0] == 1:
-        return torch.mv(weight, rows[0]).unsqueeze(0)
-    return torch.mm(weight, rows.t()).t()
+        if bias is None:
+            return torch.mv(weight, rows[0]).unsqueeze(1).t()
+        return torch.addmv(bias, weight, rows[0]).unsqueeze(1).t()
+    if bias is None:
+        return torch.mm(weight, rows.t()).t()
+    return torch.addmm(bias.unsqueeze(1), weight, rows.t()).t()
 
 
-@torch.library.custom_op("fxsparse::sparse_mm", mutates_args=())
-def sparse_mm(
+@torch.library.custom_op("fxsparse::sparse_linear", mutates_args=())
+def sparse_linear_op(
     crow_indices: torch.Tensor,
     col_indices: torch.Tensor,
     values: torch.Tensor,
     rows: torch.Tensor,
+    bias: torch.Tensor | None,
     out_features: int,
     blocked: bool,
 ) -> torch.Tensor:
-    """``rows @ weight.T`` for a 2-D ``rows`` and a CSR (or, ``blocked``, BSR) weight given by its parts.
+    """``rows @ weight.T + bias`` for a 2-D ``rows`` and a CSR (or, ``blocked``, BSR) weight given by its parts.
 
-    An operator of its own (``torch.ops.fxsparse.sparse_mm``) so that ``torch.compile`` runs
-    it as one opaque call: dynamo cannot trace sparse tensors. ``torch.mv`` serves a single
-    CSR row, ``torch.mm`` of the transposed input the rest: both several times faster than
-    ``F.linear`` on a sparse weight. Differentiable in ``rows`` (saliency, adversarial inputs).
+    An operator of its own (``torch.ops.fxsparse.sparse_linear``) so that ``torch.compile``
+    runs it as one opaque call: dynamo cannot trace sparse tensors. ``torch.addmv`` serves a
+    single CSR row, ``torch.addmm`` of the transposed input the rest: both several times
+    faster than ``F.linear`` on a sparse weight. Differentiable in ``rows`` and ``bias``.
     """
-    return _sparse_times(crow_indices, col_indices, values, rows, out_features, blocked, True).contiguous()
+    return _sparse_times(crow_indices, col_indices, values, rows, bias, out_features, blocked, True)
 
 
-@sparse_mm.register_fake
+@sparse_linear_op.register_fake
 def _(
     crow_indices: torch.Tensor,
     col_indices: torch.Tensor,
     values: torch.Tensor,
     rows: torch.Tensor,
+    bias: torch.Tensor | None,
     out_features: int,
     blocked: bool,
 ) -> torch.Tensor:
-    return rows.new_empty(rows.shape[0], out_features)
+    return rows.new_empty(out_features, rows.shape[0]).t()  # laid out as the kernel returns it
 
 
-@torch.library.custom_op("fxsparse::sparse_mm_backward", mutates_args=())
-def sparse_mm_backward(
+@torch.library.custom_op("fxsparse::sparse_linear_backward", mutates_args=())
+def sparse_linear_backward(
     crow_indices: torch.Tensor,
     col_indices: torch.Tensor,
     values: torch.Tensor,
@@ -105,13 +116,13 @@ def sparse_mm_backward(
     in_features: int,
     blocked: bool,
 ) -> torch.Tensor:
-    """``grad @ weight``: the gradient of :func:`sparse_mm` in its rows (an operator too, for torch.compile)."""
+    """``grad @ weight``: the gradient of :func:`sparse_linear_op` in its rows (an operator too, for torch.compile)."""
     weight = _sparse_weight(crow_indices, col_indices, values, [grad.shape[1], in_features], blocked)
     # A CSR weight transposes to CSC, which mm takes; torch has no CPU kernel for a transposed BSR.
     return torch.mm(grad, weight.to_dense()) if blocked else torch.mm(weight.t(), grad.t()).t().contiguous()
 
 
-@sparse_mm_backward.register_fake
+@sparse_linear_backward.register_fake
 def _(
     crow_indices: torch.Tensor,
     col_indices: torch.Tensor,
@@ -124,18 +135,21 @@ def _(
 
 
 def _keep_for_backward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    crow_indices, col_indices, values, rows, _, blocked = inputs
+    crow_indices, col_indices, values, rows, _, _, blocked = inputs
     ctx.save_for_backward(crow_indices, col_indices, values)
     ctx.in_features, ctx.blocked = rows.shape[1], blocked
 
 
 def _rows_gradient(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     crow_indices, col_indices, values = ctx.saved_tensors
-    grad_rows = sparse_mm_backward(crow_indices, col_indices, values, grad, ctx.in_features, ctx.blocked)
-    return None, None, None, grad_rows, None, None
+    grad_rows = None
+    if ctx.needs_input_grad[3]:
+        grad_rows = sparse_linear_backward(crow_indices, col_indices, values, grad, ctx.in_features, ctx.blocked)
+    grad_bias = grad.sum(0) if ctx.needs_input_grad[4] else None
+    return None, None, None, grad_rows, grad_bias, None, None
 
 
-sparse_mm.register_autograd(_rows_gradient, setup_context=_keep_for_backward)
+sparse_linear_op.register_autograd(_rows_gradient, setup_context=_keep_for_backward)
 
 
 def csr_linear(
@@ -181,13 +195,11 @@ def _sparse_linear(
     # a trace records the second: builtin operators, which C++ loads; torch.compile and eager run
     # the operator. A trace must not bake in the one-row branch: it runs the general kernel.
     if is_scripting():
-        y = _sparse_times(crow_indices, col_indices, values, rows, out_features, blocked, True)
+        y = _sparse_times(crow_indices, col_indices, values, rows, bias, out_features, blocked, True)
     elif _is_tracing():
-        y = _sparse_times(crow_indices, col_indices, values, rows, out_features, blocked, False)
+        y = _sparse_times(crow_indices, col_indices, values, rows, bias, out_features, blocked, False)
     else:
-        y = torch.ops.fxsparse.sparse_mm(crow_indices, col_indices, values, rows, out_features, blocked)
-    if bias is not None:
-        y = y + bias
+        y = torch.ops.fxsparse.sparse_linear(crow_indices, col_indices, values, rows, bias, out_features, blocked)
     shape = list(x.shape[:-1])
     shape.append(out_features)
     return y.reshape(shape)
