@@ -172,7 +172,7 @@ def _match(old: torch.fx.Graph, new: torch.fx.Graph, a: Any, b: Any) -> dict[str
     unmatched_calls = {module: list(names) for module, names in calls_of.items()}
     for name, data in b.nodes(data=True):
         module = data["tag"].get("module")
-        candidates = unmatched_calls.get(module) if data["role"] in ("opened", "called") else None
+        candidates = unmatched_calls.get(module) if data["role"] in ("opened", "called", "sparse", "linear") else None
         if candidates:
             chosen = name if name in candidates else candidates[0]
             candidates.remove(chosen)  # usually the first: calls are opened in graph order
@@ -190,11 +190,12 @@ def _match(old: torch.fx.Graph, new: torch.fx.Graph, a: Any, b: Any) -> dict[str
             for old_name, new_name in zip(waiting, results.get(module, []), strict=False):
                 pair(old_name, new_name)
     # 3. same name, op and target; or a fetch of the same name the rewrite pointed at a tied
-    # parameter's masked name
+    # parameter's masked name; or a linear call freeze gave a sparse kernel (it keeps its name)
     for name, data in a.nodes(data=True):
         if name not in match and name in b and name not in taken:
             other = b.nodes[name]
-            if _same_kind(data, other) or (data["op"] == other["op"] == "get_attr" and other["role"] == "weight"):
+            renamed_fetch = data["op"] == other["op"] == "get_attr" and other["role"] == "weight"
+            if _same_kind(data, other) or renamed_fetch or other["role"] == "sparse":
                 pair(name, name)
     # 4. same op and target, in graph order
     waiting_by_kind: dict[tuple[str, str], list[str]] = {}

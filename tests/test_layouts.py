@@ -384,3 +384,15 @@ def test_sparse_torchscript_loads_without_fxsparse(emit: str, tmp_path: pytest.T
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
     assert torch.equal(torch.load(path + ".y"), expected)
+
+
+def test_the_diff_and_the_drawings_show_each_layout() -> None:
+    model, masks = sparse_mlp()
+    out = fxsparse.transform(model, masks)
+    frozen = fxsparse.freeze(out, layout="csr")
+    change = fxsparse.viz.diff(out, frozen)
+    assert {("_0", "_0"), ("_2", "_2")} <= set(change.changed)  # the linear calls, now sparse kernels
+    assert {"_0_weight_mask", "_0_weight_masked"} <= set(change.removed)
+    source = fxsparse.viz.draw(frozen).source
+    assert "csr_linear\\ncsr  density 0.100" in source
+    assert fxsparse.viz.KINDS["sparse"] in source

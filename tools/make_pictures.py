@@ -75,6 +75,7 @@ def pictures() -> dict[str, Callable[[], Any]]:
         "compact": lambda: viz.draw(small[1], compact=True, title="after, compact"),
         "gpt2-diff": lambda: viz.draw_diff(*gpt2, compact=True),
         "big": lambda: viz.draw(_big(), title="400 blocks: first two, last, and a box for the rest"),
+        "frozen-csr": lambda: viz.draw_diff(small[1], fxsparse.freeze(small[1], layout="csr")),
     }
 
 
