@@ -315,7 +315,7 @@ def _runner(
         return lambda x: F.linear(x, sparse, bias)
     parts = sparse_parts(w, layout, blocksize)
     kernel = csr_linear if layout == "csr" else bsr_linear
-    out_features = w.shape[0]
+    out_features, in_features = w.shape
     with quiet_sparse_warnings():
         kernel(
             torch.zeros(1, w.shape[1], dtype=w.dtype, device=w.device),
@@ -324,8 +324,11 @@ def _runner(
             parts["values"],
             bias,
             out_features,
+            in_features,
         )
-    return lambda x: kernel(x, parts["crow_indices"], parts["col_indices"], parts["values"], bias, out_features)
+    return lambda x: kernel(
+        x, parts["crow_indices"], parts["col_indices"], parts["values"], bias, out_features, in_features
+    )
 
 
 def _nothing() -> None:
@@ -344,8 +347,9 @@ def _median_times(runs: Mapping[str, Callable[[], Any]], like: torch.Tensor, rou
         synchronize()
         loops[name] = max(1, min(1000, int(2e-3 / max(time.perf_counter() - start, 1e-7))))
     samples: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
+    forward = list(runs.items())
+    for round_ in range(rounds):
+        for name, run in forward if round_ % 2 else forward[::-1]:  # no run always follows the same other
             start = time.perf_counter()
             for _ in range(loops[name]):
                 run()

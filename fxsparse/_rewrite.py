@@ -160,12 +160,12 @@ def use_layouts(
                 node.meta[META_KEY] = {"role": "sparse weight", "param": param, "layout": choice.layout}
                 parts.append(node)
         kernel = csr_linear if choice.layout == "csr" else bsr_linear
-        out_features = int(owner._parameters[attribute].shape[0])  # type: ignore[union-attr]
+        out_features, in_features = (int(size) for size in owner._parameters[attribute].shape)  # type: ignore[union-attr]
         for call in linear:
             x = call.args[0] if call.args else call.kwargs["input"]
             bias = _bias_argument(call)
             call.target = kernel
-            call.args = (x, *parts, bias, out_features)
+            call.args = (x, *parts, bias, out_features, in_features)
             call.kwargs = {}
             call.meta[META_KEY]["role"] = "sparse"
         graph.erase_node(fetch)

@@ -35,9 +35,13 @@ is_scripting: Callable[[], bool] = torch.jit.is_scripting  # type: ignore[attr-d
 
 
 def _sparse_weight(
-    crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, size: list[int], blocked: bool
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    values: torch.Tensor,
+    size: list[int],
+    blocked: bool,
 ) -> torch.Tensor:
-    dtype, device = values.dtype, values.device
+    dtype, device = values.dtype, values.device  # a trace records them as constants (documented)
     if blocked:
         bsr: torch.Tensor = torch.ops.aten._sparse_bsr_tensor_unsafe(
             crow_indices, col_indices, values, size, dtype=dtype, device=device
@@ -159,6 +163,7 @@ def csr_linear(
     values: torch.Tensor,
     bias: torch.Tensor | None,
     out_features: int,
+    in_features: int,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a weight stored as compressed sparse rows (``fxsparse.freeze``).
 
@@ -166,7 +171,7 @@ def csr_linear(
     ``weights_only=True``, which a sparse tensor does not all do) and wrapped per call,
     which costs microseconds.
     """
-    return _sparse_linear(x, crow_indices, col_indices, values, bias, out_features, False)
+    return _sparse_linear(x, crow_indices, col_indices, values, bias, out_features, in_features, False)
 
 
 def bsr_linear(
@@ -176,9 +181,10 @@ def bsr_linear(
     values: torch.Tensor,
     bias: torch.Tensor | None,
     out_features: int,
+    in_features: int,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a weight stored as blocked sparse rows (``values`` holds the blocks)."""
-    return _sparse_linear(x, crow_indices, col_indices, values, bias, out_features, True)
+    return _sparse_linear(x, crow_indices, col_indices, values, bias, out_features, in_features, True)
 
 
 def _sparse_linear(
@@ -188,8 +194,18 @@ def _sparse_linear(
     values: torch.Tensor,
     bias: torch.Tensor | None,
     out_features: int,
+    in_features: int,
     blocked: bool,
 ) -> torch.Tensor:
+    # The sparse tensor takes its width from the input and torch checks nothing: a wrong width
+    # would read out of bounds, so check it here, as F.linear would.
+    if not _is_tracing() and x.shape[-1] != in_features:  # a trace checks its example by running it
+        raise RuntimeError(
+            "a sparse linear layer of in_features="
+            + str(in_features)
+            + " got an input whose last dimension is "
+            + str(x.shape[-1])
+        )
     rows = x.reshape(-1, x.shape[-1])
     # TorchScript compiles only the first branch (torch.jit.is_scripting() is known when compiling),
     # a trace records the second: builtin operators, which C++ loads; torch.compile and eager run

@@ -36,7 +36,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> P
     if path.is_dir():
         raise IsADirectoryError(f"save needs a file path, but {text!r} is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # The same suffix: some writers check it (torch.export.save warns unless it is ".pt2").
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(handle)
     try:
         write(temporary)

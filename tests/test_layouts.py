@@ -396,3 +396,14 @@ def test_the_diff_and_the_drawings_show_each_layout() -> None:
     source = fxsparse.viz.draw(frozen).source
     assert "csr_linear\\ncsr  density 0.100" in source
     assert fxsparse.viz.KINDS["sparse"] in source
+
+
+@pytest.mark.parametrize("layout", ["csr", "bsr"])
+def test_a_wrong_input_width_is_an_error_not_garbage(layout: str) -> None:
+    model, masks = block_mlp()
+    out = fxsparse.transform(model, masks)
+    for call in (fxsparse.freeze(out, layout=layout), fxsparse.freeze(out, layout=layout, emit="script")):
+        with pytest.raises(
+            (RuntimeError, torch.jit.Error), match="in_features=64 got an input whose last dimension is 8"
+        ):
+            call(torch.randn(4, 8))
