@@ -24,6 +24,7 @@ from ._runtime import call_with_parameters, check_input_structure
 __all__ = [
     "EMITS",
     "MaskedGraphModule",
+    "emit_as",
     "graph_module",
     "parametrized",
     "to_export",
@@ -239,6 +240,26 @@ def parametrized(root: nn.Module, plan: Plan) -> nn.Module:
             parametrization = FakeSparsity(p.mask)  # type: ignore[no-untyped-call]
             parametrize.register_parametrization(root.get_submodule(owner), attribute, parametrization)
     return root
+
+
+def emit_as(
+    gm: torch.fx.GraphModule,
+    emit: str,
+    args: tuple[Any, ...] | None,
+    kwargs: dict[str, Any] | None,
+    dynamic_shapes: Any,
+    mask_names: Iterable[str] = (),
+) -> Any:
+    """``gm`` in the form ``emit`` names (any of :data:`EMITS` but ``"parametrize"``, which needs the plan)."""
+    if emit == "script":
+        return to_script(gm)
+    if emit == "trace":
+        return to_trace(gm, args, kwargs)
+    if emit == "export":
+        return to_export(gm, args or (), kwargs, dynamic_shapes)
+    if emit == "onnx":
+        return to_onnx(gm, args or (), kwargs, dynamic_shapes, mask_names)
+    return gm
 
 
 def to_script(gm: torch.fx.GraphModule) -> torch.jit.ScriptModule:

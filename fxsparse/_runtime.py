@@ -31,7 +31,7 @@ def call_with_parameters(module: nn.Module, parameters: dict[str, torch.Tensor],
 
 
 _is_tracing: Callable[[], bool] = torch.jit.is_tracing  # type: ignore[attr-defined]
-is_scripting: Callable[[], bool] = torch.jit.is_scripting  # type: ignore[attr-defined]
+_is_scripting: Callable[[], bool] = torch.jit.is_scripting  # type: ignore[attr-defined]
 
 
 def _sparse_weight(
@@ -210,7 +210,7 @@ def _sparse_linear(
     # TorchScript compiles only the first branch (torch.jit.is_scripting() is known when compiling),
     # a trace records the second: builtin operators, which C++ loads; torch.compile and eager run
     # the operator. A trace must not bake in the one-row branch: it runs the general kernel.
-    if is_scripting():
+    if _is_scripting():
         y = _sparse_times(crow_indices, col_indices, values, rows, bias, out_features, blocked, True)
     elif _is_tracing():
         y = _sparse_times(crow_indices, col_indices, values, rows, bias, out_features, blocked, False)

@@ -114,17 +114,9 @@ def transform(
     finally:
         if gc_was_enabled:
             gc.enable()
-    if emit == "script":
-        return _emit.to_script(out)
-    if emit == "trace":
-        return _emit.to_trace(out, args, kwargs)
-    if emit == "export":
-        return _emit.to_export(out, args or (), kwargs, dynamic_shapes)
-    if emit == "onnx":
-        # A module registered under two names holds its mask under both; ONNX may pick either.
-        mask_names = {f"{alias}{MASK_SUFFIX}" for p in the_plan.parameters for alias in p.aliases}
-        return _emit.to_onnx(out, args or (), kwargs, dynamic_shapes, mask_names)
-    return out
+    # A module registered under two names holds its mask under both; ONNX may pick either.
+    mask_names = {f"{alias}{MASK_SUFFIX}" for p in the_plan.parameters for alias in p.aliases}
+    return _emit.emit_as(out, emit, args, kwargs, dynamic_shapes, mask_names)
 
 
 def _export_instead(
@@ -228,15 +220,7 @@ def freeze(
     if layout != "dense":
         _store_in_layout(frozen, masks, layout, args, kwargs)
         frozen.recompile()
-    if emit == "script":
-        return _emit.to_script(frozen)
-    if emit == "trace":
-        return _emit.to_trace(frozen, args, kwargs)
-    if emit == "export":
-        return _emit.to_export(frozen, args or (), kwargs, dynamic_shapes)
-    if emit == "onnx":
-        return _emit.to_onnx(frozen, args or (), kwargs, dynamic_shapes, ())
-    return frozen
+    return _emit.emit_as(frozen, emit, args, kwargs, dynamic_shapes)
 
 
 def layouts(frozen: torch.fx.GraphModule) -> dict[str, _kernels.LayoutChoice]:
