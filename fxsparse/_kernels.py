@@ -13,6 +13,7 @@ so ``"auto"`` measures instead of guessing.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -26,13 +27,14 @@ import torch.nn.functional as F
 
 from ._errors import MaskError, describe
 from ._runtime import bsr_linear, csr_linear
-from ._sparsity import uniform_blocks
+from ._sparsity import pattern_of, uniform_blocks
 
 __all__ = [
     "LAYOUTS",
     "MARGIN",
     "LayoutChoice",
     "blocksize_of",
+    "check_layout",
     "choose",
     "layouts_in",
     "quiet_sparse_warnings",
@@ -191,16 +193,27 @@ class Candidate:
     weight: torch.Tensor  # frozen: mask * weight
     bias: torch.Tensor | None
     mask: torch.Tensor
-    pattern: str  # _sparsity.pattern_of(mask)
     rows: tuple[int, ...]
     blocked: str = ""  # why it cannot change layout ("also read by embedding"), or ""
+
+    @functools.cached_property
+    def pattern(self) -> str:
+        return pattern_of(self.mask) if self.mask.dim() == 2 else "unstructured"
+
+    @functools.cached_property
+    def blocksize(self) -> int | None:
+        return blocksize_of(self.mask)
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise MaskError(f"layout must be one of {', '.join(repr(name) for name in LAYOUTS)}, got {layout!r}")
 
 
 def choose(candidates: Sequence[Candidate], layout: str) -> dict[str, LayoutChoice]:
     """The layout of each candidate: forced (every candidate that can take ``layout``), or
     measured (``"auto"``: the fastest, if at least :data:`MARGIN` × dense's speed)."""
-    if layout not in LAYOUTS:
-        raise MaskError(f"layout must be one of {', '.join(repr(name) for name in LAYOUTS)}, got {layout!r}")
+    check_layout(layout)
     if layout == "auto":
         cache: dict[tuple[Any, ...], tuple[str, dict[str, float]]] = {}
         return {c.param: _measured_choice(c, cache) for c in candidates}
@@ -223,7 +236,7 @@ def _cannot(c: Candidate, layout: str) -> str:
         return ""
     if c.weight.dim() != 2:
         return f"a {c.weight.dim()}-D weight"
-    if layout == "bsr" and blocksize_of(c.mask) is None:
+    if layout == "bsr" and c.blocksize is None:
         return (
             f"its {c.pattern} mask is not made of square blocks (4x4 to 64x64) that divide its "
             f"{tuple(c.weight.shape)} shape; use 'csr' or 'auto'"
@@ -258,7 +271,7 @@ def _measured_choice(c: Candidate, cache: dict[tuple[Any, ...], tuple[str, dict[
         )
         return LayoutChoice(c.param, "dense", None, {}, c.rows, density, why)
     w = c.weight
-    key = (tuple(w.shape), w.dtype, w.device, c.rows, tuple(layouts), round(density, 2), blocksize_of(c.mask))
+    key = (tuple(w.shape), w.dtype, w.device, c.rows, tuple(layouts), round(density, 2), c.blocksize)
     note = ""
     if key in cache:
         source, measured = cache[key]
@@ -289,7 +302,7 @@ def _measure(c: Candidate, layouts: Sequence[str]) -> tuple[dict[str, float], di
     failed: dict[str, str] = {}
     for layout in layouts:
         try:
-            runs[layout] = _runner(w, bias, layout, blocksize_of(c.mask))
+            runs[layout] = _runner(w, bias, layout, c.blocksize)
         except (RuntimeError, ValueError, NotImplementedError) as exc:
             failed[layout] = describe(exc).splitlines()[0]
     speedups = {layout: math.inf for layout in runs}

@@ -31,7 +31,17 @@ from ._errors import TraceError
 from ._plan import MASK_SUFFIX, MaskedParameter, Plan
 from ._runtime import bsr_linear, call_with_parameters, csr_linear
 
-__all__ = ["LINEAR_CALLS", "META_KEY", "ROLES", "fold_masks", "frozen_linear_uses", "retag", "rewrite", "use_layouts"]
+__all__ = [
+    "LINEAR_CALLS",
+    "META_KEY",
+    "ROLES",
+    "bias_argument",
+    "fold_masks",
+    "frozen_linear_uses",
+    "retag",
+    "rewrite",
+    "use_layouts",
+]
 
 META_KEY = "fxsparse"
 ROLES = {
@@ -118,7 +128,7 @@ def _weight_argument(call: torch.fx.Node) -> Any:
     return call.args[1] if len(call.args) > 1 else call.kwargs.get("weight")
 
 
-def _bias_argument(call: torch.fx.Node) -> Any:
+def bias_argument(call: torch.fx.Node) -> Any:
     return call.args[2] if len(call.args) > 2 else call.kwargs.get("bias")
 
 
@@ -163,7 +173,7 @@ def use_layouts(
         out_features, in_features = (int(size) for size in owner._parameters[attribute].shape)  # type: ignore[union-attr]
         for call in linear:
             x = call.args[0] if call.args else call.kwargs["input"]
-            bias = _bias_argument(call)
+            bias = bias_argument(call)
             call.target = kernel
             call.args = (x, *parts, bias, out_features, in_features)
             call.kwargs = {}

@@ -18,7 +18,6 @@ from torch.overrides import TorchFunctionMode
 from . import _capture, _emit, _kernels, _rewrite
 from ._errors import EmitError, MaskError, TraceError, describe
 from ._plan import MASK_SUFFIX, Plan, build_plan
-from ._sparsity import pattern_of
 
 __all__ = ["CAPTURES", "freeze", "layouts", "plan", "transform"]
 
@@ -197,8 +196,7 @@ def freeze(
     """
     if not isinstance(out, torch.fx.GraphModule):
         raise TypeError(f"freeze takes fxsparse.transform's output (emit='graph'), got {type(out).__name__}")
-    if layout not in _kernels.LAYOUTS:
-        raise MaskError(f"layout must be one of {', '.join(repr(name) for name in _kernels.LAYOUTS)}, got {layout!r}")
+    _kernels.check_layout(layout)
     if emit == "parametrize":
         raise EmitError("freeze cannot emit 'parametrize': a frozen model has no masks left to parametrize")
     args, kwargs = _check_arguments("auto", emit, example_inputs, example_kwargs, dynamic_shapes)
@@ -265,31 +263,21 @@ def _store_in_layout(
             blocked = f"also read by {readers}, which needs it dense"
         elif len(names[id(weight)]) > 1:
             blocked = f"tied to {', '.join(n for n in names[id(weight)] if n != param)}: a tied weight stays dense"
-        bias_node = _rewrite._bias_argument(linear[0])
+        bias_node = _rewrite.bias_argument(linear[0])
         bias = None
         if isinstance(bias_node, torch.fx.Node) and bias_node.op == "get_attr":
             value = _capture.lookup(frozen, str(bias_node.target))
             bias = value if isinstance(value, torch.Tensor) else None
-        mask = masks[param]
-        candidates.append(
-            _kernels.Candidate(
-                param,
-                weight,
-                bias,
-                mask,
-                pattern_of(mask) if mask.dim() == 2 else "unstructured",
-                rows.get(param, _kernels.DEFAULT_ROWS),
-                blocked,
-            )
-        )
+        rows_seen = rows.get(param, _kernels.DEFAULT_ROWS)
+        candidates.append(_kernels.Candidate(param, weight, bias, masks[param], rows_seen, blocked))
     choices = _kernels.choose(candidates, layout)
     stored: dict[str, Any] = {}
-    for param, choice in choices.items():
-        weight = frozen.get_parameter(param)
-        if choice.layout == "semi_structured":
-            stored[param] = _kernels.semi_structured(weight)
-        elif choice.layout in ("csr", "bsr"):
-            stored[param] = _kernels.sparse_parts(weight, choice.layout, _kernels.blocksize_of(masks[param]))
+    for candidate in candidates:
+        chosen = choices[candidate.param].layout
+        if chosen == "semi_structured":
+            stored[candidate.param] = _kernels.semi_structured(candidate.weight)
+        elif chosen in ("csr", "bsr"):
+            stored[candidate.param] = _kernels.sparse_parts(candidate.weight, chosen, candidate.blocksize)
     _rewrite.use_layouts(frozen, frozen.graph, choices, stored)
 
 

@@ -275,7 +275,8 @@ def test_freeze_leaves_its_input_alone() -> None:
 
 def test_choose_is_pure_data() -> None:
     weight = torch.randn(32, 64) * (torch.rand(32, 64) > 0.9)
-    candidate = Candidate("w", weight, None, weight != 0, "unstructured", (1,))
+    candidate = Candidate("w", weight, None, weight != 0, (1,))
+    assert (candidate.pattern, candidate.blocksize) == ("unstructured", None)
     (choice,) = choose([candidate], "csr").values()
     assert (choice.layout, choice.speedup, choice.rows) == ("csr", None, ())  # forced: nothing measured
     assert str(choice) == "csr"
