@@ -31,16 +31,17 @@ Example:
 """
 
 from . import masks, viz
-from ._check import CheckReport, MaskCheck, check
 from ._emit import EMITS, MaskedGraphModule
 from ._errors import EmitError, FxsparseError, MaskError, TraceError
+from ._freeze import freeze, layouts
 from ._kernels import LAYOUTS, LayoutChoice
-from ._maskfile import load_masks, save_masks
 from ._plan import MaskedParameter, Plan
-from ._rewrite import META_KEY, ROLES
 from ._save import save
-from ._transform import freeze, layouts, plan, transform
-from ._update import update_masks
+from ._tags import META_KEY, ROLES, Role, Tag, tag_of
+from ._transform import plan, transform
+from .masks._check import CheckReport, MaskCheck, check
+from .masks._files import load_masks, save_masks
+from .masks._update import update_masks
 
 __version__ = "0.3.0"
 
@@ -58,6 +59,8 @@ __all__ = [
     "MaskedGraphModule",
     "MaskedParameter",
     "Plan",
+    "Role",
+    "Tag",
     "TraceError",
     "check",
     "freeze",
@@ -67,6 +70,7 @@ __all__ = [
     "plan",
     "save",
     "save_masks",
+    "tag_of",
     "transform",
     "update_masks",
     "viz",

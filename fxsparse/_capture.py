@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
-import inspect
 import logging
 import threading
 import typing
@@ -20,12 +18,12 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.utils import parametrize
 
+from ._compat import FAKE_TENSOR_LOGGER, FakeTensor, export_input_guards, is_erased, keystr
 from ._errors import MaskError, TraceError, describe
 from ._plan import Plan
-from ._runtime import InputGuards
+from ._runtime.guards import InputGuards
 
 __all__ = [
     "EXPORT_LOCK",
@@ -218,7 +216,7 @@ class Tracer(torch.fx.Tracer):
         while (node := next(iter(reversed(self.graph.nodes)))) is not last:
             self.graph.erase_node(node)
         for key, proxy in list(self._proxy_cache.items()):
-            if proxy.node._erased:
+            if is_erased(proxy.node):
                 del self._proxy_cache[key]
 
     def create_arg(self, a: Any) -> Any:
@@ -320,7 +318,7 @@ def export(
     # embedding caches its frequencies): put back what it changed, drop the fakes it added.
     before = [(module, dict(vars(module))) for module in model.modules()]
     # torch logs a full traceback when a fake-tensor kernel fails; the TraceError carries the message.
-    fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")
+    fake_tensor_log = logging.getLogger(FAKE_TENSOR_LOGGER)
     level = fake_tensor_log.level
     try:
         with EXPORT_LOCK:
@@ -397,21 +395,16 @@ def _torch_guards(
     them, InputGuards checks only its own.
     """
     try:
-        unlift: Any = importlib.import_module("torch.export._unlift")  # private and untyped
-        signature = inspect.signature(unlifted.forward)
-        paths = unlift._get_input_paths(program.example_inputs, signature)
-        code = unlift._get_input_guards_for_graph(graph.find_nodes(op="placeholder"), program.range_constraints, paths)
-        recorded = unlift._force_ep_signature_match(program._guards_code, paths)
-        code += unlift._force_gm_signature_match(recorded, signature)
+        code, paths = export_input_guards(program, unlifted, graph)
     except Exception:
         return []
     guards = []
     for condition in code:
         shown = condition
         for index, path in enumerate(paths):
-            source = "L" + torch.utils._pytree.keystr(path)
+            source = "L" + keystr(path)
             condition = condition.replace(source, f"args[{index}]")
-            shown = shown.replace(source, path[0].key + torch.utils._pytree.keystr(path[1:]))
+            shown = shown.replace(source, path[0].key + keystr(path[1:]))
         guards.append((condition, " ".join(shown.split())))
     return guards
 

@@ -19,7 +19,9 @@ import torch
 import torch.export
 import torch.fx
 
+from ._compat import ONNX_REGISTRATION_LOGGER
 from ._errors import MaskError
+from ._tags import Role, role_of
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,7 +136,7 @@ def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     warnings.filterwarnings("ignore", message="The TorchScript type system", category=UserWarning)
     # torch's own noise: it warns when it copies a pytree spec, and logs that torchvision's ops are absent.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    logging.getLogger(ONNX_REGISTRATION_LOGGER).setLevel(logging.ERROR)
     demo = DEMOS[name][0](seed)
     model, inputs, other = demo.model, demo.inputs, demo.other_inputs
     masks = fxsparse.masks.magnitude(model, sparsity)
@@ -145,7 +147,7 @@ def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     out = fxsparse.transform(model, masks, **options)
     elapsed = time.perf_counter() - start
     capture = out.meta[fxsparse.META_KEY]["capture"]
-    products = [n for n in out.graph.nodes if n.meta.get(fxsparse.META_KEY, {}).get("role") == "masked"]
+    products = [n for n in out.graph.nodes if role_of(n) is Role.MASKED]
     density = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     how = "torch.fx" if capture == "fx" else "torch.export (torch.fx cannot trace it)"
     print(f"  masks      {sparsity:.0%} magnitude sparsity per layer (density {density:.3f})")
@@ -265,7 +267,7 @@ def _load(parser: argparse.ArgumentParser, source: str) -> torch.nn.Module | tor
 
 def _load_masks(parser: argparse.ArgumentParser, path: Path) -> dict[str, torch.Tensor]:
     """A mask file (safetensors, or ``.pt`` read as data only): it cannot run code."""
-    from ._maskfile import load_masks
+    from .masks._files import load_masks
 
     try:
         masks = load_masks(path)
@@ -278,7 +280,7 @@ def _load_masks(parser: argparse.ArgumentParser, path: Path) -> dict[str, torch.
 
 def _prunable(module: torch.nn.Module, name: str) -> bool:
     """What ``fxsparse diff --sparsity`` masks: projections (Linear, Conv1D) and convolutions."""
-    from ._masks import is_linear_like
+    from .masks._makers import is_linear_like
 
     return is_linear_like(module) or isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
 

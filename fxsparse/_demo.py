@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._masks import is_linear_like
+from .masks._makers import is_linear_like
 
 
 class TinyLM(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -16,10 +16,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _capture
+from ._compat import HigherOrderOperator, OpOverload, PyTreeCodeGen, codegen_of, set_codegen, set_tracer_class
 from ._errors import EmitError, describe
-from ._plan import Plan
-from ._rewrite import META_KEY, retag
-from ._runtime import call_with_parameters, check_input_structure
+from ._plan import MASK_SUFFIX, Plan
+from ._runtime.guards import check_input_structure
+from ._runtime.swap import call_with_parameters
+from ._tags import META_KEY, Role, Tag, mask_registry, retag, set_tag, tag_of
 
 __all__ = [
     "EMITS",
@@ -93,8 +95,8 @@ def graph_module(root: nn.Module, graph: torch.fx.Graph, capture: str) -> Masked
 
 def _takes_containers(graph: torch.fx.Graph) -> bool:
     """Whether a torch.export graph takes a list, tuple or dict as one of its inputs."""
-    codegen = graph._codegen
-    if not isinstance(codegen, torch.fx.graph._PyTreeCodeGen):
+    codegen = codegen_of(graph)
+    if not isinstance(codegen, PyTreeCodeGen):
         return False
     positional, keywords = codegen.pytree_info.in_spec.children()
     return not all(spec.is_leaf() for spec in (*positional.children(), *keywords.children()))
@@ -134,7 +136,7 @@ def _assemble(
     out.__dict__.update(state)
     # FX traces a GraphModule's code again with its tracer (transforming an output again does);
     # this one finds parameters by a dict, not by a scan, and keeps InputGuards a call.
-    out._tracer_cls = _capture.Tracer
+    set_tracer_class(out, _capture.Tracer)
     out.graph = graph  # compiles forward once
     return out
 
@@ -163,10 +165,10 @@ def _graph_as_data(graph: torch.fx.Graph) -> tuple[list[tuple[Any, ...]], torch.
     def as_data(value: Any) -> Any:
         if isinstance(value, torch.fx.Node):
             return _NodeRef(value.name)
-        if isinstance(value, torch._ops.OpOverload):
+        if isinstance(value, OpOverload):
             namespace, name = value._schema.name.split("::")
             return _Operator(namespace, name, value._overloadname)
-        if isinstance(value, torch._ops.HigherOrderOperator):  # torch.cond, ...: registered by name
+        if isinstance(value, HigherOrderOperator):  # torch.cond, ...: registered by name
             return _Operator("higher_order", value.name(), "")  # type: ignore[no-untyped-call]
         return value
 
@@ -181,17 +183,17 @@ def _graph_as_data(graph: torch.fx.Graph) -> tuple[list[tuple[Any, ...]], torch.
             each_as_data(node.args),
             each_as_data(node.kwargs),
             node.type,
-            node.meta.get(META_KEY),
+            tag_of(node),
         )
         for node in graph.nodes
     ]
-    return nodes, graph._codegen
+    return nodes, codegen_of(graph)
 
 
 def _graph_from_data(data: tuple[list[tuple[Any, ...]], torch.fx.graph.CodeGen]) -> torch.fx.Graph:
     nodes, codegen = data
     graph = torch.fx.Graph(tracer_cls=_capture.Tracer)
-    graph._codegen = codegen
+    set_codegen(graph, codegen)
     made: dict[str, torch.fx.Node] = {}
 
     def live(value: Any) -> Any:
@@ -211,7 +213,7 @@ def _graph_from_data(data: tuple[list[tuple[Any, ...]], torch.fx.graph.CodeGen])
         if node.name != name:
             raise RuntimeError(f"unpickling renamed node {name!r} to {node.name!r}")  # names are code: keep them
         if tag is not None:
-            node.meta[META_KEY] = tag
+            set_tag(node, tag if isinstance(tag, Tag) else Tag.from_mapping(tag))  # 0.3 stored dicts
         made[name] = node
     return graph
 
@@ -226,8 +228,19 @@ def _unpickle(reduced: tuple[Any, ...], state: dict[str, Any], class_name: str) 
     """Loads what fxsparse 0.1.0 pickled: a GraphModule's code, traced again (with ``_capture.Tracer``)."""
     rebuild, arguments = reduced
     rebuilt = rebuild(*arguments)
-    retag(rebuilt.graph, rebuilt)
+    retag(rebuilt.graph, _legacy_mask_registry(rebuilt), rebuilt)
     return _assemble(state, rebuilt.graph, class_name)
+
+
+def _legacy_mask_registry(module: nn.Module) -> dict[str, str]:
+    """The masks of a file fxsparse 0.1.0 wrote, which recorded none: each ``<param>_mask`` buffer beside its parameter.
+
+    The one place a mask is known by its name: such files carry nothing else to tell, and
+    fxsparse 0.1.0 named every mask that way.
+    """
+    parameters = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    buffers = (name for name, _ in module.named_buffers(remove_duplicate=False))
+    return {name: name.removesuffix(MASK_SUFFIX) for name in buffers if name.removesuffix(MASK_SUFFIX) in parameters}
 
 
 def parametrized(root: nn.Module, plan: Plan) -> nn.Module:
@@ -308,7 +321,31 @@ def to_export(
 ) -> torch.export.ExportedProgram:
     with _capture.EXPORT_LOCK:
         exported = _run("export", torch.export.export, gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    return cast(torch.export.ExportedProgram, exported)
+    program = cast(torch.export.ExportedProgram, exported)
+    _tag_exported(program, mask_registry(gm.graph))
+    return program
+
+
+def _tag_exported(program: torch.export.ExportedProgram, registry: Mapping[str, str]) -> None:
+    """Tag the ``mask * weight`` products of an exported masked graph (export makes new nodes, without tags).
+
+    ``registry`` holds the masks fxsparse made (mask buffer -> parameter): the program's
+    inputs that are those buffers, and the products that read them, get their tags back.
+    """
+    signature = program.graph_signature
+    buffers, parameters = signature.inputs_to_buffers, signature.inputs_to_parameters
+    for placeholder in program.graph.find_nodes(op="placeholder"):
+        param = registry.get(buffers.get(placeholder.name, ""))
+        if param is None:
+            continue
+        set_tag(placeholder, Tag(Role.MASK, param=param, mask=buffers[placeholder.name]))
+        for product in placeholder.users:
+            if product.target is not torch.ops.aten.mul.Tensor or len(product.args) != 2:
+                continue
+            weight = product.args[1]
+            if isinstance(weight, torch.fx.Node) and parameters.get(weight.name) is not None:
+                set_tag(weight, Tag(Role.WEIGHT, param=param))
+                set_tag(product, Tag(Role.MASKED, param=param, mask=buffers[placeholder.name]))
 
 
 def to_onnx(

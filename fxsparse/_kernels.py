@@ -25,9 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._compat import semi_structured_shape_constraints
 from ._errors import MaskError, describe
-from ._runtime import bsr_linear, csr_linear
+from ._runtime.sparse_ops import bsr_linear, csr_linear
 from ._sparsity import pattern_of, uniform_blocks
+from ._tags import tag_of
 
 __all__ = [
     "LAYOUTS",
@@ -112,9 +114,9 @@ def layouts_in(graph: Any) -> dict[str, LayoutChoice]:
     """The choices recorded in a frozen graph's node meta (on its linear calls)."""
     found: dict[str, LayoutChoice] = {}
     for node in graph.nodes:
-        tag = node.meta.get("fxsparse", {})
-        if node.op == "call_function" and "layout" in tag:
-            found.setdefault(str(tag["param"]), LayoutChoice.from_meta(str(tag["param"]), tag))
+        tag = tag_of(node)
+        if node.op == "call_function" and tag is not None and tag.choice is not None:
+            found.setdefault(str(tag.param), LayoutChoice.from_meta(str(tag.param), tag.choice))
     return found
 
 
@@ -175,7 +177,7 @@ def semi_structured(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _semi_structured_shape_problem(weight: torch.Tensor) -> str:
-    constraints = _semi_structured_class()._DTYPE_SHAPE_CONSTRAINTS.get(weight.dtype)
+    constraints = semi_structured_shape_constraints(_semi_structured_class(), weight.dtype)
     if constraints is None:
         return f"it is {weight.dtype}; 2:4 kernels take float16 or bfloat16"
     rows, columns = constraints.sparse_min_rows, constraints.sparse_min_cols

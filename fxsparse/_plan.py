@@ -28,6 +28,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ._compat import global_module_hooks
 from ._errors import MaskError
 
 __all__ = ["OPENINGS", "MaskedParameter", "OpenedModule", "Opening", "Plan", "build_plan", "normalize_mask"]
@@ -47,23 +48,23 @@ class Opening:
     function: Callable[..., Any]
     parameters: tuple[str, ...]
     attributes: tuple[str, ...] = ()
-    applies: Callable[[nn.Module], bool] = lambda module: True
+    zero_padding_only: bool = False  # convolutions: other padding modes pad in forward, before the call
+
+    def applies(self, module: nn.Module) -> bool:
+        """Whether ``module``'s forward is exactly this call."""
+        return not self.zero_padding_only or getattr(module, "padding_mode", None) == "zeros"
 
 
 _CONV_ATTRIBUTES = ("stride", "padding", "dilation", "groups")
 _DEFAULT_TRACER = torch.fx.Tracer()  # for its is_leaf_module: which modules FX keeps as calls
 
 
-def _zero_padded(module: nn.Module) -> bool:
-    return getattr(module, "padding_mode", None) == "zeros"
-
-
 # Exact types only: a subclass may override forward, so it is traced into instead.
 OPENINGS: dict[type[nn.Module], Opening] = {
     nn.Linear: Opening(F.linear, ("weight", "bias")),
-    nn.Conv1d: Opening(F.conv1d, ("weight", "bias"), _CONV_ATTRIBUTES, _zero_padded),
-    nn.Conv2d: Opening(F.conv2d, ("weight", "bias"), _CONV_ATTRIBUTES, _zero_padded),
-    nn.Conv3d: Opening(F.conv3d, ("weight", "bias"), _CONV_ATTRIBUTES, _zero_padded),
+    nn.Conv1d: Opening(F.conv1d, ("weight", "bias"), _CONV_ATTRIBUTES, zero_padding_only=True),
+    nn.Conv2d: Opening(F.conv2d, ("weight", "bias"), _CONV_ATTRIBUTES, zero_padding_only=True),
+    nn.Conv3d: Opening(F.conv3d, ("weight", "bias"), _CONV_ATTRIBUTES, zero_padding_only=True),
     nn.Embedding: Opening(
         F.embedding,
         ("weight",),
@@ -350,6 +351,4 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _has_global_forward_hooks() -> bool:
-    from torch.nn.modules import module as module_impl
-
-    return bool(module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks)
+    return any(global_module_hooks())

@@ -12,13 +12,14 @@ functional call their ``forward`` makes, keeping the node's name::
     seq_0_bias = getattr(self.seq, "0").bias
     seq_0 = torch._C._nn.linear(x, seq_0_weight_masked, seq_0_bias)
 
-Every node the rewrite creates or changes carries ``node.meta["fxsparse"]``, a dict
-whose ``"role"`` is one of :data:`ROLES`, with ``"param"`` naming the parameter
-(``"mask"`` the buffer, ``"module"`` the opened module) where it applies.
+Every node the rewrite creates or changes carries a :class:`~fxsparse._tags.Tag` (its
+:class:`~fxsparse._tags.Role`, the parameter, mask buffer or module it is about): see
+``_tags``, which owns them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,51 +28,44 @@ import torch.fx
 from torch import nn
 
 from ._capture import MISSING, Exported, lookup
+from ._compat import linear_c
 from ._errors import TraceError
-from ._plan import MASK_SUFFIX, MaskedParameter, Plan
-from ._runtime import bsr_linear, call_with_parameters, csr_linear
+from ._plan import MaskedParameter, Plan
+from ._runtime.sparse_ops import bsr_linear, csr_linear
+from ._runtime.swap import call_with_parameters
+from ._tags import Role, Tag, retag, set_tag, tag_of, tagged
 
 __all__ = [
     "LINEAR_CALLS",
-    "META_KEY",
-    "ROLES",
     "bias_argument",
     "fold_masks",
     "frozen_linear_uses",
-    "retag",
     "rewrite",
     "use_layouts",
 ]
 
-META_KEY = "fxsparse"
-ROLES = {
-    "weight": "fetches a masked parameter",
-    "mask": "fetches a mask buffer",
-    "masked": "mask * weight, read by every use of the parameter",
-    "param": "fetches an unmasked parameter of an opened module",
-    "opened": "a leaf module call opened into its functional form",
-    "module": "fetches a module that is called with masked parameters swapped in",
-    "called": "a call of a module whose forward cannot be traced, with masked parameters swapped in",
-    "guards": "checks the inputs against those a graph captured by torch.export was exported for",
-    "frozen": "fetches a weight with its mask folded in (fxsparse.freeze)",
-    "linear": "a linear call of a frozen weight, tagged with the layout fxsparse.freeze chose for it",
-    "sparse": "a linear call on a frozen weight stored in a sparse layout (fxsparse.freeze(layout=...))",
-    "sparse weight": "fetches a part of a sparse weight: its row pointers, column indices or values",
-}
 
-
-def rewrite(root: nn.Module, graph: torch.fx.Graph, plan: Plan, exported: Exported | None = None) -> None:
+def rewrite(
+    root: nn.Module,
+    graph: torch.fx.Graph,
+    plan: Plan,
+    exported: Exported | None = None,
+    registry: Mapping[str, str] | None = None,
+) -> None:
     """Register the plan's mask buffers on ``root`` and mask every use in ``graph``, in place.
 
     For a graph captured by ``torch.export`` (``exported``, whose ``graph`` is ``graph``), also
     install on ``root`` what the graph reads besides the model's state, and call the input
-    guards first thing.
+    guards first thing. ``registry`` names the masks of an fxsparse output being transformed
+    again (mask buffer -> parameter, see ``_tags.mask_registry``), whose graph lost its tags
+    when it was captured again.
     """
     for p in plan.parameters:
-        root.get_submodule(p.owner).register_buffer(p.mask_attribute, p.mask, persistent=True)
+        # A copy: the plan stays data of its own, not an alias of the output's state.
+        root.get_submodule(p.owner).register_buffer(p.mask_attribute, p.mask.clone(), persistent=True)
     if exported is not None:
         _adopt_exported(root, graph, exported)
-    retag(graph, root)
+    retag(graph, registry or {}, root)
     _Rewriter(graph, plan).run()
     graph.lint()
 
@@ -83,44 +77,38 @@ def fold_masks(root: nn.Module, graph: torch.fx.Graph) -> dict[str, torch.Tensor
     ``root``. Returns each folded parameter's name and mask.
     """
     folded = {}
-    for product in list(graph.nodes):
-        tag = product.meta.get(META_KEY, {})
-        if product.op != "call_function" or tag.get("role") != "masked":
-            continue
+    for product, tag in list(tagged(graph, Role.MASKED)):
         mask_node, weight_node = product.args
         assert isinstance(mask_node, torch.fx.Node) and isinstance(weight_node, torch.fx.Node)
         parameter = root.get_parameter(str(weight_node.target))
         mask = root.get_buffer(str(mask_node.target))
         with torch.no_grad():
-            parameter.copy_(product.target(mask, parameter))
+            parameter.copy_(torch.mul(mask, parameter))  # what the product node computes
         product.replace_all_uses_with(weight_node)
         graph.erase_node(product)
         if not mask_node.users:
             graph.erase_node(mask_node)
         owner, _, buffer = str(mask_node.target).rpartition(".")
         del root.get_submodule(owner)._buffers[buffer]
-        weight_node.meta[META_KEY] = {"role": "frozen", "param": tag["param"]}
-        folded[str(tag["param"])] = mask
+        set_tag(weight_node, Tag(Role.FROZEN, param=tag.param))
+        folded[str(tag.param)] = mask
     graph.lint()
     return folded
 
 
-LINEAR_CALLS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
+LINEAR_CALLS = (linear_c, torch.nn.functional.linear, torch.ops.aten.linear.default)
 
 
 def frozen_linear_uses(graph: torch.fx.Graph) -> dict[str, tuple[list[torch.fx.Node], list[torch.fx.Node]]]:
     """Each frozen weight's linear calls (weight in the second slot), and its other users."""
     uses = {}
-    for fetch in graph.find_nodes(op="get_attr"):
-        tag = fetch.meta.get(META_KEY, {})
-        if tag.get("role") != "frozen":
-            continue
+    for fetch, tag in tagged(graph, Role.FROZEN):
         linear: list[torch.fx.Node] = []
         other: list[torch.fx.Node] = []
         for user in fetch.users:
             is_linear = user.op == "call_function" and user.target in LINEAR_CALLS
             (linear if is_linear and _weight_argument(user) is fetch else other).append(user)
-        uses[str(tag["param"])] = (linear, other)
+        uses[str(tag.param)] = (linear, other)
     return uses
 
 
@@ -152,7 +140,9 @@ def use_layouts(
         if choice is None:
             continue
         for call in linear:
-            call.meta[META_KEY] = {**call.meta.get(META_KEY, {"role": "linear"}), "param": param, **choice.as_meta()}
+            # An opened call keeps its role and module; another linear call becomes "linear".
+            tag = tag_of(call) or Tag(Role.LINEAR)
+            set_tag(call, dataclasses.replace(tag, param=param, choice=choice.as_meta()))
         if choice.layout == "dense":
             continue
         owner_name, _, attribute = param.rpartition(".")
@@ -167,7 +157,7 @@ def use_layouts(
             for part, value in replacement.items():
                 owner.register_buffer(f"{attribute}_{part}", value)
                 node = graph.get_attr(f"{param}_{part}")
-                node.meta[META_KEY] = {"role": "sparse weight", "param": param, "layout": choice.layout}
+                set_tag(node, Tag(Role.SPARSE_WEIGHT, param=param, choice={"layout": choice.layout}))
                 parts.append(node)
         kernel = csr_linear if choice.layout == "csr" else bsr_linear
         out_features, in_features = (int(size) for size in owner._parameters[attribute].shape)  # type: ignore[union-attr]
@@ -177,40 +167,10 @@ def use_layouts(
             call.target = kernel
             call.args = (x, *parts, bias, out_features, in_features)
             call.kwargs = {}
-            call.meta[META_KEY]["role"] = "sparse"
+            set_tag(call, dataclasses.replace(tag_of(call) or Tag(Role.SPARSE), role=Role.SPARSE))
         graph.erase_node(fetch)
         del owner._parameters[attribute]
     graph.lint()
-
-
-def retag(graph: torch.fx.Graph, root: nn.Module | None = None) -> None:
-    """Tag the ``mask * weight`` pattern of a graph re-traced from fxsparse-generated code.
-
-    Node meta does not survive code-based round trips (pickling a GraphModule, or
-    transforming an fxsparse output again); the pattern ``torch.mul(<p>_mask, <p>)`` does,
-    and is what the ``"weight"``, ``"mask"`` and ``"masked"`` tags describe. Tracing names a
-    tied parameter by its first name, which may not be the one its mask is named after;
-    given ``root``, such a fetch is recognized and renamed back. Which calls were opened
-    cannot be told from the code, so ``"opened"``/``"param"`` tags are not restored.
-    """
-    products = graph.find_nodes(op="call_function", target=torch.mul)
-    products += graph.find_nodes(op="call_function", target=torch.ops.aten.mul.Tensor)  # exported again
-    for product in products:
-        if len(product.args) != 2 or product.kwargs or META_KEY in product.meta:
-            continue
-        mask, weight = product.args
-        if not (isinstance(mask, torch.fx.Node) and isinstance(weight, torch.fx.Node)):
-            continue
-        if not (mask.op == weight.op == "get_attr" and str(mask.target).endswith(MASK_SUFFIX)):
-            continue
-        param, buffer = str(mask.target).removesuffix(MASK_SUFFIX), str(mask.target)
-        if weight.target != param:
-            if root is None or not _same_parameter(root, param, str(weight.target)):
-                continue
-            weight.target = param
-        weight.meta.setdefault(META_KEY, {"role": "weight", "param": param})
-        mask.meta.setdefault(META_KEY, {"role": "mask", "param": param, "mask": buffer})
-        product.meta[META_KEY] = {"role": "masked", "param": param, "mask": buffer}
 
 
 def _adopt_exported(root: nn.Module, graph: torch.fx.Graph, exported: Exported) -> None:
@@ -233,7 +193,7 @@ def _adopt_exported(root: nn.Module, graph: torch.fx.Graph, exported: Exported) 
     where = graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None)
     with where:
         guards = graph.call_module(name, tuple(placeholders))
-    guards.meta[META_KEY] = {"role": "guards", "module": name}
+    set_tag(guards, Tag(Role.GUARDS, module=name))
 
 
 def _free_name(root: nn.Module, name: str) -> str:
@@ -255,13 +215,6 @@ def _install(root: nn.Module, dotted: str, value: Any) -> None:
         owner.add_module(name, value)
     else:
         setattr(owner, name, value)  # a plain attribute, not a buffer: state_dict keeps the model's keys
-
-
-def _same_parameter(root: nn.Module, name: str, other: str) -> bool:
-    try:
-        return root.get_parameter(name) is root.get_parameter(other)
-    except AttributeError:
-        return False
 
 
 class _Rewriter:
@@ -300,16 +253,16 @@ class _Rewriter:
             self.graph.erase_node(fetch)
             return
         fetch.target = p.name
-        fetch.meta[META_KEY] = {"role": "weight", "param": p.name}
+        set_tag(fetch, Tag(Role.WEIGHT, param=p.name))
         with self.graph.inserting_before(fetch.next):
             product = self._multiply(fetch, p)
         fetch.replace_all_uses_with(product, delete_user_cb=lambda user: user is not product)
 
     def _multiply(self, weight: torch.fx.Node, p: MaskedParameter) -> torch.fx.Node:
         mask = self.graph.get_attr(p.mask_name)
-        mask.meta[META_KEY] = {"role": "mask", "param": p.name, "mask": p.mask_name}
+        set_tag(mask, Tag(Role.MASK, param=p.name, mask=p.mask_name))
         product = self.graph.call_function(torch.mul, (mask, weight), name=f"{weight.name}_masked")
-        product.meta[META_KEY] = {"role": "masked", "param": p.name, "mask": p.mask_name}
+        set_tag(product, Tag(Role.MASKED, param=p.name, mask=p.mask_name))
         self.masked[p.name] = product
         return product
 
@@ -320,13 +273,13 @@ class _Rewriter:
             product = self.masked.get(p.name)
             if product is None:
                 weight = self.graph.get_attr(p.name)
-                weight.meta[META_KEY] = {"role": "weight", "param": p.name}
+                set_tag(weight, Tag(Role.WEIGHT, param=p.name))
                 product = self._multiply(weight, p)
             return product
         fetch = self.plain.get(name)
         if fetch is None:
             fetch = self.plain[name] = self.graph.get_attr(name)
-            fetch.meta[META_KEY] = {"role": "param", "param": name}
+            set_tag(fetch, Tag(Role.PARAM, param=name))
         return fetch
 
     def _open(self, call: torch.fx.Node) -> None:
@@ -346,7 +299,7 @@ class _Rewriter:
         call.target = opened.opening.function
         call.args = (x, *tensors)
         call.kwargs = dict(zip(opened.opening.attributes, opened.constants, strict=True))
-        call.meta[META_KEY] = {"role": "opened", "module": opened.name}
+        set_tag(call, Tag(Role.OPENED, module=opened.name))
 
     def _masked_under(self, module: str) -> dict[str, str]:
         """The masked parameters held by ``module``: name relative to it -> FQN."""
@@ -366,12 +319,12 @@ class _Rewriter:
             module = self.modules.get(name)
             if module is None:
                 module = self.modules[name] = self.graph.create_node("get_attr", name, name=f"{call.name}_module")
-                module.meta[META_KEY] = {"role": "module", "module": name}
+                set_tag(module, Tag(Role.MODULE, module=name))
             swapped = {relative: self._fetch(alias) for relative, alias in self._masked_under(name).items()}
         call.op = "call_function"
         call.target = call_with_parameters
         call.args = (module, swapped, *call.args)
-        call.meta[META_KEY] = {"role": "called", "module": name, "why": self.plan.kept[name]}
+        set_tag(call, Tag(Role.CALLED, module=name, why=self.plan.kept[name]))
 
     def _swap_in_new_masks(self, call: torch.fx.Node) -> None:
         module, swapped, *args = call.args

@@ -95,12 +95,20 @@ def _mask(kind: str, shape: torch.Size, generator: torch.Generator) -> torch.Ten
 
 
 def fake_sparsity(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """The reference: FakeSparsity on every alias of each masked parameter."""
+    """The reference: FakeSparsity on every alias of each masked parameter.
+
+    Built from torch alone (the aliases from ``named_parameters``), not from anything of
+    fxsparse's: a planning bug must not hide by being on both sides.
+    """
     reference = copy.deepcopy(model)
-    for p in fxsparse.plan(model, masks).parameters:
-        for alias in p.aliases:
+    aliases: dict[int, list[str]] = {}
+    for name, parameter in reference.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    names_of = {name: names for names in aliases.values() for name in names}
+    for key, mask in masks.items():
+        for alias in names_of[key]:
             owner, _, name = alias.rpartition(".")
-            parametrize.register_parametrization(reference.get_submodule(owner), name, FakeSparsity(p.mask))
+            parametrize.register_parametrization(reference.get_submodule(owner), name, FakeSparsity(mask.clone()))
     return reference
 
 

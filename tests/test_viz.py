@@ -405,7 +405,7 @@ def test_code_diff_is_difflibs_on_the_zoo() -> None:
 
 def test_code_diff_applies_back() -> None:
     """On texts full of repeated lines (where anchors are few), the diff still turns before into after."""
-    from fxsparse._unified import unified_diff
+    from fxsparse.viz._unified import unified_diff
 
     rng = torch.Generator().manual_seed(0)
     for _ in range(300):

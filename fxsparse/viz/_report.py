@@ -14,12 +14,12 @@ import torch
 import torch.export
 import torch.fx
 
+from .._kernels import LayoutChoice, layouts_in
+from .._plan import MASK_SUFFIX
+from .._sparsity import summarize
+from ..masks._importers import mask_buffers
 from ._diff import Drawable, GraphDiff, diff, graph_of
 from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, kind_of, render_bytes
-from ._kernels import LayoutChoice, layouts_in
-from ._masks import mask_buffers
-from ._plan import MASK_SUFFIX
-from ._sparsity import summarize
 
 __all__ = ["masks_of", "report"]
 

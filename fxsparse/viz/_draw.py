@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.fx
 
+from .._errors import FxsparseError
+from .._sparsity import density_of, input_axis_of, pattern_of
+from .._tags import Role, role_of, tag_of
 from ._diff import Drawable, GraphDiff, diff, graph_of, module_calls
-from ._errors import FxsparseError
-from ._rewrite import META_KEY
-from ._sparsity import density_of, input_axis_of, pattern_of
 
 __all__ = ["DIFF_MARKS", "KINDS", "RenderError", "draw", "draw_diff", "kind_of", "render", "render_bytes"]
 
@@ -137,10 +137,10 @@ def _draw(
         cut = min(depth + 1 if depth is not None else len(path) + 1, run or len(path) + 1)
         # No colon in ids: in an edge, DOT reads "a:b" as node a, port b.
         box = f"collapsed__{'.'.join(path[:cut]).replace(':', '_')}" if cut <= len(path) else None
-        if node.meta.get(META_KEY, {}).get("role") == "masked" and box is not None:
+        if role_of(node) is Role.MASKED and box is not None:
             masked[box] = masked.get(box, 0) + 1
         if compact and _folds(node):
-            if node.meta.get(META_KEY, {}).get("role") == "masked":
+            if role_of(node) is Role.MASKED:
                 for user in node.users:
                     folded.setdefault(user.name, []).append(node)
             continue
@@ -325,7 +325,7 @@ def _fold_runs(
 
 def _leaf_of(node: torch.fx.Node) -> str | None:
     """The name, within its parent, of the leaf module a node calls or belongs to (``"17"`` for ``layers.17``)."""
-    tag = node.meta.get(META_KEY, {})
+    tag: Mapping[str, Any] = tag_of(node) or {}
     if "param" in tag:
         return str(tag["param"]).split(".")[-2] if str(tag["param"]).count(".") else None
     if "module" in tag:
@@ -382,7 +382,7 @@ def _folds(node: torch.fx.Node) -> bool:
     the asserts torch.export records on tensor metadata (a third of a transformer's nodes)."""
     if node.op == "call_function" and not node.users and _short(node.target).startswith(("aten._assert", "_assert")):
         return True
-    return node.op == "get_attr" or node.meta.get(META_KEY, {}).get("role") in ("weight", "mask", "param", "masked")
+    return node.op == "get_attr" or role_of(node) in (Role.WEIGHT, Role.MASK, Role.PARAM, Role.MASKED)
 
 
 def _module_path(node: torch.fx.Node) -> list[str]:
@@ -392,7 +392,7 @@ def _module_path(node: torch.fx.Node) -> list[str]:
     the module that holds the leaf; any other call in the box of the module whose forward
     made it.
     """
-    tag = node.meta.get(META_KEY, {})
+    tag: Mapping[str, Any] = tag_of(node) or {}
     if "param" in tag:
         return str(tag["param"]).split(".")[:-2]
     if "module" in tag:
@@ -407,7 +407,7 @@ def _module_path(node: torch.fx.Node) -> list[str]:
 
 def kind_of(node: torch.fx.Node) -> str:
     """The :data:`KINDS` entry a node is drawn as."""
-    role = node.meta.get(META_KEY, {}).get("role")
+    role = role_of(node)
     if node.op in ("placeholder", "output"):
         return "input"
     if role in ("weight", "mask", "masked", "opened", "called", "guards", "sparse"):
@@ -419,10 +419,10 @@ def kind_of(node: torch.fx.Node) -> str:
 
 def _node_style(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> dict[str, str]:
     kind = kind_of(node)
+    tag: Mapping[str, Any] = tag_of(node) or {}
     if kind == "input":
         return {"label": node.name, "fillcolor": KINDS[kind], "shape": "ellipse"}
     if kind == "masked":
-        tag = node.meta[META_KEY]
         label = f"mask * weight\n{tag['param']}"
         mask = _buffer(module, tag.get("mask"))
         if mask is not None and mask.is_meta:
@@ -435,13 +435,12 @@ def _node_style(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> dic
     if kind == "parameter":
         return {"label": f"{node.name}\n{node.target}", "fillcolor": KINDS[kind], "shape": "note"}
     label = f"{node.name}\n{_short(node.target)}"
-    tag = node.meta.get(META_KEY, {})
     if "layout" in tag and node.op == "call_function":
         label += f"\n{_layout_label(tag)}"
     return {"label": label, "fillcolor": KINDS[kind]}
 
 
-def _layout_label(tag: dict[str, Any]) -> str:
+def _layout_label(tag: Mapping[str, Any]) -> str:
     """What freeze chose for a linear call: ``"csr ×3.10  density 0.100"``, with what else was measured."""
     speedup, measured = tag.get("speedup"), tag.get("measured") or {}
     label = str(tag["layout"]) + ("" if speedup is None else f" ×{float(speedup):.2f}")

@@ -16,10 +16,10 @@ Example:
     added by role: mask 1, masked 1, param 1, weight 1
 """
 
+from .._sparsity import ParameterSparsity, pattern_of, summarize
 from ._diff import GraphDiff, diff, to_networkx
 from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, render, render_bytes
 from ._report import masks_of, report
-from ._sparsity import ParameterSparsity, pattern_of, summarize
 
 __all__ = [
     "DIFF_MARKS",

@@ -13,9 +13,9 @@ import torch
 import torch.export
 from torch import nn
 
-from ._errors import MaskError
-from ._masks import mask_buffers
-from ._plan import normalize_mask
+from .._errors import MaskError
+from .._plan import normalize_mask
+from ._importers import mask_buffers
 
 __all__ = ["update_masks"]
 

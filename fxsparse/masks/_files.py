@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ._errors import MaskError
-from ._save import atomic_write
+from .._errors import MaskError
+from .._save import atomic_write
 
 __all__ = ["load_masks", "save_masks"]
 

@@ -15,10 +15,10 @@ import torch
 import torch.export
 from torch import nn
 
-from ._errors import MaskError
-from ._masks import mask_buffers
-from ._plan import build_plan
-from ._sparsity import density_of, holder_types, input_axis_of, pattern_of, uniform_blocks
+from .._errors import MaskError
+from .._plan import build_plan
+from .._sparsity import density_of, holder_types, input_axis_of, pattern_of, uniform_blocks
+from ._importers import mask_buffers
 
 __all__ = ["CheckReport", "MaskCheck", "check"]
 

@@ -10,13 +10,15 @@ by op and target in graph order. The result is plain data; drawing and text read
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.export
 import torch.fx
 
-from ._rewrite import META_KEY, retag
+from .._compat import qualified_name
+from .._tags import tag_of
 from ._unified import unified_diff
 
 __all__ = ["Drawable", "GraphDiff", "diff", "graph_of", "module_calls", "to_networkx"]
@@ -92,7 +94,7 @@ def to_networkx(graph: torch.fx.Graph) -> Any:
 
     digraph = nx.DiGraph()
     for node in graph.nodes:
-        tag = node.meta.get(META_KEY, {})
+        tag: Mapping[str, Any] = tag_of(node) or {}
         digraph.add_node(node.name, op=node.op, target=_target(node), role=tag.get("role"), tag=tag)
         for source in node.all_input_nodes:
             digraph.add_edge(source.name, node.name)
@@ -234,8 +236,7 @@ def graph_of(value: Drawable, what: str) -> tuple[torch.fx.GraphModule | None, t
     and its ``mask * weight`` products are tagged as the rewrite tags them.
     """
     if isinstance(value, torch.export.ExportedProgram):
-        value = value.module()
-        retag(value.graph, value)
+        value = value.module()  # tags that fxsparse.transform(emit="export") recorded carry over
     if isinstance(value, torch.fx.GraphModule):
         return value, value.graph
     if isinstance(value, torch.fx.Graph):
@@ -248,7 +249,7 @@ def graph_of(value: Drawable, what: str) -> tuple[torch.fx.GraphModule | None, t
 
 
 def _target(node: torch.fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else torch.fx.node._get_qualified_name(node.target)
+    return node.target if isinstance(node.target, str) else qualified_name(node.target)
 
 
 def _same_kind(first: dict[str, Any], second: dict[str, Any]) -> bool:

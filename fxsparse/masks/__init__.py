@@ -20,17 +20,8 @@ Example:
     >>> out = fxsparse.transform(model, masks)
 """
 
-from ._masks import (
-    block,
-    from_parametrized,
-    from_prune,
-    from_sparsifier,
-    magnitude,
-    n_m,
-    select,
-    to_sparsifier,
-    weight_norm,
-)
+from ._importers import from_parametrized, from_prune, from_sparsifier, to_sparsifier
+from ._makers import block, magnitude, n_m, select, weight_norm
 
 __all__ = [
     "block",

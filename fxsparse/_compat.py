@@ -1,0 +1,202 @@
+"""Every private torch API fxsparse uses, in one place.
+
+torch may rename or remove any of these in a release without notice. Calling them only
+from here keeps that risk visible: ``tests/test_compat.py`` resolves each name in
+:data:`PRIVATE_APIS` and fails naming the one a torch release took away, and a second test
+checks that no other fxsparse module touches a private torch name.
+
+What each is for:
+
+- ``torch.nn.utils.stateless._reparametrize_module``: a kept module called with its masked
+  parameters swapped in for one call (``torch.func.functional_call`` refuses to run under
+  ``torch.jit.trace``);
+- ``torch._subclasses.fake_tensor.FakeTensor``: what ``torch.export`` leaves on modules while
+  it runs (removed again after capture);
+- ``torch.export._unlift`` helpers and ``ExportedProgram._guards_code``: torch.export's own
+  guards on the inputs, which ``InputGuards`` checks as data;
+- ``torch.fx.graph._PyTreeCodeGen`` and ``Graph._codegen``: the pytree input handling of a
+  graph captured by ``torch.export``, kept when a graph is pickled as data;
+- ``torch._ops.OpOverload``/``HigherOrderOperator``: ATen operators and ``torch.cond`` in a
+  graph, pickled by name;
+- ``torch.utils._pytree``: input structures of exported graphs, and their key paths;
+- ``torch._C._nn.linear``: what ``F.linear`` is in a traced graph;
+- ``torch.ops.aten._sparse_{csr,bsr}_tensor_unsafe``: a sparse weight rebuilt from its parts
+  per call without re-validating them (fxsparse checks the input width itself);
+- ``torch.fx.node._get_qualified_name``: the printable name of a node's function;
+- ``GraphModule._tracer_cls``: the tracer FX uses when it traces a GraphModule's code again;
+- ``Node._erased``: whether a node was erased (a rolled-back trace);
+- ``torch.nn.modules.module._global_*``: hooks registered for every module;
+- ``torch.sparse`` semi-structured ``_DTYPE_SHAPE_CONSTRAINTS``: the shapes 2:4 kernels take.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+__all__ = [
+    "FAKE_TENSOR_LOGGER",
+    "ONNX_REGISTRATION_LOGGER",
+    "PRIVATE_APIS",
+    "FakeTensor",
+    "HigherOrderOperator",
+    "OpOverload",
+    "PyTreeCodeGen",
+    "codegen_of",
+    "export_input_guards",
+    "global_module_hooks",
+    "is_erased",
+    "keystr",
+    "linear_c",
+    "qualified_name",
+    "reparametrize_module",
+    "semi_structured_shape_constraints",
+    "set_codegen",
+    "set_tracer_class",
+    "sparse_bsr_tensor_unsafe",
+    "sparse_csr_tensor_unsafe",
+    "sympy_interp",
+    "tree_structure",
+]
+
+# Dotted names (module path, then attribute path) of every private API this module reaches.
+PRIVATE_APIS: tuple[str, ...] = (
+    "torch.nn.utils.stateless:_reparametrize_module",
+    "torch._subclasses.fake_tensor:FakeTensor",
+    "torch.export._unlift:_get_input_paths",
+    "torch.export._unlift:_get_input_guards_for_graph",
+    "torch.export._unlift:_force_ep_signature_match",
+    "torch.export._unlift:_force_gm_signature_match",
+    "torch.export:ExportedProgram._guards_code",
+    "torch.fx.graph:_PyTreeCodeGen",
+    "torch.fx.graph:Graph._codegen",
+    "torch._ops:OpOverload",
+    "torch._ops:HigherOrderOperator",
+    "torch.utils._pytree:tree_structure",
+    "torch.utils._pytree:keystr",
+    "torch._C._nn:linear",
+    "torch:ops.aten._sparse_csr_tensor_unsafe",
+    "torch:ops.aten._sparse_bsr_tensor_unsafe",
+    "torch.fx.node:_get_qualified_name",
+    "torch.fx:GraphModule._tracer_cls",
+    "torch.fx:Node._erased",
+    "torch.nn.modules.module:_global_forward_hooks",
+    "torch.nn.modules.module:_global_forward_pre_hooks",
+    "torch.nn.modules.module:_global_backward_hooks",
+    "torch.nn.modules.module:_global_backward_pre_hooks",
+    "torch.fx.experimental.symbolic_shapes:SYMPY_INTERP",
+    "torch.sparse:SparseSemiStructuredTensorCUTLASS._DTYPE_SHAPE_CONSTRAINTS",
+)
+
+from torch._ops import HigherOrderOperator, OpOverload  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensor  # noqa: E402
+from torch.fx.graph import _PyTreeCodeGen as PyTreeCodeGen  # noqa: E402
+from torch.fx.node import _get_qualified_name  # noqa: E402
+from torch.nn.modules import module as _module_impl  # noqa: E402
+from torch.nn.utils.stateless import _reparametrize_module  # noqa: E402
+from torch.utils import _pytree  # noqa: E402
+
+# Loggers of torch's private modules, by name: fxsparse quiets their tracebacks where it reports the error itself.
+FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"
+ONNX_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+
+linear_c: Callable[..., torch.Tensor] = torch._C._nn.linear
+
+
+def reparametrize_module(module: nn.Module, tensors: dict[str, torch.Tensor]) -> AbstractContextManager[None]:
+    """``module`` with ``tensors`` (by relative name) in place of its parameters, for a ``with`` block."""
+    return _reparametrize_module(module, tensors)
+
+
+def global_module_hooks() -> Iterator[dict[Any, Any]]:
+    """The hook registries ``nn.Module.__call__`` consults for every module."""
+    for name in (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    ):
+        yield getattr(_module_impl, name)
+
+
+def codegen_of(graph: torch.fx.Graph) -> torch.fx.graph.CodeGen:
+    return graph._codegen
+
+
+def set_codegen(graph: torch.fx.Graph, codegen: torch.fx.graph.CodeGen) -> None:
+    graph._codegen = codegen
+
+
+def set_tracer_class(gm: torch.fx.GraphModule, tracer: type[torch.fx.Tracer]) -> None:
+    """The tracer FX uses when it traces ``gm``'s code again (pickling, transforming it again)."""
+    gm._tracer_cls = tracer
+
+
+def is_erased(node: torch.fx.Node) -> bool:
+    return bool(node._erased)
+
+
+def qualified_name(function: Callable[..., Any]) -> str:
+    return _get_qualified_name(function)
+
+
+def tree_structure(value: Any) -> Any:
+    return _pytree.tree_structure(value)
+
+
+def keystr(path: Sequence[Any]) -> str:
+    return _pytree.keystr(tuple(path))
+
+
+def sparse_csr_tensor_unsafe(
+    crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, size: list[int]
+) -> torch.Tensor:
+    """A CSR tensor from its parts, unchecked (fast); in the values' dtype and device, not the default ones."""
+    csr: torch.Tensor = torch.ops.aten._sparse_csr_tensor_unsafe(
+        crow_indices, col_indices, values, size, dtype=values.dtype, device=values.device
+    )
+    return csr
+
+
+def sparse_bsr_tensor_unsafe(
+    crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, size: list[int]
+) -> torch.Tensor:
+    """A BSR tensor from its parts (``values`` holds the blocks), unchecked, like :func:`sparse_csr_tensor_unsafe`."""
+    bsr: torch.Tensor = torch.ops.aten._sparse_bsr_tensor_unsafe(
+        crow_indices, col_indices, values, size, dtype=values.dtype, device=values.device
+    )
+    return bsr
+
+
+def semi_structured_shape_constraints(semi_structured_class: Any, dtype: torch.dtype) -> Any:
+    """The minimum shape a 2:4 kernel of ``semi_structured_class`` takes in ``dtype`` (None: unsupported dtype)."""
+    return semi_structured_class._DTYPE_SHAPE_CONSTRAINTS.get(dtype)
+
+
+def sympy_interp() -> dict[str, Any]:
+    """The functions torch.export's guard conditions call (``Eq``, ``Mod``, ...), by name."""
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+    return dict(SYMPY_INTERP)
+
+
+def export_input_guards(program: torch.export.ExportedProgram, unlifted: nn.Module, graph: torch.fx.Graph) -> Any:
+    """torch.export's own guards on the inputs of ``program``: ``(conditions, input key paths)``.
+
+    Each condition is Python source over ``L[...]`` sources, one per flat input path; this is
+    what ``ExportedProgram.module()`` compiles into its (unpicklable) guard function.
+    """
+    unlift: Any = importlib.import_module("torch.export._unlift")  # private and untyped
+    signature = inspect.signature(unlifted.forward)
+    paths = unlift._get_input_paths(program.example_inputs, signature)
+    code = unlift._get_input_guards_for_graph(graph.find_nodes(op="placeholder"), program.range_constraints, paths)
+    recorded = unlift._force_ep_signature_match(program._guards_code, paths)
+    code += unlift._force_gm_signature_match(recorded, signature)
+    return code, paths

@@ -1,0 +1,115 @@
+"""Masks in and out of models: ``torch.ao.pruning`` sparsifiers, ``FakeSparsity``-parametrized
+models, ``torch.nn.utils.prune``, and the mask buffers of fxsparse's own outputs.
+
+Nothing here changes the model it is given: masks come back as copies.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .._errors import MaskError
+from .._tags import Role, tag_of
+
+__all__ = ["from_parametrized", "from_prune", "from_sparsifier", "mask_buffers", "to_sparsifier"]
+
+
+def from_sparsifier(sparsifier: Any) -> dict[str, torch.Tensor]:
+    """The masks of a prepared ``torch.ao.pruning`` sparsifier (one per group), by parameter name."""
+    masks, seen = {}, set()
+    for group in getattr(sparsifier, "groups", ()):
+        module, tensor_name = group["module"], group.get("tensor_name", "weight")
+        fqn = group.get("module_fqn") or ""
+        chain = getattr(getattr(module, "parametrizations", None), tensor_name, None)
+        if chain is None:
+            raise MaskError(f"sparsifier group {fqn!r} has no parametrization on {tensor_name!r}: was it prepared?")
+        if id(chain.original) not in seen:  # a tied parameter: one mask, under its first name
+            seen.add(id(chain.original))
+            masks[f"{fqn}.{tensor_name}" if fqn else tensor_name] = chain[0].mask.detach().clone()
+    return masks
+
+
+def from_parametrized(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks of every ``FakeSparsity``-like parametrization (one with a ``mask``) in ``model``
+    (or of fxsparse's output), copied."""
+    masks, seen = {}, set()
+    for name, (parameter, buffer) in mask_buffers(model).items():
+        if id(parameter) not in seen:  # a tied parameter: one mask, under its first name
+            seen.add(id(parameter))
+            masks[name] = buffer.detach().clone()
+    return masks
+
+
+def from_prune(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks of a model pruned with ``torch.nn.utils.prune`` (``<name>_orig`` with ``<name>_mask``)."""
+    masks = {}
+    for prefix, module in model.named_modules():
+        for buffer_name, buffer in module._buffers.items():
+            if buffer is None or not buffer_name.endswith("_mask"):
+                continue
+            name = buffer_name.removesuffix("_mask")
+            if f"{name}_orig" in module._parameters:
+                masks[f"{prefix}.{name}" if prefix else name] = buffer.detach().clone()
+    return masks
+
+
+def to_sparsifier(model: nn.Module, masks: Mapping[str, torch.Tensor], sparsifier: Any = None) -> Any:
+    """A ``torch.ao.pruning`` sparsifier prepared on a copy of ``model`` and holding ``masks``,
+    to go on with (``sparsifier.step()``, ``sparsifier.squash_mask()``); the copy is
+    ``sparsifier.model``. ``sparsifier`` defaults to a ``WeightNormSparsifier()``."""
+    from torch.ao.pruning.sparsifier.weight_norm_sparsifier import WeightNormSparsifier
+
+    sparsifier = WeightNormSparsifier() if sparsifier is None else sparsifier
+    copied = copy.deepcopy(model)
+    aliases: dict[int, list[str]] = {}
+    for alias, parameter in copied.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(alias)
+    parameters = dict(copied.named_parameters(remove_duplicate=False))
+    source_of: dict[str, str] = {}  # every alias of a masked parameter -> its key in masks
+    for name in masks:
+        if name not in parameters:
+            raise MaskError(f"mask key {name!r} names no parameter of the model (give parameter names)")
+        for alias in aliases[id(parameters[name])]:  # a tied weight is masked at every use
+            source_of[alias] = name
+    sparsifier.prepare(copied, [{"tensor_fqn": alias} for alias in source_of])
+    for group in sparsifier.groups:
+        fqn = f"{group['module_fqn']}.{group['tensor_name']}" if group["module_fqn"] else group["tensor_name"]
+        target = getattr(group["module"].parametrizations, group["tensor_name"])[0].mask
+        source = masks[source_of[fqn]]
+        if tuple(source.shape) != tuple(target.shape):
+            raise MaskError(f"mask for {fqn!r} has shape {tuple(source.shape)}, expected {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(source.to(device=target.device, dtype=target.dtype))
+    return sparsifier
+
+
+def mask_buffers(model: nn.Module) -> dict[str, tuple[nn.Parameter, torch.Tensor]]:
+    """Masked parameter name -> (the parameter, its mask buffer), of fxsparse's output (its tagged
+    mask nodes), of a module with ``FakeSparsity``-like parametrizations (a ``mask``), or, for
+    TorchScript outputs (which cannot carry tags), every ``<param>_mask`` buffer beside its
+    parameter. A model's own buffers are never taken for masks by their names elsewhere."""
+    found: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+    if isinstance(model, torch.fx.GraphModule):
+        for node in model.graph.find_nodes(op="get_attr"):
+            tag = tag_of(node)
+            if tag is not None and tag.role is Role.MASK:
+                found[tag["param"]] = (model.get_parameter(tag["param"]), model.get_buffer(tag["mask"]))
+    for prefix, module in model.named_modules():
+        for tensor_name, chain in getattr(module, "parametrizations", {}).items():
+            for parametrization in chain:
+                mask = getattr(parametrization, "mask", None)
+                if isinstance(mask, torch.Tensor):
+                    name = f"{prefix}.{tensor_name}" if prefix else tensor_name
+                    found[name] = (chain.original, mask)
+    if not found and isinstance(model, torch.jit.ScriptModule):
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        for name, buffer in model.named_buffers(remove_duplicate=False):
+            if name.endswith("_mask") and name.removesuffix("_mask") in parameters:
+                found[name.removesuffix("_mask")] = (parameters[name.removesuffix("_mask")], buffer)
+    return found
