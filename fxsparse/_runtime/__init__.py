@@ -15,3 +15,8 @@ from .sparse_ops import bsr_linear, csr_linear
 from .swap import call_with_parameters
 
 __all__ = ["InputGuards", "bsr_linear", "call_with_parameters", "check_input_structure", "csr_linear"]
+
+# Generated code names a graph's functions by their module (``fxsparse__runtime_csr_linear``) and
+# pickles find them by it: the path they have always had, whichever file defines them now.
+for _public in (InputGuards, bsr_linear, call_with_parameters, check_input_structure, csr_linear):
+    _public.__module__ = __name__
