@@ -519,3 +519,49 @@ def test_mask_files_refuse_bombs_and_lies(tmp_path: Path) -> None:
     shared = torch.ones(4, dtype=torch.bool)
     path = fxsparse.save_masks({"a": shared, "b": shared}, tmp_path / "s.safetensors")
     assert sorted(fxsparse.load_masks(path)) == ["a", "b"]
+
+
+# -- issue 13 ------------------------------------------------------------------------------------
+
+
+class Conv1D(nn.Module):
+    """A user's own layer that happens to share transformers' class name: weight [out, in], F.linear."""
+
+    def __init__(self, features_in: int, features_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features_out, features_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def test_a_users_own_conv1d_is_read_along_its_real_input_axis() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(8, 12))  # weight [out 12, in 8]: 12 is a multiple of 4 too, 8 the input
+    mask = fxsparse.masks.n_m(model, include="*")["0.weight"]
+    weight = model[0].weight.detach().abs()
+    groups, magnitudes = mask.reshape(12, 2, 4), weight.reshape(12, 2, 4)  # groups of 4 along dimension 1
+    expected = torch.zeros_like(groups).scatter_(2, magnitudes.topk(2, dim=2).indices, True)
+    assert torch.equal(groups, expected)
+    (entry,) = fxsparse.viz.summarize({"0.weight": mask}, model)
+    assert entry.pattern == "2:4"
+    assert fxsparse.check(model, {"0.weight": mask}, pattern="2:4").ok
+    transposed_groups = mask.T.reshape(8, 3, 4).sum(dim=2)  # what reading it as [in, out] would see
+    assert not bool((transposed_groups <= 2).all())
+
+
+def test_transformers_conv1d_and_its_subclasses_stay_transposed() -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D as HuggingFaceConv1D
+
+    class Projection(HuggingFaceConv1D):  # type: ignore[misc]
+        pass
+
+    torch.manual_seed(0)
+    for layer in (HuggingFaceConv1D(12, 8), Projection(12, 8)):  # weight [in 8, out 12]
+        assert fxsparse.masks.select(layer) == ["weight"]
+        mask = fxsparse.masks.n_m(layer)["weight"]
+        assert bool((mask.T.reshape(12, 2, 4).sum(dim=2) == 2).all())
+        assert fxsparse.viz.summarize({"weight": mask}, layer)[0].pattern == "2:4"
+        assert fxsparse.check(layer, {"weight": mask}, pattern="2:4").ok
+    assert transformers is not None

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._errors import MaskError
-from .._sparsity import input_axis_of
+from .._sparsity import input_axis_of, is_transformers_conv1d
 
 __all__ = [
     "block",
@@ -306,8 +306,7 @@ def _globs(value: str | Sequence[str] | None, what: str) -> list[str] | None:
 
 def is_linear_like(module: nn.Module) -> bool:
     """An ``nn.Linear``, or Hugging Face's ``Conv1D`` (GPT-2's projections, ``[in, out]``)."""
-    kind = type(module)
-    return isinstance(module, nn.Linear) or (kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers."))
+    return isinstance(module, nn.Linear) or is_transformers_conv1d(type(module))
 
 
 def _levels(
