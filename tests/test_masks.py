@@ -565,3 +565,29 @@ def test_transformers_conv1d_and_its_subclasses_stay_transposed() -> None:
         assert fxsparse.viz.summarize({"weight": mask}, layer)[0].pattern == "2:4"
         assert fxsparse.check(layer, {"weight": mask}, pattern="2:4").ok
     assert transformers is not None
+
+
+@pytest.mark.parametrize("level", [-1.0, -math.inf, 0, 0.0, 0.5, 1, 1.0, 1.5, 2.0, math.inf])
+@pytest.mark.parametrize(
+    "blocks", [{"sparse_block_shape": (1, 4)}, {"sparse_block_shape": (2, 2), "zeros_per_block": 2},
+               {"sparse_block_shape": (1, 4), "zeros_per_block": 0}, {"sparse_block_shape": (3, 3)}],
+    ids=["whole-blocks", "two-of-four", "no-zeros", "cut-blocks"],
+)  # fmt: skip
+def test_weight_norm_takes_every_level_the_sparsifier_takes(level: float, blocks: dict[str, object]) -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+    config = {"sparsity_level": level, **blocks}
+    prepared = copy.deepcopy(model)
+    sparsifier = WeightNormSparsifier(**config)  # type: ignore[arg-type]
+    sparsifier.prepare(prepared, config=None)
+    sparsifier.step()
+    expected = fxsparse.masks.from_sparsifier(sparsifier)
+    ours = fxsparse.masks.weight_norm(model, **config)  # type: ignore[arg-type]
+    assert sorted(ours) == sorted(expected) == ["0.weight", "2.weight"]
+    for name in expected:
+        assert torch.equal(ours[name], expected[name].bool()), name
+
+
+def test_weight_norm_refuses_a_level_the_sparsifier_cannot_rank_by() -> None:
+    with pytest.raises(fxsparse.MaskError, match=r"sparsity_level for '0.weight' must be a number \(not NaN\)"):
+        fxsparse.masks.weight_norm(nn.Sequential(nn.Linear(8, 4)), math.nan)
