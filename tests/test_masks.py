@@ -591,3 +591,38 @@ def test_weight_norm_takes_every_level_the_sparsifier_takes(level: float, blocks
 def test_weight_norm_refuses_a_level_the_sparsifier_cannot_rank_by() -> None:
     with pytest.raises(fxsparse.MaskError, match=r"sparsity_level for '0.weight' must be a number \(not NaN\)"):
         fxsparse.masks.weight_norm(nn.Sequential(nn.Linear(8, 4)), math.nan)
+
+
+def test_check_plans_the_model_once_however_many_masks() -> None:
+    from unittest import mock
+
+    import fxsparse.masks._check
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(50)])
+    masks: dict[str, torch.Tensor] = {f"{i}.weight": torch.ones(4, 4, dtype=torch.bool) for i in range(50)}
+    with mock.patch.object(fxsparse.masks._check, "build_plan", wraps=fxsparse.masks._check.build_plan) as planned:
+        assert fxsparse.check(model, masks).ok
+    assert planned.call_count <= 1  # a plan per key walked the whole model per key: quadratic
+    tied = Tied()
+    report = fxsparse.check(tied, {"a.weight": torch.ones(8, 8), "b": torch.ones(8, 8), "c": torch.ones(8, 8)})
+    assert report.problems[0].startswith("mask key 'c' names no parameter or module")
+    assert "mask keys 'a.weight' and 'b' name the same parameter 'a.weight'" in report.problems[1]
+
+
+def test_save_masks_looks_each_storage_up_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = 0
+    untyped_storage = torch.Tensor.untyped_storage
+
+    def counted(self: torch.Tensor) -> torch.UntypedStorage:
+        nonlocal reads
+        reads += 1
+        return untyped_storage(self)
+
+    shared = torch.ones(2, 2, dtype=torch.bool)
+    masks = {f"m{i}": torch.ones(2, 2, dtype=torch.bool) for i in range(300)} | {"x": shared, "y": shared}
+    monkeypatch.setattr(torch.Tensor, "untyped_storage", counted)
+    path = fxsparse.save_masks(masks, tmp_path / "m.safetensors")
+    monkeypatch.undo()
+    assert reads <= 10 * len(masks)  # comparing with every earlier mask read 300 * 299 storages
+    loaded = fxsparse.load_masks(path)
+    assert sorted(loaded) == sorted(masks) and all(torch.equal(loaded[k], masks[k]) for k in masks)
