@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.ao.pruning import FakeSparsity
 from torch.ao.pruning.sparsifier.weight_norm_sparsifier import WeightNormSparsifier
@@ -626,3 +627,63 @@ def test_save_masks_looks_each_storage_up_once(tmp_path: Path, monkeypatch: pyte
     assert reads <= 10 * len(masks)  # comparing with every earlier mask read 300 * 299 storages
     loaded = fxsparse.load_masks(path)
     assert sorted(loaded) == sorted(masks) and all(torch.equal(loaded[k], masks[k]) for k in masks)
+
+
+def saliency_pruned(model: nn.Module, groups: list[dict[str, object]]) -> object:
+    from torch.ao.pruning._experimental.pruner import SaliencyPruner
+
+    pruner = SaliencyPruner({"sparsity_level": 0.5})
+    pruner.prepare(model, groups)
+    pruner.step()
+    return pruner
+
+
+@pytest.mark.parametrize(
+    ("layer", "x"),
+    [(nn.Linear(8, 6, bias=False), torch.randn(3, 8)), (nn.Conv2d(6, 4, 3, bias=False), torch.randn(2, 6, 5, 5))],
+    ids=["linear", "conv2d"],
+)
+def test_structured_pruner_masks_expand_to_whole_rows_as_the_pruner_applies_them(
+    layer: nn.Module, x: torch.Tensor
+) -> None:
+    torch.manual_seed(0)
+    original = nn.Sequential(copy.deepcopy(layer))
+    torch.nn.init.normal_(original[0].weight)
+    prepared = copy.deepcopy(original)
+    pruner = saliency_pruned(prepared, [{"tensor_fqn": "0.weight"}])
+    masks = fxsparse.masks.from_sparsifier(pruner)
+    rows = prepared[0].parametrizations.weight[0].mask
+    assert sorted(masks) == ["0.weight"] and not bool(rows.all()) and bool(rows.any())
+    shape = original[0].weight.shape
+    assert torch.equal(masks["0.weight"], rows.reshape(-1, *[1] * (len(shape) - 1)).expand(shape))
+    with torch.no_grad():
+        assert torch.equal(fxsparse.transform(original, masks)(x), prepared(x))
+
+
+def test_structured_pruner_masks_the_bias_of_pruned_rows_where_it_prunes_biases() -> None:
+    torch.manual_seed(0)
+    original, x = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), torch.randn(3, 8)
+    prepared = copy.deepcopy(original)
+    pruner = saliency_pruned(prepared, [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight", "prune_bias": False}])
+    masks = fxsparse.masks.from_sparsifier(pruner)
+    assert sorted(masks) == ["0.bias", "0.weight", "2.weight"]
+    rows = prepared[0].parametrizations.weight[0].mask
+    assert torch.equal(masks["0.bias"], rows)
+    with torch.no_grad():
+        ours = fxsparse.transform(original, masks)(x)
+        theirs = prepared(x)  # its hook adds the (row-masked) bias after the product: rounding may differ
+        hidden = torch.relu(F.linear(x, original[0].weight * masks["0.weight"], original[0].bias * rows))
+        assert torch.equal(ours, F.linear(hidden, original[2].weight * masks["2.weight"], original[2].bias))
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_from_sparsifier_refuses_a_data_sparsifier_and_an_unprepared_one() -> None:
+    from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
+
+    data = DataNormSparsifier(sparsity_level=0.5)
+    data.add_data("first", nn.Linear(8, 4).weight)
+    data.step()
+    with pytest.raises(fxsparse.MaskError, match=r"DataNormSparsifier is a data sparsifier, whose data \('first'\)"):
+        fxsparse.masks.from_sparsifier(data)
+    with pytest.raises(fxsparse.MaskError, match="this WeightNormSparsifier has no groups"):
+        fxsparse.masks.from_sparsifier(WeightNormSparsifier())
