@@ -100,7 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument("--packed", action="store_true", help="store masks as bits, 8 to a byte (safetensors only)")
     checker = commands.add_parser("check", help="check a mask file against a model: shapes, densities, patterns")
     checker.add_argument("source", help="a model factory, package.module:function, or a model saved with torch.save")
-    checker.add_argument("--masks", type=Path, help="mask file (.safetensors or .pt); default: the model's own masks")
+    checker.add_argument(
+        "--masks",
+        type=Path,
+        help="mask file (.safetensors or .pt); default: the masks the model applies itself (an fxsparse output or "
+        "a FakeSparsity-parametrized model saved with torch.save). A model with neither has nothing to check: "
+        "the command then fails (exit status 2)",
+    )
     checker.add_argument("--pattern", help="require this pattern of every mask: N:M such as 2:4, or 'block 4x4'")
     args = parser.parse_args(argv)
     if args.command == "masks":
@@ -333,12 +339,13 @@ def run_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             if not (rows.isdigit() and columns.isdigit() and int(rows) > 0 and int(columns) > 0):
                 parser.error(f"--block must be ROWSxCOLUMNS such as 4x4, got {args.block!r}")
             masks = fxsparse.masks.block(model, args.sparsity, (int(rows), int(columns)), **chosen)
+            _warn_untiled(masks, (int(rows), int(columns)), args.sparsity)
         elif (n_m := recipe.split(":")) and len(n_m) == 2 and all(part.isdigit() for part in n_m):
             masks = fxsparse.masks.n_m(model, int(n_m[0]), int(n_m[1]), **chosen)
         else:
             parser.error(f"--recipe must be magnitude, N:M (such as 2:4) or block, got {args.recipe!r}")
     except fxsparse.MaskError as error:
-        parser.error(str(error))
+        parser.error(_as_flags(str(error)))
     if not masks:
         parser.error(f"{args.source!r}: no weight selected (Linear and Conv1D by default; see --include)")
     elapsed = time.perf_counter() - started
@@ -352,17 +359,45 @@ def run_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_flags(message: str) -> str:
+    """A message of the Python API with its keywords (``exclude=``) spelled as this command's flags."""
+    for keyword in ("exclude", "include"):
+        message = message.replace(f"({keyword}=)", f"(--{keyword})")
+    return message
+
+
+def _warn_untiled(masks: dict[str, torch.Tensor], block: tuple[int, int], sparsity: float) -> None:
+    """Say which weights ``block`` does not tile: their edge blocks are cut short (as
+    ``fxsparse.masks.block`` documents), so their density is not the one asked for."""
+    for name, mask in masks.items():
+        rows, columns = (mask.shape[0], mask[0].numel()) if mask.dim() > 1 else (1, mask.numel())
+        if rows % block[0] or columns % block[1]:
+            density = int(mask.sum()) / mask.numel()
+            print(
+                f"fxsparse masks: warning: --block {block[0]}x{block[1]} does not tile {name!r} (shape "
+                f"{tuple(mask.shape)}, blocked as {rows}x{columns}): the blocks at its edges are cut short, so it "
+                f"keeps {density:.3f} of its weights where --sparsity {sparsity} asks for {1 - sparsity:.3f}; pick a "
+                "block that divides it, or leave it out with --exclude",
+                file=sys.stderr,
+            )
+
+
 def run_check(parser: argparse.ArgumentParser, source: str, masks_file: Path | None, pattern: str | None) -> int:
     import fxsparse
 
     model = _load(parser, source)
     if isinstance(model, torch.export.ExportedProgram):
         parser.error(f"{source!r} is an exported program; check needs the model: pass its factory")
+    masks = _load_masks(parser, masks_file) if masks_file is not None else None
     try:
-        masks = fxsparse.load_masks(masks_file) if masks_file is not None else None
         report = fxsparse.check(model, masks, pattern=pattern)
     except fxsparse.MaskError as error:
         parser.error(str(error))
+    if not report.masks:
+        parser.error(
+            f"nothing to check: {source!r} applies no masks of its own (it is neither an fxsparse output nor a "
+            "FakeSparsity-parametrized model); pass the masks to check with --masks FILE"
+        )
     print(report)
     return 0 if report.ok else 1
 

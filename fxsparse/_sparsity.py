@@ -22,6 +22,7 @@ __all__ = [
     "density_of",
     "holder_types",
     "input_axis_of",
+    "is_transformers_conv1d",
     "pattern_of",
     "summarize",
     "uniform_blocks",
@@ -110,7 +111,14 @@ def input_axis_of(kinds: Iterable[type[nn.Module]] | None) -> int:
     """The input dimension of a weight held by modules of ``kinds``: 0 for Hugging Face's
     ``Conv1D`` (``[in, out]``) and transposed convolutions (``[in, out, *kernel]``), else 1."""
     transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-    return 0 if kinds and any(kind.__name__ == "Conv1D" or issubclass(kind, transposed) for kind in kinds) else 1
+    return 0 if kinds and any(is_transformers_conv1d(kind) or issubclass(kind, transposed) for kind in kinds) else 1
+
+
+def is_transformers_conv1d(kind: type) -> bool:
+    """Whether ``kind`` is Hugging Face transformers' ``Conv1D`` (or derives from it), whose weight is
+    ``[in, out]``. Known by the package that defines it, not by its name: a user's own class
+    called ``Conv1D`` may well hold ``[out, in]``. Reading ``__module__`` needs no import of transformers."""
+    return any(base.__name__ == "Conv1D" and base.__module__.startswith("transformers.") for base in kind.__mro__)
 
 
 def pattern_of(mask: torch.Tensor, input_axis: int = 1) -> str:

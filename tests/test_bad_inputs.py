@@ -199,7 +199,39 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         lambda m, tmp: fxsparse.load_masks(mask_file(tmp, "code")),
         (fxsparse.MaskError, "torch.load(weights_only=True) refused it"),
     ),
+    (
+        "data sparsifier given to from_sparsifier",
+        small,
+        lambda m, _: fxsparse.masks.from_sparsifier(data_sparsifier(m)),
+        (fxsparse.MaskError, "DataNormSparsifier is a data sparsifier, whose data ('first') are named by you"),
+    ),
+    (
+        "structured pruner given to from_sparsifier",
+        small,
+        lambda m, _: fxsparse.transform(m, fxsparse.masks.from_sparsifier(structured_pruner(m))),
+        None,
+    ),
 ]
+
+
+def data_sparsifier(model: nn.Module) -> Any:
+    from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
+
+    sparsifier = DataNormSparsifier(sparsity_level=0.5)
+    sparsifier.add_data("first", model.get_parameter("0.weight").detach().clone())
+    return sparsifier
+
+
+def structured_pruner(model: nn.Module) -> Any:
+    """A SaliencyPruner prepared on a copy (prepare changes the model it is given)."""
+    import copy
+
+    from torch.ao.pruning._experimental.pruner import SaliencyPruner
+
+    pruner = SaliencyPruner({"sparsity_level": 0.5})
+    pruner.prepare(copy.deepcopy(model), [{"tensor_fqn": "0.weight"}])
+    pruner.step()
+    return pruner
 
 
 @pytest.mark.parametrize(("name", "make", "call", "expected"), CASES, ids=[case[0] for case in CASES])

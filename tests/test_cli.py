@@ -78,3 +78,53 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("fxsparse 0.")
+
+
+def six_wide() -> torch.nn.Module:
+    """A model whose one Linear takes 6 inputs: 2:4 groups do not fit, 3x3 blocks do not tile its 8 x 6 weight."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6))
+
+
+def test_check_without_masks_says_there_is_nothing_to_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["check", "test_cli:six_wide"])
+    assert exited.value.code == 2
+    printed = capsys.readouterr()
+    assert "nothing to check" in printed.err and "--masks FILE" in printed.err and "no problems" not in printed.out
+    import fxsparse
+
+    torch.save(fxsparse.transform(six_wide(), {"0": torch.ones(8, 6)}), tmp_path / "out.pt")
+    assert main(["check", "out.pt"]) == 0  # an fxsparse output checks the masks it applies
+    assert "1 mask" in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_flag_and_python_errors_the_keyword(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fxsparse
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["masks", "test_cli:six_wide", "--recipe", "2:4"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "0.weight: its input dimension (6" in error and "leave it out (--exclude)" in error
+    assert "exclude=" not in error
+    with pytest.raises(fxsparse.MaskError, match=r"leave it out \(exclude=\)"):
+        fxsparse.masks.n_m(six_wide())
+
+
+def test_cli_warns_when_blocks_do_not_tile_a_weight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["masks", "test_cli:six_wide", "--recipe", "block", "--block", "3x3", "--out", "m.safetensors"]) == 0
+    error = capsys.readouterr().err
+    assert "--block 3x3 does not tile '0.weight' (shape (8, 6), blocked as 8x6)" in error
+    assert "--block 3x3 does not tile '2.weight' (shape (6, 8), blocked as 6x8)" in error
+    assert main(["masks", "test_cli:six_wide", "--recipe", "block", "--block", "2x2", "--out", "m.safetensors"]) == 0
+    assert "does not tile" not in capsys.readouterr().err

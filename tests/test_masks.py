@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.ao.pruning import FakeSparsity
 from torch.ao.pruning.sparsifier.weight_norm_sparsifier import WeightNormSparsifier
@@ -519,3 +520,170 @@ def test_mask_files_refuse_bombs_and_lies(tmp_path: Path) -> None:
     shared = torch.ones(4, dtype=torch.bool)
     path = fxsparse.save_masks({"a": shared, "b": shared}, tmp_path / "s.safetensors")
     assert sorted(fxsparse.load_masks(path)) == ["a", "b"]
+
+
+# -- issue 13 ------------------------------------------------------------------------------------
+
+
+class Conv1D(nn.Module):
+    """A user's own layer that happens to share transformers' class name: weight [out, in], F.linear."""
+
+    def __init__(self, features_in: int, features_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features_out, features_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def test_a_users_own_conv1d_is_read_along_its_real_input_axis() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(8, 12))  # weight [out 12, in 8]: 12 is a multiple of 4 too, 8 the input
+    mask = fxsparse.masks.n_m(model, include="*")["0.weight"]
+    weight = model[0].weight.detach().abs()
+    groups, magnitudes = mask.reshape(12, 2, 4), weight.reshape(12, 2, 4)  # groups of 4 along dimension 1
+    expected = torch.zeros_like(groups).scatter_(2, magnitudes.topk(2, dim=2).indices, True)
+    assert torch.equal(groups, expected)
+    (entry,) = fxsparse.viz.summarize({"0.weight": mask}, model)
+    assert entry.pattern == "2:4"
+    assert fxsparse.check(model, {"0.weight": mask}, pattern="2:4").ok
+    transposed_groups = mask.T.reshape(8, 3, 4).sum(dim=2)  # what reading it as [in, out] would see
+    assert not bool((transposed_groups <= 2).all())
+
+
+def test_transformers_conv1d_and_its_subclasses_stay_transposed() -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D as HuggingFaceConv1D
+
+    class Projection(HuggingFaceConv1D):  # type: ignore[misc]
+        pass
+
+    torch.manual_seed(0)
+    for layer in (HuggingFaceConv1D(12, 8), Projection(12, 8)):  # weight [in 8, out 12]
+        assert fxsparse.masks.select(layer) == ["weight"]
+        mask = fxsparse.masks.n_m(layer)["weight"]
+        assert bool((mask.T.reshape(12, 2, 4).sum(dim=2) == 2).all())
+        assert fxsparse.viz.summarize({"weight": mask}, layer)[0].pattern == "2:4"
+        assert fxsparse.check(layer, {"weight": mask}, pattern="2:4").ok
+    assert transformers is not None
+
+
+@pytest.mark.parametrize("level", [-1.0, -math.inf, 0, 0.0, 0.5, 1, 1.0, 1.5, 2.0, math.inf])
+@pytest.mark.parametrize(
+    "blocks", [{"sparse_block_shape": (1, 4)}, {"sparse_block_shape": (2, 2), "zeros_per_block": 2},
+               {"sparse_block_shape": (1, 4), "zeros_per_block": 0}, {"sparse_block_shape": (3, 3)}],
+    ids=["whole-blocks", "two-of-four", "no-zeros", "cut-blocks"],
+)  # fmt: skip
+def test_weight_norm_takes_every_level_the_sparsifier_takes(level: float, blocks: dict[str, object]) -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+    config = {"sparsity_level": level, **blocks}
+    prepared = copy.deepcopy(model)
+    sparsifier = WeightNormSparsifier(**config)  # type: ignore[arg-type]
+    sparsifier.prepare(prepared, config=None)
+    sparsifier.step()
+    expected = fxsparse.masks.from_sparsifier(sparsifier)
+    ours = fxsparse.masks.weight_norm(model, **config)  # type: ignore[arg-type]
+    assert sorted(ours) == sorted(expected) == ["0.weight", "2.weight"]
+    for name in expected:
+        assert torch.equal(ours[name], expected[name].bool()), name
+
+
+def test_weight_norm_refuses_a_level_the_sparsifier_cannot_rank_by() -> None:
+    with pytest.raises(fxsparse.MaskError, match=r"sparsity_level for '0.weight' must be a number \(not NaN\)"):
+        fxsparse.masks.weight_norm(nn.Sequential(nn.Linear(8, 4)), math.nan)
+
+
+def test_check_plans_the_model_once_however_many_masks() -> None:
+    from unittest import mock
+
+    import fxsparse.masks._check
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(50)])
+    masks: dict[str, torch.Tensor] = {f"{i}.weight": torch.ones(4, 4, dtype=torch.bool) for i in range(50)}
+    with mock.patch.object(fxsparse.masks._check, "build_plan", wraps=fxsparse.masks._check.build_plan) as planned:
+        assert fxsparse.check(model, masks).ok
+    assert planned.call_count <= 1  # a plan per key walked the whole model per key: quadratic
+    tied = Tied()
+    report = fxsparse.check(tied, {"a.weight": torch.ones(8, 8), "b": torch.ones(8, 8), "c": torch.ones(8, 8)})
+    assert report.problems[0].startswith("mask key 'c' names no parameter or module")
+    assert "mask keys 'a.weight' and 'b' name the same parameter 'a.weight'" in report.problems[1]
+
+
+def test_save_masks_looks_each_storage_up_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = 0
+    untyped_storage = torch.Tensor.untyped_storage
+
+    def counted(self: torch.Tensor) -> torch.UntypedStorage:
+        nonlocal reads
+        reads += 1
+        return untyped_storage(self)
+
+    shared = torch.ones(2, 2, dtype=torch.bool)
+    masks = {f"m{i}": torch.ones(2, 2, dtype=torch.bool) for i in range(300)} | {"x": shared, "y": shared}
+    monkeypatch.setattr(torch.Tensor, "untyped_storage", counted)
+    path = fxsparse.save_masks(masks, tmp_path / "m.safetensors")
+    monkeypatch.undo()
+    assert reads <= 10 * len(masks)  # comparing with every earlier mask read 300 * 299 storages
+    loaded = fxsparse.load_masks(path)
+    assert sorted(loaded) == sorted(masks) and all(torch.equal(loaded[k], masks[k]) for k in masks)
+
+
+def saliency_pruned(model: nn.Module, groups: list[dict[str, object]]) -> object:
+    from torch.ao.pruning._experimental.pruner import SaliencyPruner
+
+    pruner = SaliencyPruner({"sparsity_level": 0.5})
+    pruner.prepare(model, groups)
+    pruner.step()
+    return pruner
+
+
+@pytest.mark.parametrize(
+    ("layer", "x"),
+    [(nn.Linear(8, 6, bias=False), torch.randn(3, 8)), (nn.Conv2d(6, 4, 3, bias=False), torch.randn(2, 6, 5, 5))],
+    ids=["linear", "conv2d"],
+)
+def test_structured_pruner_masks_expand_to_whole_rows_as_the_pruner_applies_them(
+    layer: nn.Module, x: torch.Tensor
+) -> None:
+    torch.manual_seed(0)
+    original = nn.Sequential(copy.deepcopy(layer))
+    torch.nn.init.normal_(original[0].weight)
+    prepared = copy.deepcopy(original)
+    pruner = saliency_pruned(prepared, [{"tensor_fqn": "0.weight"}])
+    masks = fxsparse.masks.from_sparsifier(pruner)
+    rows = prepared[0].parametrizations.weight[0].mask
+    assert sorted(masks) == ["0.weight"] and not bool(rows.all()) and bool(rows.any())
+    shape = original[0].weight.shape
+    assert torch.equal(masks["0.weight"], rows.reshape(-1, *[1] * (len(shape) - 1)).expand(shape))
+    with torch.no_grad():
+        assert torch.equal(fxsparse.transform(original, masks)(x), prepared(x))
+
+
+def test_structured_pruner_masks_the_bias_of_pruned_rows_where_it_prunes_biases() -> None:
+    torch.manual_seed(0)
+    original, x = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), torch.randn(3, 8)
+    prepared = copy.deepcopy(original)
+    pruner = saliency_pruned(prepared, [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight", "prune_bias": False}])
+    masks = fxsparse.masks.from_sparsifier(pruner)
+    assert sorted(masks) == ["0.bias", "0.weight", "2.weight"]
+    rows = prepared[0].parametrizations.weight[0].mask
+    assert torch.equal(masks["0.bias"], rows)
+    with torch.no_grad():
+        ours = fxsparse.transform(original, masks)(x)
+        theirs = prepared(x)  # its hook adds the (row-masked) bias after the product: rounding may differ
+        hidden = torch.relu(F.linear(x, original[0].weight * masks["0.weight"], original[0].bias * rows))
+        assert torch.equal(ours, F.linear(hidden, original[2].weight * masks["2.weight"], original[2].bias))
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_from_sparsifier_refuses_a_data_sparsifier_and_an_unprepared_one() -> None:
+    from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
+
+    data = DataNormSparsifier(sparsity_level=0.5)
+    data.add_data("first", nn.Linear(8, 4).weight)
+    data.step()
+    with pytest.raises(fxsparse.MaskError, match=r"DataNormSparsifier is a data sparsifier, whose data \('first'\)"):
+        fxsparse.masks.from_sparsifier(data)
+    with pytest.raises(fxsparse.MaskError, match="this WeightNormSparsifier has no groups"):
+        fxsparse.masks.from_sparsifier(WeightNormSparsifier())

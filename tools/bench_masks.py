@@ -5,9 +5,15 @@ Llama-2-7B's masked weights: 32 blocks of q, k, v, o (4096 × 4096), gate and up
 by layer, as a user with a model too big for memory would go, each weight is made with
 random values (not timed) and masked with ``fxsparse.masks.magnitude`` (50 %, per layer)
 and ``fxsparse.masks.n_m`` (2:4), timed. Prints the time per shape and the totals, and
-``--json`` writes them. Usage::
+``--json`` writes them.
+
+``--scaling`` instead times what must stay linear in the number of masks: ``fxsparse.check``
+against ``fxsparse.transform`` on ``--layers`` Linear(16, 16) + ReLU layers (check should cost
+no more than transform), and ``fxsparse.save_masks`` of ``--small-masks`` 4×4 masks (under a
+second for 10,000). Usage::
 
     python tools/bench_masks.py [--blocks 32] [--json out.json]
+    python tools/bench_masks.py --scaling [--layers 5000] [--small-masks 10000]
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,11 +48,46 @@ def timed_masks(shape: tuple[int, int]) -> tuple[float, float]:
     return middle - start, time.perf_counter() - middle
 
 
+def scaling(layers: int, small_masks: int) -> dict[str, float]:
+    """Seconds for transform, plan and check of ``layers`` small layers, and save_masks of ``small_masks``."""
+    model = nn.Sequential(*[module for _ in range(layers) for module in (nn.Linear(16, 16), nn.ReLU())])
+    masks = fxsparse.masks.magnitude(model, 0.5)
+    seconds: dict[str, float] = {}
+    for name, step in (
+        ("transform_s", lambda: fxsparse.transform(model, masks)),
+        ("plan_s", lambda: fxsparse.plan(model, masks)),
+        ("check_s", lambda: fxsparse.check(model, masks)),
+    ):
+        start = time.perf_counter()
+        step()
+        seconds[name] = time.perf_counter() - start
+    small = {f"mask{i}": torch.ones(4, 4, dtype=torch.bool) for i in range(small_masks)}
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        fxsparse.save_masks(small, Path(folder) / "masks.safetensors")
+        seconds["save_masks_s"] = time.perf_counter() - start
+    print(f"# fxsparse scaling on {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    ratio = seconds["check_s"] / seconds["transform_s"]
+    print(f"{layers:,} layers: transform {seconds['transform_s']:.2f} s, plan {seconds['plan_s']:.3f} s, "
+          f"check {seconds['check_s']:.2f} s; check / transform {ratio:.2f}")  # fmt: skip
+    print(f"save_masks of {small_masks:,} masks: {seconds['save_masks_s']:.2f} s "
+          f"({seconds['save_masks_s'] / small_masks * 1e6:.0f} µs a mask)")  # fmt: skip
+    return seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=32, help="transformer blocks (default: 32, Llama-2-7B)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--scaling", action="store_true", help="time check and save_masks against the mask count")
+    parser.add_argument("--layers", type=int, default=5000, help="--scaling: Linear layers (default: 5000)")
+    parser.add_argument("--small-masks", type=int, default=10000, help="--scaling: masks saved (default: 10000)")
     args = parser.parse_args()
+    if args.scaling:
+        seconds = scaling(args.layers, args.small_masks)
+        if args.json:
+            args.json.write_text(json.dumps(seconds, indent=2))
+        return 0
     rows: dict[str, dict[str, float]] = {}
     weights = 0
     plan = [(name, shape) for _ in range(args.blocks) for name, (shape, count) in SHAPES.items() for _ in range(count)]

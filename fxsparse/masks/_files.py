@@ -70,12 +70,15 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], 
     if not isinstance(masks, Mapping):
         raise MaskError(f"masks must be a mapping from parameter names to tensors, got {type(masks).__name__}")
     tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()  # where each tensor kept so far lives: one lookup per mask, not a scan
     for name, mask in masks.items():
         if not isinstance(name, str) or not isinstance(mask, torch.Tensor):
             raise MaskError(f"masks must map names (str) to tensors; {name!r} maps to {type(mask).__name__}")
         tensor = mask.detach().to("cpu").contiguous()
-        shared = any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values())
-        tensors[name] = tensor.clone() if shared else tensor  # safetensors refuses tensors sharing memory
+        if tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()  # safetensors refuses tensors sharing memory
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
     metadata = dict(_FORMAT)
     if packed:
         if path.suffix in (".pt", ".pth"):

@@ -21,18 +21,66 @@ __all__ = ["from_parametrized", "from_prune", "from_sparsifier", "mask_buffers",
 
 
 def from_sparsifier(sparsifier: Any) -> dict[str, torch.Tensor]:
-    """The masks of a prepared ``torch.ao.pruning`` sparsifier (one per group), by parameter name."""
+    """The masks of a prepared ``torch.ao.pruning`` sparsifier (one per group), by parameter name.
+
+    A structured pruner's (``BaseStructuredSparsifier``: ``SaliencyPruner`` and others) masks
+    are rows, one flag per output: each is expanded to its weight's shape, as
+    ``FakeStructuredSparsity`` applies it, and where the pruner also zeroes the bias of
+    pruned rows (``prune_bias``, its default) the bias gets that row mask too, under
+    ``<module>.bias``. The keys name the parameters of the model as it was before
+    ``prepare`` (a pruner moves each bias to ``_bias``): transform that model, or a copy of it.
+    A data sparsifier (``DataNormSparsifier``), whose data are named by its user and not
+    tied to a model's parameters, is refused: key its ``get_mask(name)`` by parameter yourself.
+    """
+    if hasattr(sparsifier, "data_groups") and hasattr(sparsifier, "get_mask"):
+        names = ", ".join(repr(name) for name in sparsifier.data_groups) or "none yet"
+        raise MaskError(
+            f"from_sparsifier reads a sparsifier prepared on a model; {type(sparsifier).__name__} is a data "
+            f"sparsifier, whose data ({names}) are named by you, not by the model's parameters: key each mask by "
+            "the parameter it masks yourself, {'fc.weight': sparsifier.get_mask('your name')}"
+        )
+    groups = getattr(sparsifier, "groups", None)
+    if not groups:
+        raise MaskError(
+            f"from_sparsifier takes a torch.ao.pruning sparsifier prepared on a model (sparsifier.prepare(model, "
+            f"config)); this {type(sparsifier).__name__} has no groups"
+        )
     masks, seen = {}, set()
-    for group in getattr(sparsifier, "groups", ()):
+    for group in groups:
         module, tensor_name = group["module"], group.get("tensor_name", "weight")
         fqn = group.get("module_fqn") or ""
         chain = getattr(getattr(module, "parametrizations", None), tensor_name, None)
         if chain is None:
             raise MaskError(f"sparsifier group {fqn!r} has no parametrization on {tensor_name!r}: was it prepared?")
-        if id(chain.original) not in seen:  # a tied parameter: one mask, under its first name
-            seen.add(id(chain.original))
-            masks[f"{fqn}.{tensor_name}" if fqn else tensor_name] = chain[0].mask.detach().clone()
+        if id(chain.original) in seen:  # a tied parameter: one mask, under its first name
+            continue
+        seen.add(id(chain.original))
+        name = f"{fqn}.{tensor_name}" if fqn else tensor_name
+        mask, shape = chain[0].mask.detach(), tuple(chain.original.shape)
+        if tuple(mask.shape) == shape:
+            masks[name] = mask.clone()
+            continue
+        if not (_is_structured_sparsity(type(chain[0])) and mask.dim() == 1 and mask.shape[0] == shape[0]):
+            raise MaskError(
+                f"sparsifier group {fqn!r}: its {type(chain[0]).__name__} holds a mask of shape {tuple(mask.shape)} "
+                f"for {name!r} of shape {shape}, and fxsparse knows no rule to apply it elementwise"
+            )
+        rows = mask.reshape(-1, *[1] * (len(shape) - 1))
+        masks[name] = rows.expand(shape).clone()
+        bias = module._parameters.get("_bias")  # where prepare moved the bias; its hook zeroes pruned rows
+        if tensor_name == "weight" and bias is not None and getattr(module, "prune_bias", False):
+            masks[f"{fqn}.bias" if fqn else "bias"] = mask.clone()
     return masks
+
+
+def _is_structured_sparsity(kind: type) -> bool:
+    """Whether ``kind`` is torch's ``FakeStructuredSparsity`` (or derives from it): a row mask,
+    ``mask.reshape(-1, 1, ...) * weight``. Known by its package, without importing torch's
+    private pruner module."""
+    return any(
+        base.__name__ == "FakeStructuredSparsity" and base.__module__.startswith("torch.ao.pruning.")
+        for base in kind.__mro__
+    )
 
 
 def from_parametrized(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._errors import MaskError
-from .._sparsity import input_axis_of
+from .._sparsity import input_axis_of, is_transformers_conv1d
 
 __all__ = [
     "block",
@@ -195,7 +195,9 @@ def weight_norm(
     Blocks of ``sparse_block_shape`` (rows, columns of the weight, from index 0; blocks at
     the edges are cut short) are ranked by the mean of ``|w|**norm`` (``norm`` 1 or 2);
     the ``round(sparsity_level * blocks)`` lowest (at most all but one) lose their
-    ``zeros_per_block`` smallest weights (default: the whole block). Equal to the
+    ``zeros_per_block`` smallest weights (default: the whole block). ``sparsity_level``
+    takes any number the sparsifier takes: at or below 0 nothing is pruned, at or above 1
+    every block. Equal to the
     sparsifier's masks (its first step) bit for bit wherever the sparsifier runs; for 2-D
     weights only, as the sparsifier. (Where blocks are cut by the edges and
     ``zeros_per_block`` is less than a block, the sparsifier itself fails; this crops.)
@@ -219,7 +221,7 @@ def weight_norm(
     if norm not in (1, 2):
         raise MaskError(f"norm must be 1 or 2, got {norm}")
     masks = {}
-    for name, level in _levels(model, sparsity_level, include, exclude, filter_fn).items():
+    for name, level in _levels(model, sparsity_level, include, exclude, filter_fn, _sparsifier_level).items():
         weight = _weight(model, name)
         if weight.dim() != 2:
             raise MaskError(f"{name}: WeightNormSparsifier's rule is for 2-D weights, got shape {tuple(weight.shape)}")
@@ -306,8 +308,7 @@ def _globs(value: str | Sequence[str] | None, what: str) -> list[str] | None:
 
 def is_linear_like(module: nn.Module) -> bool:
     """An ``nn.Linear``, or Hugging Face's ``Conv1D`` (GPT-2's projections, ``[in, out]``)."""
-    kind = type(module)
-    return isinstance(module, nn.Linear) or (kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers."))
+    return isinstance(module, nn.Linear) or is_transformers_conv1d(type(module))
 
 
 def _levels(
@@ -316,23 +317,35 @@ def _levels(
     include: str | Sequence[str] | None,
     exclude: str | Sequence[str] | None,
     filter_fn: FilterFn | None,
+    level_of: Callable[[Any, str], float] | None = None,
 ) -> dict[str, float]:
-    """Each selected weight's sparsity level (a mapping picks by the first matching glob)."""
+    """Each selected weight's sparsity level (a mapping picks by the first matching glob), read
+    by ``level_of`` (default: a fraction between 0 and 1)."""
+    read_level = _fraction if level_of is None else level_of
     names = select(model, include=include, exclude=exclude, filter_fn=filter_fn)
     if not isinstance(sparsity, Mapping):
-        return {name: _level(sparsity, name) for name in names}
+        return {name: read_level(sparsity, name) for name in names}
     levels = {}
     for name in names:
         module = name.rpartition(".")[0]
         glob = next((g for g in sparsity if fnmatch.fnmatchcase(module, g) or fnmatch.fnmatchcase(name, g)), None)
         if glob is not None:
-            levels[name] = _level(sparsity[glob], name)
+            levels[name] = read_level(sparsity[glob], name)
     return levels
 
 
-def _level(value: Any, name: str) -> float:
+def _fraction(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise MaskError(f"sparsity for {name!r} must be a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _sparsifier_level(value: Any, name: str) -> float:
+    """A level as ``WeightNormSparsifier`` takes it: any number, at or below 0 pruning nothing
+    and at or above 1 everything (it never clamps; its ``<= 0`` and ``>= 1`` tests do). NaN
+    it cannot rank by (``round`` raises), so neither can this."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise MaskError(f"sparsity_level for {name!r} must be a number (not NaN), got {value!r}")
     return float(value)
 
 
