@@ -257,6 +257,11 @@ def test_big_graphs_are_drawn_compact() -> None:
     assert "weight_mask" in viz.draw(out, compact=False).source
 
 
+def test_module_call_nodes_are_labelled_with_their_class() -> None:
+    source = viz.draw(torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))).source
+    assert 'label="_1\\n1: ReLU"' in source and 'label="_0\\n0: Linear"' in source
+
+
 def test_render_svg(tmp_path: Path) -> None:
     dot = viz.draw(fxsparse.transform(nn.Sequential(nn.Linear(2, 2)), {"0": torch.eye(2)}))
     path = viz.render(dot, tmp_path / "graph.svg")

@@ -447,9 +447,19 @@ def _node_style(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> dic
     if kind == "parameter":
         return {"label": f"{node.name}\n{node.target}", "fillcolor": KINDS[kind], "shape": "note"}
     label = f"{node.name}\n{_short(node.target)}"
+    if node.op == "call_module":  # the path alone ("1") says nothing of what runs there
+        label += _module_class(module, str(node.target))
     if "layout" in tag and node.op == "call_function":
         label += f"\n{_layout_label(tag)}"
     return {"label": label, "fillcolor": KINDS[kind]}
+
+
+def _module_class(module: torch.fx.GraphModule | None, target: str) -> str:
+    """``": ReLU"`` for the module at ``target`` (nothing if it cannot be found)."""
+    try:
+        return f": {type(module.get_submodule(target)).__name__}" if module is not None else ""
+    except AttributeError:
+        return ""
 
 
 def _layout_label(tag: Mapping[str, Any]) -> str:
