@@ -39,3 +39,27 @@ def eager(model: nn.Module, masks: dict[str, torch.Tensor], *args: torch.Tensor)
         for alias in aliases[id(parameter)]:
             replaced[alias] = masked
     return torch.func.functional_call(model, replaced, args, tie_weights=False)  # type: ignore[no-any-return]
+
+
+def masked_copy(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` whose masked parameters hold ``mask * weight`` (the product FakeSparsity
+    computes), every alias of a tied parameter the same new one: the plain model TorchScript of
+    fxsparse's output is compared against, so TorchScript's own numerics are on both sides."""
+    reference = copy.deepcopy(model)
+    named = dict(reference.named_parameters(remove_duplicate=False))
+    for key, mask in masks.items():
+        original = named[parameter_name(model, key)]
+        masked = nn.Parameter(mask * original.detach(), requires_grad=original.requires_grad)
+        for name, parameter in named.items():
+            if parameter is original:
+                owner, _, attribute = name.rpartition(".")
+                setattr(reference.get_submodule(owner), attribute, masked)
+    return reference
+
+
+def torchscript(model: nn.Module, masks: dict[str, torch.Tensor], emit: str, *args: torch.Tensor) -> nn.Module:
+    """``torch.jit.script`` (``emit="script"``) or ``torch.jit.trace`` of :func:`masked_copy`."""
+    reference = masked_copy(model, masks)
+    if emit == "script":
+        return torch.jit.script(reference)  # type: ignore[no-any-return]
+    return torch.jit.trace(reference, args)  # type: ignore[no-any-return]

@@ -116,25 +116,31 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.mark.usefixtures("one_thread")
-def test_auto_picks_csr_where_it_wins_and_dense_where_it_loses() -> None:
+def test_auto_picks_csr_where_it_wins_and_dense_where_it_loses(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Which kernel is faster is torch's and the machine's business: a clock that says CSR is 20x
+    # faster on the sparser weight and 3x slower on the denser one checks only the choosing.
+    def median_times(runs: dict[str, object], like: torch.Tensor, rounds: int = 7) -> dict[str, float]:
+        csr = 0.05 if float(torch.count_nonzero(like)) / like.numel() < 0.5 else 3.0
+        return {name: 1.0 if name == "dense" else csr for name in runs}
+
+    monkeypatch.setattr(fxsparse._kernels, "_median_times", median_times)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 2048)).eval()
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
     masks = {
-        "0.weight": fxsparse.masks.magnitude(model, 0.99)["0.weight"],  # CSR: about 20x faster
-        "2.weight": fxsparse.masks.magnitude(model, 0.3)["2.weight"],  # CSR: several times slower
+        "0.weight": fxsparse.masks.magnitude(model, 0.99)["0.weight"],
+        "2.weight": fxsparse.masks.magnitude(model, 0.3)["2.weight"],
     }
     out = fxsparse.transform(model, masks)
     frozen = fxsparse.freeze(out, layout="auto")
     choices = fxsparse.layouts(frozen)
     assert choices["0.weight"].layout == "csr"
-    assert choices["0.weight"].speedup is not None and choices["0.weight"].speedup >= fxsparse._kernels.MARGIN
+    assert choices["0.weight"].speedup == 20.0 >= fxsparse._kernels.MARGIN
     assert choices["0.weight"].rows == (1, 64)
     assert choices["2.weight"].layout == "dense"
     assert choices["2.weight"].measured["csr"] < 1 and "faster than dense" in choices["2.weight"].note
     roles = {n.meta[fxsparse.META_KEY]["role"] for n in frozen.graph.nodes if fxsparse.META_KEY in n.meta}
     assert {"sparse", "sparse weight", "frozen"} <= roles
-    x = torch.randn(7, 2048)
+    x = torch.randn(7, 64)
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), out(x), **TOLERANCE)
 

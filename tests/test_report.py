@@ -58,7 +58,7 @@ def test_masks_of_reads_an_output() -> None:
 
 
 def test_report_without_a_renderer_keeps_the_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: None)
     page = seed_report(tmp_path / "report.html").read_text()
     assert "<svg" not in page and "digraph" in page and "pip install graphviz-pure" in page
 

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 import fxsparse
 
-from reference import fake_sparsity
+from reference import fake_sparsity, torchscript
 from zoo import ModelUnderTest
 
 EYE_MASKS = {"linear.weight": torch.eye(16), "seq.0.weight": torch.eye(16), "seq.1.weight": torch.eye(16)}
@@ -71,6 +71,9 @@ def test_jit_trace() -> None:
     emitted = fxsparse.transform(model, EYE_MASKS, emit="trace", example_inputs=(example_x,))
 
     x = torch.randn(3, 16)
-    y = fake_sparsity(model, EYE_MASKS)(x)
-    assert torch.equal(model_trace(x), y)
-    assert torch.equal(emitted(x), y)
+    # TorchScript's kernels may differ from eager's in the last bit with no mask at all: bitwise
+    # against the trace of the masked model, within round-off of FakeSparsity.
+    expected = torchscript(model, EYE_MASKS, "trace", example_x)(x)
+    assert torch.equal(model_trace(x), expected)
+    assert torch.equal(emitted(x), expected)
+    torch.testing.assert_close(emitted(x), fake_sparsity(model, EYE_MASKS)(x))

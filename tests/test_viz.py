@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -256,6 +257,11 @@ def test_big_graphs_are_drawn_compact() -> None:
     assert "weight_mask" in viz.draw(out, compact=False).source
 
 
+def test_module_call_nodes_are_labelled_with_their_class() -> None:
+    source = viz.draw(torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))).source
+    assert 'label="_1\\n1: ReLU"' in source and 'label="_0\\n0: Linear"' in source
+
+
 def test_render_svg(tmp_path: Path) -> None:
     dot = viz.draw(fxsparse.transform(nn.Sequential(nn.Linear(2, 2)), {"0": torch.eye(2)}))
     path = viz.render(dot, tmp_path / "graph.svg")
@@ -264,11 +270,23 @@ def test_render_svg(tmp_path: Path) -> None:
 
 
 def test_render_without_a_renderer_writes_dot_and_says_how(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: None)
     dot = viz.draw(fxsparse.transform(nn.Sequential(nn.Linear(2, 2)), {"0": torch.eye(2)}))
     with pytest.raises(viz.RenderError, match="pip install graphviz-pure"):
         viz.render(dot, tmp_path / "graph.svg")
     assert (tmp_path / "graph.dot").exists()
+
+
+def test_render_finds_graphviz_pure_beside_the_interpreter_of_a_venv_not_activated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `/venv/bin/python -m pytest` without activating the venv: its bin folder is not on PATH.
+    if shutil.which("graphviz-pure", path=sysconfig.get_path("scripts")) is None:
+        pytest.skip("graphviz-pure is not installed beside this interpreter")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("dot") is None and shutil.which("graphviz-pure") is None
+    dot = viz.draw(torch.fx.symbolic_trace(nn.Sequential(nn.ReLU())))
+    assert viz.render_bytes(dot).decode().lstrip().startswith(("<?xml", "<svg"))
 
 
 class TwoBlocks(nn.Module):

@@ -2,7 +2,8 @@
 
 A conversion layer over the graph and the diff data: it reads them and never changes
 them. ``graphviz`` (the Python package) is imported when a drawing is made; rendering
-uses the system ``dot`` when there is one, else the ``graphviz-pure`` wheel's renderer.
+uses the system ``dot`` when there is one, else the ``graphviz-pure`` wheel's renderer (on
+``PATH`` or beside the running interpreter).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
+import sysconfig
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -223,6 +226,15 @@ def draw_diff(
     return dot
 
 
+def _renderer() -> str | None:
+    """The system ``dot``, else ``graphviz-pure``: on ``PATH``, or installed beside the running
+    interpreter (a virtual environment used without activating it keeps its scripts off ``PATH``)."""
+    found = shutil.which("dot") or shutil.which("graphviz-pure")
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        found = found or shutil.which("graphviz-pure", path=folder)
+    return found
+
+
 def render_bytes(dot: Any, format: str = "svg", *, timeout: float = _RENDER_TIMEOUT) -> bytes:
     """``dot`` rendered in memory (``RenderError`` when no renderer is found, it fails, or it
     runs past ``timeout`` seconds).
@@ -231,7 +243,7 @@ def render_bytes(dot: Any, format: str = "svg", *, timeout: float = _RENDER_TIME
     writes SVG, PNG, JPEG, JSON and plain text but not PDF.
     """
     format = format.lower()
-    renderer = shutil.which("dot") or shutil.which("graphviz-pure")
+    renderer = _renderer()
     if renderer is None:
         raise RenderError(
             "no Graphviz renderer found: pip install graphviz-pure, or install Graphviz (apt-get install graphviz)"
@@ -435,9 +447,19 @@ def _node_style(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> dic
     if kind == "parameter":
         return {"label": f"{node.name}\n{node.target}", "fillcolor": KINDS[kind], "shape": "note"}
     label = f"{node.name}\n{_short(node.target)}"
+    if node.op == "call_module":  # the path alone ("1") says nothing of what runs there
+        label += _module_class(module, str(node.target))
     if "layout" in tag and node.op == "call_function":
         label += f"\n{_layout_label(tag)}"
     return {"label": label, "fillcolor": KINDS[kind]}
+
+
+def _module_class(module: torch.fx.GraphModule | None, target: str) -> str:
+    """``": ReLU"`` for the module at ``target`` (nothing if it cannot be found)."""
+    try:
+        return f": {type(module.get_submodule(target)).__name__}" if module is not None else ""
+    except AttributeError:
+        return ""
 
 
 def _layout_label(tag: Mapping[str, Any]) -> str:
