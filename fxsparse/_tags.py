@@ -14,15 +14,15 @@ beforehand (:func:`mask_registry`).
 Example:
     >>> import torch, fxsparse
     >>> from fxsparse import Role, tag_of
-    >>> out = fxsparse.transform(torch.nn.Linear(2, 2), {"weight": torch.eye(2)})
+    >>> out = fxsparse.transform(torch.nn.Sequential(torch.nn.Linear(2, 2)), {"0": torch.eye(2)})
     >>> for node in out.graph.nodes:
     ...     if tag_of(node) is not None:
     ...         print(node.name, tag_of(node).role.value)
-    weight weight
-    weight_mask mask
-    weight_masked masked
-    bias param
-    linear opened
+    _0_weight weight
+    _0_weight_mask mask
+    _0_weight_masked masked
+    _0_bias param
+    _0 opened
 """
 
 from __future__ import annotations
