@@ -9,8 +9,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
+import re
 import threading
 import typing
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._compat import FAKE_TENSOR_LOGGER, FakeTensor, export_input_guards, is_erased, keystr
-from ._errors import MaskError, TraceError, describe
+from ._errors import FxsparseError, MaskError, TraceError, describe
 from ._plan import Plan
 from ._runtime.guards import InputGuards
 
@@ -48,7 +51,8 @@ def copy_model(model: nn.Module) -> nn.Module:
     copy), but copies the module registries directly instead of through the generic
     ``__reduce_ex__`` machinery, which is most of deepcopy's cost on models with
     thousands of modules. Modules that define their own ``__deepcopy__`` (GraphModule,
-    parametrized modules) get it.
+    parametrized modules), or whose class overrides how torch's pickles it
+    (``__getstate__``, ``__setstate__``, ``__reduce_ex__``, ``__reduce__``), get ``copy.deepcopy``.
     """
     return _copy_module(model, memo={}, path="")
 
@@ -57,7 +61,7 @@ def _copy_module(module: nn.Module, memo: dict[int, Any], path: str) -> nn.Modul
     done = memo.get(id(module))
     if done is not None:
         return done  # type: ignore[no-any-return]
-    if getattr(type(module), "__deepcopy__", None) is not None:
+    if _copies_its_own_way(type(module)):
         return _copy_value(module, memo, path, "")  # type: ignore[no-any-return]
     new = object.__new__(type(module))
     memo[id(module)] = new
@@ -83,6 +87,18 @@ def _copy_module(module: nn.Module, memo: dict[int, Any], path: str) -> nn.Modul
     return new
 
 
+_STATE_HOOKS = ("__getstate__", "__setstate__", "__reduce_ex__", "__reduce__")
+
+
+def _copies_its_own_way(cls: type) -> bool:
+    """Whether copying ``cls`` by its ``__dict__`` could differ from ``copy.deepcopy``: it has a
+    ``__deepcopy__``, or a pickling hook other than that of the torch class it derives from."""
+    if getattr(cls, "__deepcopy__", None) is not None:
+        return True
+    torch_base = next((c for c in cls.__mro__ if c.__module__.startswith("torch.")), nn.Module)
+    return any(getattr(cls, hook) is not getattr(torch_base, hook) for hook in _STATE_HOOKS)
+
+
 def _copy_value(value: Any, memo: dict[int, Any], path: str, attribute: str) -> Any:
     try:
         return copy.deepcopy(value, memo)
@@ -103,6 +119,12 @@ def lower_fake_sparsity(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.ao.pruning.sparsifier.utils import FakeSparsity
 
     masks: dict[str, torch.Tensor] = {}
+    if not any(parametrize.is_parametrized(module) for module in model.modules()):
+        return masks
+    # fxsparse masks a tied parameter the same at every use; FakeSparsity masks each alias
+    # (each use) with its own mask, so a tie with different masks cannot be lowered.
+    names_of = {name: id(tensor) for name, tensor in model.named_parameters(remove_duplicate=False)}
+    lowered: dict[int, str] = {}  # the unmasked weight (``original``, shared by tied aliases) -> its name
     for module_name, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
             continue
@@ -117,9 +139,33 @@ def lower_fake_sparsity(model: nn.Module) -> dict[str, torch.Tensor]:
                     f"cannot lower the parametrizations of {name!r}: fxsparse lowers a FakeSparsity that is the "
                     f"only parametrization of its tensor, found {[k.__name__ for k in kinds]}"
                 )
-            masks[name] = chain[0].mask
+            original, mask = chain.original, chain[0].mask
+            first = lowered.setdefault(id(original), name)
+            if first == name:
+                masks[name] = mask
+            elif not (mask.dtype == masks[first].dtype and torch.equal(mask, masks[first])):
+                raise MaskError(
+                    f"{first!r} and {name!r} are one tied parameter with a different FakeSparsity mask on each; "
+                    "fxsparse masks a parameter the same at every use: give both aliases the same mask, "
+                    "or untie them"
+                )
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+    # An alias read bare (before lowering) or through another parametrization (after it) is
+    # a use FakeSparsity leaves unmasked.
+    unmasked = [(n, t) for n, t in names_of.items() if not _PARAMETRIZED_ORIGINAL.fullmatch(n)]
+    unmasked += [(n, id(t)) for n, t in model.named_parameters(remove_duplicate=False) if "parametrizations." in n]
+    for alias, tensor_id in unmasked:
+        if tensor_id in lowered:
+            name = lowered[tensor_id]
+            raise MaskError(
+                f"{name!r} and {alias!r} are one tied parameter with a FakeSparsity mask on {name!r} only; "
+                f"fxsparse masks a parameter the same at every use: give {alias!r} the same FakeSparsity "
+                "mask (and no other parametrization), or untie them"
+            )
     return masks
+
+
+_PARAMETRIZED_ORIGINAL = re.compile(r"(.*\.)?parametrizations\.\w+\.original")
 
 
 def _own_class(module: nn.Module) -> None:
@@ -201,7 +247,9 @@ class Tracer(torch.fx.Tracer):
         module_stack, num_calls = self.module_stack.copy(), dict(self.num_calls)
         try:
             return super().call_module(m, forward, args, kwargs)
-        except Exception as exc:
+        except (torch.fx.proxy.TraceError, RuntimeError, TypeError) as exc:  # what proxies raise in torch.nn code
+            if isinstance(exc, FxsparseError) or _raised_by_fxsparse(exc):
+                raise
             self._roll_back(last)
             self.module_stack.clear()
             self.module_stack.update(module_stack)
@@ -253,6 +301,8 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
     try:
         graph = tracer.trace(model, concrete_args)
     except Exception as exc:
+        if isinstance(exc, FxsparseError) or _raised_by_fxsparse(exc):
+            raise  # fxsparse's own: not a model that cannot be traced (capture="auto" would export instead)
         into = ""
         if plan.traced_into:
             shown = ", ".join(sorted(plan.traced_into)[:3]) + (", ..." if len(plan.traced_into) > 3 else "")
@@ -266,6 +316,19 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
     finally:
         _restore_traced_attributes(tracer.ran.values())
     return graph, plan if tracer.kept == plan.kept else dataclasses.replace(plan, kept=dict(tracer.kept))
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _raised_by_fxsparse(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by fxsparse's own code (or a builtin it called), not by the model or torch."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE + os.sep)
 
 
 def _restore_traced_attributes(attributes: Iterable[tuple[nn.Module, dict[str, Any]]]) -> None:
@@ -286,6 +349,10 @@ def _restore_traced_attributes(attributes: Iterable[tuple[nn.Module, dict[str, A
 # torch.export keeps global state while it runs (dispatch modes, the fake tensor mode): two
 # exports running at once in one process break each other.
 EXPORT_LOCK = threading.Lock()
+
+
+def _only_critical(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.CRITICAL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,16 +385,18 @@ def export(
     # embedding caches its frequencies): put back what it changed, drop the fakes it added.
     before = [(module, dict(vars(module))) for module in model.modules()]
     # torch logs a full traceback when a fake-tensor kernel fails; the TraceError carries the message.
+    # A filter, added and removed under the lock, leaves the logger's level as the user set it.
     fake_tensor_log = logging.getLogger(FAKE_TENSOR_LOGGER)
-    level = fake_tensor_log.level
     try:
         with EXPORT_LOCK:
-            fake_tensor_log.setLevel(logging.CRITICAL)
-            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            fake_tensor_log.addFilter(_only_critical)
+            try:
+                program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            finally:
+                fake_tensor_log.removeFilter(_only_critical)
     except Exception as exc:  # the whole message: torch.export's often ends with the fix ("Suggested fixes: ...")
         raise TraceError(f"torch.export could not capture {type(model).__name__}: {describe(exc)}") from exc
     finally:
-        fake_tensor_log.setLevel(level)
         _restore_traced_attributes(before)
     for hooks in (model._forward_hooks, model._forward_pre_hooks):
         hooks.clear()
@@ -396,7 +465,14 @@ def _torch_guards(
     """
     try:
         code, paths = export_input_guards(program, unlifted, graph)
-    except Exception:
+    except (ImportError, AttributeError) as exc:  # a torch that renamed or removed a private helper
+        warnings.warn(
+            f"fxsparse cannot read torch.export's input guards on this torch ({torch.__version__}): {describe(exc)}; "
+            "inputs of export-captured models are checked for sizes, values and mode, not for relations "
+            "between sizes",
+            UserWarning,
+            stacklevel=2,
+        )
         return []
     guards = []
     for condition in code:

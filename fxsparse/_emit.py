@@ -20,7 +20,7 @@ from ._compat import HigherOrderOperator, OpOverload, PyTreeCodeGen, codegen_of,
 from ._errors import EmitError, describe
 from ._plan import MASK_SUFFIX, Plan
 from ._runtime.guards import check_input_structure
-from ._runtime.swap import call_with_parameters
+from ._runtime.swap import call_with_parameters, swap_lock
 from ._tags import META_KEY, Role, Tag, mask_registry, retag, set_tag, tag_of
 
 __all__ = [
@@ -61,6 +61,14 @@ class MaskedGraphModule(torch.fx.GraphModule):
     keeps every module, parameter, buffer (persistent or not), hook and attribute of
     the model, so ``state_dict`` round-trips exactly through every copy and save.
     """
+
+    def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
+        # A graph that swaps masked weights into kept modules changes them for the call: calls
+        # from several threads take turns (the others, with no swap, share nothing mutable).
+        if torch.compiler.is_compiling() or not self.graph.find_nodes(op="call_function", target=call_with_parameters):
+            return super()._call_impl(*args, **kwargs)  # type: ignore[no-untyped-call]
+        with swap_lock(self):
+            return super()._call_impl(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> MaskedGraphModule:
         copied = type(self).__new__(type(self))

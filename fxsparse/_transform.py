@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -84,39 +86,59 @@ def transform(
         ['0.weight_mask', '2.weight_mask']
     """
     args, kwargs = check_arguments(capture, emit, example_inputs, example_kwargs, dynamic_shapes)
-    # The pass allocates many small objects that all live on; generational GC scans
-    # would only re-walk them (measured: up to 1.3x the whole transform on big models).
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    # fxsparse's own steps (copy, rewrite, codegen) allocate many small objects that all live
+    # on; generational GC scans would only re-walk them. Not paused while the model's forward
+    # runs (tracing, export): that is the user's code.
+    with _gc_paused():
         root, the_plan = _prepare(model, masks)
-        if emit == "parametrize":
-            return _emit.parametrized(root, the_plan)
-        exported = None
-        if capture == "export":
-            exported = _capture.export(root, args or (), kwargs, dynamic_shapes)
-        else:
-            try:
-                graph, the_plan = _capture.trace(root, the_plan, concrete_args)
-            except TraceError as fx_failure:
-                if capture == "fx":
-                    raise
-                root, the_plan, exported = _export_instead(model, masks, fx_failure, args, kwargs, dynamic_shapes)
-        if exported is not None:
-            graph, the_plan = exported.graph, dataclasses.replace(the_plan, kept={})  # hooks are in the graph
-        # An fxsparse output transformed again: its masks, as its own graph's tags record them
-        # (the new capture traced its code again and lost them).
-        registry = mask_registry(model.graph) if isinstance(model, torch.fx.GraphModule) else {}
+    if emit == "parametrize":
+        return _emit.parametrized(root, the_plan)
+    exported = None
+    if capture == "export":
+        exported = _capture.export(root, args or (), kwargs, dynamic_shapes)
+    else:
+        try:
+            graph, the_plan = _capture.trace(root, the_plan, concrete_args)
+        except TraceError as fx_failure:
+            if capture == "fx":
+                raise
+            root, the_plan, exported = _export_instead(model, masks, fx_failure, args, kwargs, dynamic_shapes)
+    if exported is not None:
+        graph, the_plan = exported.graph, dataclasses.replace(the_plan, kept={})  # hooks are in the graph
+    # An fxsparse output transformed again: its masks, as its own graph's tags record them
+    # (the new capture traced its code again and lost them).
+    registry = mask_registry(model.graph) if isinstance(model, torch.fx.GraphModule) else {}
+    with _gc_paused():
         _rewrite.rewrite(root, graph, the_plan, exported, registry)
         # An fxsparse output captured by torch.export and traced again by FX is still an ATen graph.
         was_exported = isinstance(model, torch.fx.GraphModule) and _emit.captured_by(model) == "export"
         out = _emit.graph_module(root, graph, "export" if exported is not None or was_exported else "fx")
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     # A module registered under two names holds its mask under both; ONNX may pick either.
     mask_names = {f"{alias}{MASK_SUFFIX}" for p in the_plan.parameters for alias in p.aliases}
     return _emit.emit_as(out, emit, args, kwargs, dynamic_shapes, mask_names)
+
+
+_gc_lock = threading.Lock()
+_gc_pausers = 0  # transforms inside _gc_paused, in every thread
+_gc_was_enabled = False  # as the first of them found it
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The garbage collector off inside, and as found once the last thread inside leaves."""
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def _export_instead(

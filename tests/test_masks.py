@@ -687,3 +687,25 @@ def test_from_sparsifier_refuses_a_data_sparsifier_and_an_unprepared_one() -> No
         fxsparse.masks.from_sparsifier(data)
     with pytest.raises(fxsparse.MaskError, match="this WeightNormSparsifier has no groups"):
         fxsparse.masks.from_sparsifier(WeightNormSparsifier())
+
+
+@pytest.mark.parametrize("emit", ["graph", "parametrize", "script", "trace"])
+def test_update_masks_refuses_different_masks_for_tied_aliases(emit: str) -> None:
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(2, 8)
+    first = torch.rand(8, 8) > 0.5
+    out = fxsparse.transform(model, {"a.weight": first}, emit=emit, example_inputs=(x,))
+    with torch.no_grad():
+        before = out(x)
+    new = torch.rand(8, 8) > 0.5
+    with pytest.raises(fxsparse.MaskError) as raised:
+        fxsparse.update_masks(out, {"a.weight": new, "b.weight": ~new})
+    # A scripted graph holds the parameter under the name the graph reads it by only.
+    named = "'b.weight'" if emit == "script" else "mask keys 'a.weight' and 'b.weight' name the same parameter"
+    assert named in str(raised.value)
+    with torch.no_grad():
+        assert torch.equal(out(x), before)  # nothing written
+    if emit != "script":
+        fxsparse.update_masks(out, {"b.weight": new})  # either alias: one mask, at both uses
+        with torch.no_grad():
+            assert torch.equal(out(x), fxsparse.transform(model, {"a.weight": new}, emit="parametrize")(x))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -309,3 +310,106 @@ def test_deepcopy_of_input_unaffected_by_transform_of_copy() -> None:
     fxsparse.transform(model, make_masks(model, case, "zeros"))
     args = inputs(case)
     assert torch.equal(model(*args), twin(*args))
+
+
+# -- issue 13: tied FakeSparsity masks, copying like deepcopy --------------------------------
+
+
+class TiedLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def tied_with_fake_sparsity(mask_a: torch.Tensor | None, mask_b: torch.Tensor | None) -> TiedLinears:
+    """FakeSparsity registered on each alias of the tied weight (torch shares one ``original`` between them)."""
+    from torch.ao.pruning import FakeSparsity
+
+    model = TiedLinears()
+    for module, mask in ((model.a, mask_a), (model.b, mask_b)):
+        if mask is not None:
+            parametrize.register_parametrization(module, "weight", FakeSparsity(mask))
+    if mask_a is not None and mask_b is not None:
+        assert model.a.parametrizations.weight.original is model.b.parametrizations.weight.original
+    return model
+
+
+def test_lowering_refuses_tied_aliases_with_different_masks() -> None:
+    torch.manual_seed(1)
+    first = torch.rand(6, 6) > 0.5
+    model = tied_with_fake_sparsity(first, ~first)
+    with pytest.raises(
+        fxsparse.MaskError, match=r"'a\.weight' and 'b\.weight' are one tied parameter with a different"
+    ):
+        fxsparse.transform(model)
+    with pytest.raises(fxsparse.MaskError, match=r"'a\.weight' and 'b\.weight'"):
+        fxsparse.plan(model)
+    one_alias_only = tied_with_fake_sparsity(first, None)  # the other use reads the weight unmasked
+    with pytest.raises(fxsparse.MaskError, match=r"FakeSparsity mask on 'a\.weight' only"):
+        fxsparse.transform(one_alias_only)
+
+
+def test_lowering_takes_equal_masks_on_tied_aliases_as_one() -> None:
+    torch.manual_seed(1)
+    mask = (torch.rand(6, 6) > 0.5).float()
+    model = tied_with_fake_sparsity(mask, mask.clone())
+    x = torch.randn(3, 6)
+    out = fxsparse.transform(model)
+    assert torch.equal(out(x), model(x))
+    assert out.a.weight is out.b.weight
+    assert [k for k in out.state_dict() if k.endswith("_mask")] == ["a.weight_mask"]
+
+
+class RebuildsALock(nn.Module):
+    """Holds a lock (which deepcopy cannot copy) that its pickling hooks leave out and rebuild."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            return self.fc(x)
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(super().__getstate__())
+        del state["lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        super().__setstate__(state)
+        self.lock = threading.Lock()
+
+
+class ReducesToItsConstructor(nn.Module):
+    """Holds a generator (which deepcopy cannot copy); ``__reduce_ex__`` rebuilds it from its weights."""
+
+    def __init__(self, state: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        if state is not None:
+            self.fc.load_state_dict(state)
+        self.counter = (i for i in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
+        return (type(self), ({k: v.clone() for k, v in self.fc.state_dict().items()},), None)
+
+
+@pytest.mark.parametrize("make", [RebuildsALock, ReducesToItsConstructor])
+def test_copy_model_honours_pickling_hooks_as_deepcopy_does(make: type[nn.Module]) -> None:
+    model = nn.Sequential(make(), nn.ReLU())
+    copy.deepcopy(model)  # deepcopy copies it
+    mask = (torch.rand(4, 4) > 0.5).float()
+    out = fxsparse.transform(model, {"0.fc.weight": mask})
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert torch.equal(out(x), fake_sparsity(model, {"0.fc.weight": mask})(x))

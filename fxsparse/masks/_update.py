@@ -50,13 +50,20 @@ def update_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     if not buffers:
         raise MaskError(f"{type(model).__name__} has no masks to update: pass fxsparse.transform's output")
     by_parameter = {id(parameter): (name, buffer) for name, (parameter, buffer) in buffers.items()}
+    parameters = dict(model.named_parameters(remove_duplicate=False))
     writes: list[tuple[torch.Tensor, torch.Tensor]] = []
-    keys: dict[str, object] = {}
+    # By buffer: the aliases of a tied parameter share one (emit="parametrize" registers
+    # FakeSparsity on each alias with the same mask tensor), so one mask serves every use.
+    keys: dict[int, tuple[str, object]] = {}
     for key, mask in masks.items():
-        name, buffer = _find(model, key, buffers, by_parameter)
-        if name in keys:
-            raise MaskError(f"mask keys {keys[name]!r} and {key!r} name the same parameter {name!r}; give one")
-        keys[name] = key
+        name, buffer = _find(key, buffers, by_parameter, parameters)
+        if id(buffer) in keys:
+            first_name, first_key = keys[id(buffer)]
+            tied = "" if first_name == name else f" (tied to {name!r}: one mask serves both)"
+            raise MaskError(
+                f"mask keys {first_key!r} and {key!r} name the same parameter {first_name!r}{tied}; give one"
+            )
+        keys[id(buffer)] = (name, key)
         checked = normalize_mask(str(key), mask, name, buffers[name][0])  # transform's own rules
         if (
             buffer.dtype == torch.bool
@@ -74,10 +81,10 @@ def update_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
 
 
 def _find(
-    model: nn.Module,
     key: object,
     buffers: dict[str, tuple[nn.Parameter, torch.Tensor]],
     by_parameter: dict[int, tuple[str, torch.Tensor]],
+    parameters: dict[str, nn.Parameter],
 ) -> tuple[str, torch.Tensor]:
     if not isinstance(key, str):
         raise MaskError(f"mask keys must be parameter or module names (str), got {key!r}")
@@ -85,9 +92,8 @@ def _find(
         if candidate in buffers:
             return candidate, buffers[candidate][1]
     for candidate in (key, f"{key}.weight" if key else "weight"):
-        try:
-            parameter = model.get_parameter(candidate)
-        except AttributeError:
+        parameter = parameters.get(candidate)  # not get_parameter: ScriptModules do not have it
+        if parameter is None:
             continue
         if id(parameter) in by_parameter:
             return by_parameter[id(parameter)]
