@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -61,7 +62,7 @@ def _copy_module(module: nn.Module, memo: dict[int, Any], path: str) -> nn.Modul
     done = memo.get(id(module))
     if done is not None:
         return done  # type: ignore[no-any-return]
-    if _copies_its_own_way(type(module)):
+    if _copies_its_own_way(type(module)):  # type: ignore[arg-type]  # a class hashes; mypy reads Module.__hash__
         return _copy_value(module, memo, path, "")  # type: ignore[no-any-return]
     new = object.__new__(type(module))
     memo[id(module)] = new
@@ -90,6 +91,7 @@ def _copy_module(module: nn.Module, memo: dict[int, Any], path: str) -> nn.Modul
 _STATE_HOOKS = ("__getstate__", "__setstate__", "__reduce_ex__", "__reduce__")
 
 
+@functools.lru_cache(maxsize=256)  # bounded: GraphModules make a class per instance
 def _copies_its_own_way(cls: type) -> bool:
     """Whether copying ``cls`` by its ``__dict__`` could differ from ``copy.deepcopy``: it has a
     ``__deepcopy__``, or a pickling hook other than that of the torch class it derives from."""

@@ -36,6 +36,16 @@ def tied() -> nn.Module:
     return model
 
 
+def tied_with_fake_sparsity(first: torch.Tensor, second: torch.Tensor) -> nn.Module:
+    from torch.ao.pruning import FakeSparsity
+    from torch.nn.utils import parametrize
+
+    model = tied()
+    for module, mask in zip(model, (first, second), strict=True):
+        parametrize.register_parametrization(module, "weight", FakeSparsity(mask))
+    return model
+
+
 def int8_weight() -> nn.Module:
     model = small()
     model[0].weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int8), requires_grad=False)
@@ -131,6 +141,18 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         tied,
         lambda m, _: fxsparse.transform(m, {"0.weight": torch.ones(4, 4), "1.weight": torch.zeros(4, 4)}),
         (fxsparse.MaskError, "mask keys '0.weight' and '1.weight' name the same parameter '0.weight'"),
+    ),
+    (
+        "tied weight with a different FakeSparsity mask on each alias",
+        lambda: tied_with_fake_sparsity(torch.ones(4, 4), torch.zeros(4, 4)),
+        lambda m, _: fxsparse.transform(m),
+        (fxsparse.MaskError, "'0.weight' and '1.weight' are one tied parameter with a different FakeSparsity mask"),
+    ),
+    (
+        "update_masks with two keys for one tied parameter",
+        lambda: fxsparse.transform(tied(), {"0": torch.ones(4, 4)}, emit="parametrize"),
+        lambda m, _: fxsparse.update_masks(m, {"0.weight": torch.ones(4, 4), "1.weight": torch.zeros(4, 4)}),
+        (fxsparse.MaskError, "mask keys '0.weight' and '1.weight' name the same parameter '0.weight' (tied to"),
     ),
     (
         "LazyLinear not initialised",
