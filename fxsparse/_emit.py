@@ -62,13 +62,13 @@ class MaskedGraphModule(torch.fx.GraphModule):
     the model, so ``state_dict`` round-trips exactly through every copy and save.
     """
 
-    def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # A graph that swaps masked weights into kept modules changes them for the call: calls
         # from several threads take turns (the others, with no swap, share nothing mutable).
         if torch.compiler.is_compiling() or not self.graph.find_nodes(op="call_function", target=call_with_parameters):
-            return super()._call_impl(*args, **kwargs)  # type: ignore[no-untyped-call]
+            return super().__call__(*args, **kwargs)
         with swap_lock(self):
-            return super()._call_impl(*args, **kwargs)  # type: ignore[no-untyped-call]
+            return super().__call__(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> MaskedGraphModule:
         copied = type(self).__new__(type(self))
