@@ -18,7 +18,10 @@ What each is for:
   graph captured by ``torch.export``, kept when a graph is pickled as data;
 - ``torch._ops.OpOverload``/``HigherOrderOperator``: ATen operators and ``torch.cond`` in a
   graph, pickled by name;
-- ``torch.utils._pytree``: input structures of exported graphs, and their key paths;
+- ``torch.utils._pytree``: input structures of exported graphs, and their key paths; the
+  tensors among a custom autograd Function's arguments;
+- ``GraphModule._graph``, ``_code``, ``_lineno_map``, ``_prologue_start``: a graph's compiled
+  code, kept per train/eval mode so that switching modes does not compile again;
 - ``torch._C._nn.linear``: what ``F.linear`` is in a traced graph;
 - ``torch.ops.aten._sparse_{csr,bsr}_tensor_unsafe``: a sparse weight rebuilt from its parts
   per call without re-validating them (fxsparse checks the input width itself);
@@ -50,6 +53,7 @@ __all__ = [
     "OpOverload",
     "PyTreeCodeGen",
     "codegen_of",
+    "compiled_code",
     "export_input_guards",
     "global_module_hooks",
     "is_erased",
@@ -63,7 +67,9 @@ __all__ = [
     "sparse_bsr_tensor_unsafe",
     "sparse_csr_tensor_unsafe",
     "sympy_interp",
+    "tree_leaves",
     "tree_structure",
+    "use_compiled_code",
 ]
 
 # Dotted names (module path, then attribute path) of every private API this module reaches.
@@ -81,6 +87,7 @@ PRIVATE_APIS: tuple[str, ...] = (
     "torch._ops:HigherOrderOperator",
     "torch.utils._pytree:tree_structure",
     "torch.utils._pytree:keystr",
+    "torch.utils._pytree:tree_leaves",
     "torch._C._nn:linear",
     "torch:ops.aten._sparse_csr_tensor_unsafe",
     "torch:ops.aten._sparse_bsr_tensor_unsafe",
@@ -149,6 +156,22 @@ def qualified_name(function: Callable[..., Any]) -> str:
 
 def tree_structure(value: Any) -> Any:
     return _pytree.tree_structure(value)
+
+
+def tree_leaves(value: Any) -> list[Any]:
+    return list(_pytree.tree_leaves(value))
+
+
+def compiled_code(gm: torch.fx.GraphModule) -> tuple[Any, ...]:
+    """What ``GraphModule.recompile`` made of ``gm``'s graph: the graph, its code and forward (to switch back to)."""
+    return (gm._graph, gm._code, gm._lineno_map, gm._prologue_start, type(gm).forward)
+
+
+def use_compiled_code(gm: torch.fx.GraphModule, compiled: tuple[Any, ...]) -> None:
+    """Make ``gm`` run what :func:`compiled_code` returned, without compiling again."""
+    graph, gm._code, gm._lineno_map, gm._prologue_start, type(gm).forward = compiled
+    gm._graph = graph
+    graph.owning_module = gm
 
 
 def keystr(path: Sequence[Any]) -> str:

@@ -16,7 +16,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _capture
-from ._compat import HigherOrderOperator, OpOverload, PyTreeCodeGen, codegen_of, set_codegen, set_tracer_class
+from ._compat import (
+    HigherOrderOperator,
+    OpOverload,
+    PyTreeCodeGen,
+    codegen_of,
+    compiled_code,
+    set_codegen,
+    set_tracer_class,
+    use_compiled_code,
+)
 from ._errors import EmitError, describe
 from ._plan import MASK_SUFFIX, Plan
 from ._runtime.guards import check_input_structure
@@ -74,19 +83,81 @@ class MaskedGraphModule(torch.fx.GraphModule):
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied  # before the state: a submodule may refer back to its root
         state = copy.deepcopy(_module_state(self), memo)
-        return _assemble(state, copy.deepcopy(self.graph, memo), type(self).__name__, copied)
+        graph = copy.deepcopy(self.graph, memo)
+        modes = copy.deepcopy(self.__dict__.get(_MODES), memo)  # the current graph is one of them: copied once
+        return _assemble(state, graph, type(self).__name__, copied, modes)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # GraphModule pickles its generated code and traces it again on loading, which
         # cannot rebuild a graph of ATen operators (torch.export's) and renames nodes,
         # dropping their tags. The nodes themselves pickle as plain data.
-        return (_unpickle_graph, (_module_state(self), _graph_as_data(self.graph), type(self).__name__))
+        modes = self.__dict__.get(_MODES)
+        if modes is None:
+            return (_unpickle_graph, (_module_state(self), _graph_as_data(self.graph), type(self).__name__))
+        graphs = {mode: _graph_as_data(graph) for mode, graph in modes.items()}
+        return (_unpickle_graph, (_module_state(self), None, type(self).__name__, graphs))
+
+    def train(self, mode: bool = True) -> MaskedGraphModule:
+        """Set the mode, as ``nn.Module.train`` does, and run the graph traced in that mode.
+
+        A model whose code reads ``self.training`` (dropout, stochastic depth) traces to a
+        different graph in each mode; fxsparse keeps both (``MaskedGraphModule`` then holds
+        one per mode) and switches between their compiled code here.
+        """
+        modes: dict[bool, torch.fx.Graph] | None = self.__dict__.get(_MODES)
+        if modes is not None and mode not in modes:
+            (kept,) = modes
+            raise EmitError(
+                f"this model runs in {'train' if kept else 'eval'} mode only: its code depends on the mode "
+                f"(it reads self.training) and it keeps the graph of that mode alone (fxsparse.freeze with a "
+                f"sparse layout keeps one); cannot switch it to {'train' if mode else 'eval'} mode"
+            )
+        super().train(mode)
+        if modes is not None and modes[mode] is not self.graph:
+            compiled = self.__dict__.get(_COMPILED, {}).get(mode)
+            if compiled is not None and compiled[0] is modes[mode]:
+                use_compiled_code(self, compiled)
+            else:
+                self.graph = modes[mode]  # compiles it
+        return self
+
+    def recompile(self) -> torch.fx.graph.PythonCode:
+        python_code = super().recompile()
+        # The current graph is the current mode's (a graph set or edited by hand too); its code, kept for switching.
+        modes = self.__dict__.get(_MODES)
+        if modes is not None:
+            modes[self.training] = self.graph
+            compiled = self.__dict__.setdefault(_COMPILED, {})
+            compiled[self.training] = compiled_code(self)
+        return python_code
 
 
-def graph_module(root: nn.Module, graph: torch.fx.Graph, capture: str) -> MaskedGraphModule:
+# MaskedGraphModule attributes: its graph for each mode where the modes trace differently, and their compiled code.
+_MODES = "_fxsparse_mode_graphs"
+_COMPILED = "_fxsparse_mode_code"
+
+
+def mode_graphs(gm: torch.fx.GraphModule) -> dict[bool, torch.fx.Graph]:
+    """``gm``'s graph per mode (``True``: training): two where the modes trace differently, else its one graph."""
+    modes = gm.__dict__.get(_MODES)
+    return dict(modes) if modes is not None else {gm.training: gm.graph}
+
+
+def keep_mode_graphs(gm: torch.fx.GraphModule, modes: dict[bool, torch.fx.Graph]) -> None:
+    """Keep ``modes`` (holding ``gm.graph`` under ``gm.training``) as ``gm``'s graphs; drop others' code."""
+    gm.__dict__[_MODES] = dict(modes)
+    gm.__dict__.pop(_COMPILED, None)
+    gm.recompile()
+
+
+def graph_module(
+    root: nn.Module, graph: torch.fx.Graph, capture: str, modes: dict[bool, torch.fx.Graph] | None = None
+) -> MaskedGraphModule:
     """A ``MaskedGraphModule`` running ``graph`` over ``root``'s whole module tree and state.
 
     ``out.meta["fxsparse"]["capture"]`` records which capture made the graph (``"fx"`` or ``"export"``).
+    ``modes``, where the model traces differently in train and eval mode, holds the graph of
+    each (``graph`` is the one of ``root.training``); the output switches with its mode.
     """
     if not isinstance(getattr(root, "meta", {}), dict):
         raise EmitError(
@@ -94,7 +165,7 @@ def graph_module(root: nn.Module, graph: torch.fx.Graph, capture: str) -> Masked
             "keeps its metadata under: rename the attribute"
         )
     _adopt_subgraphs(root, graph)
-    out = _assemble(_module_state(root), graph, type(root).__name__)
+    out = _assemble(_module_state(root), graph, type(root).__name__, modes=modes)
     out.meta[META_KEY] = {"capture": capture}
     if _takes_containers(graph) and check_input_structure not in out._forward_pre_hooks.values():
         out.register_forward_pre_hook(check_input_structure, with_kwargs=True)
@@ -132,11 +203,16 @@ def captured_by(gm: torch.fx.GraphModule) -> str:
 
 def _module_state(module: nn.Module) -> dict[str, Any]:
     graph_module_only = _graph_module_only() - {"meta"}  # GraphModule.meta is state worth keeping
+    graph_module_only |= {_MODES, _COMPILED}  # graphs and code, handled as such
     return {key: value for key, value in vars(module).items() if key not in graph_module_only}
 
 
 def _assemble(
-    state: dict[str, Any], graph: torch.fx.Graph, class_name: str, out: MaskedGraphModule | None = None
+    state: dict[str, Any],
+    graph: torch.fx.Graph,
+    class_name: str,
+    out: MaskedGraphModule | None = None,
+    modes: dict[bool, torch.fx.Graph] | None = None,
 ) -> MaskedGraphModule:
     if out is None:
         out = MaskedGraphModule.__new__(MaskedGraphModule)
@@ -145,6 +221,8 @@ def _assemble(
     # FX traces a GraphModule's code again with its tracer (transforming an output again does);
     # this one finds parameters by a dict, not by a scan, and keeps InputGuards a call.
     set_tracer_class(out, _capture.Tracer)
+    if modes is not None:
+        out.__dict__[_MODES] = dict(modes)
     out.graph = graph  # compiles forward once
     return out
 
@@ -227,9 +305,16 @@ def _graph_from_data(data: tuple[list[tuple[Any, ...]], torch.fx.graph.CodeGen])
 
 
 def _unpickle_graph(
-    state: dict[str, Any], data: tuple[list[tuple[Any, ...]], torch.fx.graph.CodeGen], class_name: str
+    state: dict[str, Any],
+    data: tuple[list[tuple[Any, ...]], torch.fx.graph.CodeGen] | None,
+    class_name: str,
+    modes_data: dict[bool, tuple[list[tuple[Any, ...]], torch.fx.graph.CodeGen]] | None = None,
 ) -> MaskedGraphModule:
-    return _assemble(state, _graph_from_data(data), class_name)
+    if modes_data is None:
+        assert data is not None
+        return _assemble(state, _graph_from_data(data), class_name)
+    modes = {mode: _graph_from_data(graph) for mode, graph in modes_data.items()}
+    return _assemble(state, modes[state["training"]], class_name, modes=modes)
 
 
 def _unpickle(reduced: tuple[Any, ...], state: dict[str, Any], class_name: str) -> MaskedGraphModule:

@@ -91,6 +91,10 @@ def freeze(
         layout = "dense"
     frozen = copy.deepcopy(out)
     masks = _rewrite.fold_masks(frozen, frozen.graph)
+    modes = _emit.mode_graphs(frozen)
+    for graph in modes.values():
+        if graph is not frozen.graph:
+            _rewrite.fold_masks(frozen, graph, values=False)  # the other mode's graph, over the same weights
     if not masks:
         already = any(role_of(n) is Role.FROZEN for n in out.graph.nodes)
         hint = " (it is frozen already: freeze the masked graph itself, with the layout= you want)" if already else ""
@@ -98,6 +102,8 @@ def freeze(
     frozen.recompile()
     if layout != "dense":
         _store_in_layout(frozen, masks, layout, args, kwargs)
+        if len(modes) > 1:  # the layouts were chosen on this mode's graph: the frozen model keeps it alone
+            _emit.keep_mode_graphs(frozen, {frozen.training: frozen.graph})
         frozen.recompile()
     return _emit.emit_as(frozen, emit, args, kwargs, dynamic_shapes)
 

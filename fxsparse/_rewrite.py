@@ -70,28 +70,31 @@ def rewrite(
     graph.lint()
 
 
-def fold_masks(root: nn.Module, graph: torch.fx.Graph) -> dict[str, torch.Tensor]:
+def fold_masks(root: nn.Module, graph: torch.fx.Graph, values: bool = True) -> dict[str, torch.Tensor]:
     """Fold each ``mask * weight`` of ``graph`` into its weight, in place: the parameter takes
     the product's value (computed once, by the same ``torch.mul``, so outputs stay bit for
     bit the same), every use reads the parameter, and the mask buffer is removed from
     ``root``. Returns each folded parameter's name and mask.
+
+    ``values=False`` edits ``graph`` alone, for a second graph over the same ``root`` (a
+    model's other mode) whose parameters and buffers the first fold already changed.
     """
     folded = {}
     for product, tag in list(tagged(graph, Role.MASKED)):
         mask_node, weight_node = product.args
         assert isinstance(mask_node, torch.fx.Node) and isinstance(weight_node, torch.fx.Node)
-        parameter = root.get_parameter(str(weight_node.target))
-        mask = root.get_buffer(str(mask_node.target))
-        with torch.no_grad():
-            parameter.copy_(torch.mul(mask, parameter))  # what the product node computes
+        if values:
+            parameter = root.get_parameter(str(weight_node.target))
+            mask = folded[str(tag.param)] = root.get_buffer(str(mask_node.target))
+            with torch.no_grad():
+                parameter.copy_(torch.mul(mask, parameter))  # what the product node computes
+            owner, _, buffer = str(mask_node.target).rpartition(".")
+            del root.get_submodule(owner)._buffers[buffer]
         product.replace_all_uses_with(weight_node)
         graph.erase_node(product)
         if not mask_node.users:
             graph.erase_node(mask_node)
-        owner, _, buffer = str(mask_node.target).rpartition(".")
-        del root.get_submodule(owner)._buffers[buffer]
         set_tag(weight_node, Tag(Role.FROZEN, param=tag.param))
-        folded[str(tag.param)] = mask
     graph.lint()
     return folded
 

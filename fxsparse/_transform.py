@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
-import threading
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,7 +12,7 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import _capture, _emit, _rewrite
+from . import _capture, _emit, _functions, _rewrite
 from ._errors import EmitError, MaskError, TraceError
 from ._plan import MASK_SUFFIX, Plan, build_plan
 from ._tags import mask_registry
@@ -86,59 +84,105 @@ def transform(
         ['0.weight_mask', '2.weight_mask']
     """
     args, kwargs = check_arguments(capture, emit, example_inputs, example_kwargs, dynamic_shapes)
-    # fxsparse's own steps (copy, rewrite, codegen) allocate many small objects that all live
-    # on; generational GC scans would only re-walk them. Not paused while the model's forward
-    # runs (tracing, export): that is the user's code.
-    with _gc_paused():
-        root, the_plan = _prepare(model, masks)
+    # Python's garbage collector stays as the caller has it: it is process-wide, and other threads
+    # (and the model's own forward, which capture runs) must not find it switched off.
+    root, the_plan = _prepare(model, masks)
     if emit == "parametrize":
         return _emit.parametrized(root, the_plan)
     exported = None
+    modes: dict[bool, torch.fx.Graph] | None = None
+    traced_through: list[type[torch.autograd.Function]] = []  # custom Functions whose backward is lost
     if capture == "export":
-        exported = _capture.export(root, args or (), kwargs, dynamic_shapes)
+        exported = _export(root, args or (), kwargs, dynamic_shapes, traced_through)
     else:
         try:
-            graph, the_plan = _capture.trace(root, the_plan, concrete_args)
+            with _functions.autograd_functions(keep=True) as traced_through:
+                graph, the_plan = _capture.trace(root, the_plan, concrete_args)
+                modes, the_plan = _trace_other_mode(root, graph, the_plan, concrete_args)
         except TraceError as fx_failure:
             if capture == "fx":
                 raise
-            root, the_plan, exported = _export_instead(model, masks, fx_failure, args, kwargs, dynamic_shapes)
+            traced_through = []
+            root, the_plan, exported = _export_instead(
+                model, masks, fx_failure, args, kwargs, dynamic_shapes, traced_through
+            )
     if exported is not None:
-        graph, the_plan = exported.graph, dataclasses.replace(the_plan, kept={})  # hooks are in the graph
+        graph, the_plan, modes = exported.graph, dataclasses.replace(the_plan, kept={}), None  # hooks are in it
     # An fxsparse output transformed again: its masks, as its own graph's tags record them
     # (the new capture traced its code again and lost them).
     registry = mask_registry(model.graph) if isinstance(model, torch.fx.GraphModule) else {}
-    with _gc_paused():
-        _rewrite.rewrite(root, graph, the_plan, exported, registry)
-        # An fxsparse output captured by torch.export and traced again by FX is still an ATen graph.
-        was_exported = isinstance(model, torch.fx.GraphModule) and _emit.captured_by(model) == "export"
-        out = _emit.graph_module(root, graph, "export" if exported is not None or was_exported else "fx")
+    _rewrite.rewrite(root, graph, the_plan, exported, registry)
+    if modes is not None:
+        _rewrite.rewrite(root, modes[not root.training], the_plan, None, registry)  # the same buffers again
+    # An fxsparse output captured by torch.export and traced again by FX is still an ATen graph.
+    was_exported = isinstance(model, torch.fx.GraphModule) and _emit.captured_by(model) == "export"
+    out = _emit.graph_module(root, graph, "export" if exported is not None or was_exported else "fx", modes)
+    for function in traced_through:
+        how = (
+            "torch.export inlines every custom autograd.Function"
+            if exported is not None
+            else ("torch.fx traced through it: generated code cannot spell its other arguments")
+        )
+        warnings.warn(
+            f"the custom autograd.Function {function.__module__}.{function.__qualname__} is not kept as a call "
+            f"({how}): the output computes its forward's operations, and autograd differentiates those, not "
+            f"{function.__qualname__}.backward, so gradients through it may differ from the model's"
+            + (" (capture='fx' keeps it as a call)" if exported is not None else ""),
+            UserWarning,
+            stacklevel=2,
+        )
     # A module registered under two names holds its mask under both; ONNX may pick either.
     mask_names = {f"{alias}{MASK_SUFFIX}" for p in the_plan.parameters for alias in p.aliases}
     return _emit.emit_as(out, emit, args, kwargs, dynamic_shapes, mask_names)
 
 
-_gc_lock = threading.Lock()
-_gc_pausers = 0  # transforms inside _gc_paused, in every thread
-_gc_was_enabled = False  # as the first of them found it
+def _export(
+    root: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None,
+    dynamic_shapes: Any,
+    traced_through: list[type[torch.autograd.Function]],
+) -> _capture.Exported:
+    """``_capture.export``, adding the custom autograd Functions it inlined to ``traced_through``."""
+    with _functions.autograd_functions(keep=False) as inlined:
+        exported = _capture.export(root, args, kwargs, dynamic_shapes)
+    traced_through.extend(inlined)
+    return exported
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The garbage collector off inside, and as found once the last thread inside leaves."""
-    global _gc_pausers, _gc_was_enabled
-    with _gc_lock:
-        if _gc_pausers == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pausers += 1
+def _trace_other_mode(
+    root: nn.Module, graph: torch.fx.Graph, plan: Plan, concrete_args: dict[str, Any] | None
+) -> tuple[dict[bool, torch.fx.Graph] | None, Plan]:
+    """Trace ``root`` again in the other mode (``train``/``eval``): a graph per mode where they differ.
+
+    FX runs Python branches on ``self.training`` once and keeps the branch taken (timm's
+    DropPath, ``F.dropout(x, p, self.training)``): such a graph would keep the mode it
+    was traced in after ``out.train()``/``out.eval()``. ``None`` where both modes trace
+    the same code; the modules' own modes are left as found.
+    """
+    modes = [(module, module.training) for module in root.modules()]
+    other = not root.training
+    root.train(other)
     try:
-        yield
+        other_graph, plan = _capture.trace(root, plan, concrete_args)
     finally:
-        with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_was_enabled:
-                gc.enable()
+        for module, training in modes:
+            module.training = training
+    if _same_nodes(graph, other_graph):
+        return None, plan
+    return {root.training: graph, other: other_graph}, plan
+
+
+def _same_nodes(first: torch.fx.Graph, second: torch.fx.Graph) -> bool:
+    """Whether two traces made the same nodes: ops, names, targets and arguments (nodes by name)."""
+
+    def described(node: torch.fx.Node) -> tuple[Any, ...]:
+        arguments = torch.fx.node.map_arg((node.args, node.kwargs), lambda argument: argument.name)
+        return node.op, node.name, node.target, repr(arguments)
+
+    return len(first.nodes) == len(second.nodes) and all(
+        described(a) == described(b) for a, b in zip(first.nodes, second.nodes, strict=True)
+    )
 
 
 def _export_instead(
@@ -148,6 +192,7 @@ def _export_instead(
     args: tuple[Any, ...] | None,
     kwargs: dict[str, Any] | None,
     dynamic_shapes: Any,
+    traced_through: list[type[torch.autograd.Function]],
 ) -> tuple[nn.Module, Plan, _capture.Exported]:
     """``capture="auto"`` after FX failed: capture a fresh copy (tracing may have left attributes) with torch.export."""
     if args is None and kwargs is None:
@@ -157,7 +202,7 @@ def _export_instead(
         ) from fx_failure
     root, the_plan = _prepare(model, masks)
     try:
-        exported = _capture.export(root, args or (), kwargs, dynamic_shapes)
+        exported = _export(root, args or (), kwargs, dynamic_shapes, traced_through)
     except TraceError as export_failure:
         raise TraceError(
             f"fxsparse could not capture {type(model).__name__} either way (pass capture='fx' or "

@@ -208,3 +208,13 @@ def test_an_fxsparse_error_while_tracing_into_a_torch_module_is_not_taken_for_un
     model = Served().eval()
     with pytest.raises(fxsparse.MaskError, match="while tracing into the attention"):
         fxsparse.transform(model, {"attn.in_proj_weight": torch.ones(24, 8)}, capture="fx")
+
+
+def test_transform_never_switches_the_garbage_collector_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collector is process-wide: switching it off, even around fxsparse's own steps, reaches other threads."""
+    switched_off: list[str] = []
+    monkeypatch.setattr(gc, "disable", lambda: switched_off.append("gc.disable"))
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.MultiheadAttention(4, 2))
+    fxsparse.transform(model[:2], {"0": torch.ones(4, 4)})
+    fxsparse.transform(model[:2], {"0": torch.ones(4, 4)}, capture="export", example_inputs=(torch.randn(2, 4),))
+    assert switched_off == []

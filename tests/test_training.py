@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import pickle
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -101,3 +103,154 @@ def test_freeze_refuses_what_it_cannot_fold() -> None:
         fxsparse.freeze(nn.Linear(2, 2))  # type: ignore[arg-type]
     with pytest.raises(fxsparse.MaskError, match="no mask \\* weight to fold"):
         fxsparse.freeze(torch.fx.symbolic_trace(nn.Linear(2, 2)))
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """timm's drop_path: a Python branch on the mode, which a trace runs once."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1 - drop_prob
+    random_tensor = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * random_tensor / keep
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+
+class StochasticDepthBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.drop_path = DropPath(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.fc(x))
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(self.fc(x), 0.5, training=self.training)
+
+
+def seeded(model: nn.Module, training: bool, x: torch.Tensor) -> torch.Tensor:
+    model.train(training)
+    torch.manual_seed(7)
+    return model(x)
+
+
+@pytest.mark.parametrize("model_class", [StochasticDepthBlock, FunctionalDropout])
+@pytest.mark.parametrize("captured_in", [False, True], ids=["eval", "train"])
+def test_fx_capture_follows_the_mode_code_reads_from_self_training(model_class: type, captured_in: bool) -> None:
+    torch.manual_seed(0)
+    model = model_class().train(captured_in)
+    masks = {"fc.weight": torch.rand(8, 8) > 0.5}
+    reference = fake_sparsity(model, masks)
+    out = fxsparse.transform(model, masks, capture="fx")
+    x = torch.randn(16, 8)
+    for training in (not captured_in, captured_in, not captured_in):
+        assert torch.equal(seeded(out, training, x), seeded(reference, training, x))
+    assert not torch.equal(seeded(out, True, x), seeded(out, False, x))  # the modes do differ here
+    again = fxsparse.transform(out, {"fc.bias": torch.ones(8)}, capture="fx")  # a mask of ones changes nothing
+    for kept in (copy.deepcopy(out), pickle.loads(pickle.dumps(out)), again):
+        for training in (True, False):
+            assert torch.equal(seeded(kept, training, x), seeded(reference, training, x))
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_freeze_keeps_the_graph_of_each_mode(layout: str) -> None:
+    torch.manual_seed(0)
+    model = StochasticDepthBlock().eval()
+    masks = {"fc.weight": torch.rand(8, 8) > 0.5}
+    reference = fake_sparsity(model, masks)
+    out = fxsparse.transform(model, masks)
+    frozen = fxsparse.freeze(out, layout=layout)
+    x = torch.randn(16, 8)
+    if layout == "dense":
+        for training in (True, False):
+            assert torch.equal(seeded(frozen, training, x), seeded(reference, training, x))
+        assert not any(name.endswith("_mask") for name in frozen.state_dict())
+    else:  # the sparse layouts were chosen on the eval graph: the frozen model stays in eval mode
+        torch.testing.assert_close(seeded(frozen, False, x), seeded(out, False, x))
+        with pytest.raises(fxsparse.EmitError, match="eval mode only"):
+            frozen.train()
+        assert not frozen.training
+
+
+class HalfGradient(torch.autograd.Function):
+    """Forward: the identity; backward: half the gradient (what a trace of its forward cannot know)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad / 2
+
+
+class Scaled(torch.autograd.Function):
+    """A Function taking a Python callable, which generated code cannot spell as an argument."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, scale: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return scale(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad / 2, None
+
+
+class WithCustomFunction(nn.Module):
+    def __init__(self, function: str = "half") -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.function = function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc(x)
+        hidden = HalfGradient.apply(hidden) if self.function == "half" else Scaled.apply(hidden, torch.neg)
+        return self.head(hidden)
+
+
+def gradients(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    model(x).square().sum().backward()
+    named = model.named_parameters()
+    return {name.replace(".parametrizations.weight.original", ".weight"): p.grad for name, p in named}
+
+
+def test_fx_capture_keeps_a_custom_autograd_functions_backward() -> None:
+    torch.manual_seed(0)
+    model = WithCustomFunction()
+    masks = {"fc.weight": torch.rand(4, 4) > 0.5}
+    x = torch.randn(3, 4)
+    expected = gradients(fake_sparsity(model, masks), x)
+    apply = torch.autograd.Function.__dict__["apply"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fxsparse.transform(model, masks, capture="fx")
+    assert torch.autograd.Function.__dict__["apply"] is apply  # left as found
+    for kept in (out, pickle.loads(pickle.dumps(out)), copy.deepcopy(out)):
+        got = gradients(kept, x)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+def test_a_custom_autograd_function_traced_through_is_named_in_a_warning() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    masks = {"fc.weight": torch.rand(4, 4) > 0.5}
+    with pytest.warns(UserWarning, match=r"autograd.Function .*HalfGradient is not kept as a call \(torch.export"):
+        fxsparse.transform(WithCustomFunction(), masks, capture="export", example_inputs=(x,))
+    with pytest.warns(UserWarning, match=r"autograd.Function .*Scaled is not kept as a call \(torch.fx traced"):
+        fxsparse.transform(WithCustomFunction("scaled"), masks, capture="fx")

@@ -452,6 +452,37 @@ def test_diff_of_tied_fetches_under_export() -> None:
     assert not set(d.removed) & {n for _, n in d.matched.items()}  # nothing both removed and drawn alive
 
 
+@pytest.mark.parametrize("masked", ["lm_head.weight", "embed.weight"])
+def test_diff_keeps_a_tied_weight_read_under_another_alias(masked: str) -> None:
+    # torch.export reads a tied weight once per name; the rewrite reads it once, under its mask's name.
+    case = ZOO["tied_embedding_head"]
+    model = build(case)
+    example = {"example_inputs": case.inputs()}
+    before = fxsparse.transform(model, {}, capture="export", **example)
+    tied = {"embed.weight", "lm_head.weight"}
+    reads = {n.name: str(n.target) for n in before.graph.find_nodes(op="get_attr") if n.target in tied}
+    assert set(reads.values()) == tied
+    after = fxsparse.transform(model, {masked: torch.rand(20, 8) > 0.5}, capture="export", **example)
+    d = viz.diff(before, after)
+    assert d.removed == ()
+    for name in reads:
+        (fetch,) = (n for n in after.graph.nodes if n.name == d.matched[name])
+        assert fetch.op == "get_attr" and fetch.target in tied
+    assert not any(name in dict(d.changed) for name in reads)
+
+
+def test_diff_of_gpt2_keeps_its_tied_embedding() -> None:
+    pytest.importorskip("transformers")
+    import hf_zoo
+
+    gpt2 = hf_zoo.FAMILIES["gpt2"]
+    model = hf_zoo.build(gpt2)
+    example = {"example_kwargs": gpt2.inputs(2, 8)}
+    before = fxsparse.transform(model, {}, **example)
+    after = fxsparse.transform(model, hf_zoo.random_masks(model), **example)
+    assert viz.diff(before, after).removed == ()
+
+
 def test_a_residual_loop_folds_into_its_run() -> None:
     dot = viz.draw(torch.fx.symbolic_trace(LoopedList(800, residual=True)))  # 2,402 nodes, most at the root
     assert dot.source.count("[label=") < 20

@@ -113,9 +113,10 @@ def diff(before: Drawable, after: Drawable) -> GraphDiff:
         >>> d.rewired
         (('_0_bias', '_0'), ('_0_weight_masked', '_0'))
     """
-    old, new = graph_of(before, "diff")[1], graph_of(after, "diff")[1]
+    (old_module, old), (new_module, new) = graph_of(before, "diff"), graph_of(after, "diff")
     a, b = to_networkx(old), to_networkx(new)
-    match = _match(old, new, a, b)
+    aliases = _aliases(old_module, new_module)
+    match = _match(old, new, a, b, aliases)
     taken = set(match.values())
     old_edges = {(match.get(u), match[v]) for u, v in a.edges if v in match}
     new_edges = {(u, v) for u, v in b.edges if v in taken}
@@ -127,7 +128,8 @@ def diff(before: Drawable, after: Drawable) -> GraphDiff:
     unchanged: list[tuple[str, str]] = []
     for old_name, new_name in match.items():
         first, second = old_nodes[old_name], new_nodes[new_name]
-        same = _same_kind(a.nodes[old_name], b.nodes[new_name]) and _arguments(first, match) == _arguments(second, None)
+        kind = _same_kind(a.nodes[old_name], b.nodes[new_name]) or _same_parameter_fetch(first, second, aliases)
+        same = kind and _arguments(first, match) == _arguments(second, None)
         (unchanged if same else changed).append((old_name, new_name))
     return GraphDiff(
         added=tuple(n for n in b.nodes if n not in taken),
@@ -158,8 +160,8 @@ def module_calls(node: torch.fx.Node) -> list[tuple[str, str]]:
     return calls
 
 
-def _match(old: torch.fx.Graph, new: torch.fx.Graph, a: Any, b: Any) -> dict[str, str]:
-    """``before`` name -> ``after`` name, found in four passes, each over what is still unmatched."""
+def _match(old: torch.fx.Graph, new: torch.fx.Graph, a: Any, b: Any, aliases: dict[str, set[str]]) -> dict[str, str]:
+    """``before`` name -> ``after`` name, found in five passes, each over what is still unmatched."""
     match: dict[str, str] = {}
     taken: set[str] = set()
 
@@ -208,6 +210,14 @@ def _match(old: torch.fx.Graph, new: torch.fx.Graph, a: Any, b: Any) -> dict[str
         queue = waiting_by_kind.get((data["op"], data["target"]))
         if name not in match and queue:
             pair(name, queue.pop(0))
+    # 5. a fetch of a tied parameter matches a fetch of the same parameter under another of its
+    # names: the rewrite reads a tied parameter once, under the name its mask is registered at
+    fetches = new.find_nodes(op="get_attr")
+    for node in old.find_nodes(op="get_attr"):
+        if node.name not in match:
+            same = [other for other in fetches if _same_parameter_fetch(node, other, aliases)]
+            if same:
+                pair(node.name, next((other for other in same if other.name not in taken), same[0]).name)
     return match
 
 
@@ -246,6 +256,27 @@ def graph_of(value: Drawable, what: str) -> tuple[torch.fx.GraphModule | None, t
         f"a torch.fx.Graph or a torch.export.ExportedProgram; got {type(value).__name__}"
         + (": trace it first, or pass fxsparse.transform(model, masks)" if isinstance(value, torch.nn.Module) else "")
     )
+
+
+def _aliases(*modules: torch.fx.GraphModule | None) -> dict[str, set[str]]:
+    """Every name of a tied parameter -> all its names, in either module (nothing for an untied one)."""
+    aliases: dict[str, set[str]] = {}
+    for module in modules:
+        if module is None:
+            continue
+        names: dict[int, set[str]] = {}
+        for name, parameter in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(parameter), set()).add(name)
+        for group in names.values():
+            if len(group) > 1:
+                for name in group:
+                    aliases.setdefault(name, set()).update(group)
+    return aliases
+
+
+def _same_parameter_fetch(first: torch.fx.Node, second: torch.fx.Node, aliases: dict[str, set[str]]) -> bool:
+    """Whether both nodes fetch one tied parameter, under two of its names."""
+    return first.op == second.op == "get_attr" and str(second.target) in aliases.get(str(first.target), ())
 
 
 def _target(node: torch.fx.Node) -> str:
