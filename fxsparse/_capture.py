@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from ._compat import FAKE_TENSOR_LOGGER, FakeTensor, export_input_guards, is_erased, keystr
 from ._errors import FxsparseError, MaskError, TraceError, describe
-from ._plan import Plan
+from ._plan import Plan, must_be_called
 from ._runtime.guards import InputGuards
 
 __all__ = [
@@ -232,6 +232,8 @@ class Tracer(torch.fx.Tracer):
         if module_qualified_name in self._opened or module_qualified_name in self.kept:
             return True
         if isinstance(m, InputGuards):  # of a graph fxsparse captured with torch.export
+            return True
+        if must_be_called(m) is not None:  # hooks or its own forward: a trace would run them once
             return True
         if module_qualified_name in self._traced_into:
             return False
