@@ -111,6 +111,9 @@ def transform(
     # An fxsparse output transformed again: its masks, as its own graph's tags record them
     # (the new capture traced its code again and lost them).
     registry = mask_registry(model.graph) if isinstance(model, torch.fx.GraphModule) else {}
+    _capture.refuse_reads_of_the_original(model, root, graph, exported)
+    if modes is not None:
+        _capture.refuse_reads_of_the_original(model, root, modes[not root.training], None)
     _rewrite.rewrite(root, graph, the_plan, exported, registry)
     if modes is not None:
         _rewrite.rewrite(root, modes[not root.training], the_plan, None, registry)  # the same buffers again
