@@ -501,7 +501,9 @@ def export(
             finally:
                 fake_tensor_log.removeFilter(_only_critical)
     except Exception as exc:  # the whole message: torch.export's often ends with the fix ("Suggested fixes: ...")
-        raise TraceError(f"torch.export could not capture {type(model).__name__}: {describe(exc)}") from exc
+        raise TraceError(
+            f"torch.export could not capture {type(model).__name__}: {describe(exc)}{_hint_for(exc)}"
+        ) from exc
     finally:
         _restore_traced_attributes(before)
     for hooks in (model._forward_hooks, model._forward_pre_hooks):
@@ -522,6 +524,17 @@ def export(
     }
     guards = _input_guards(graph, program.range_constraints, model.training, _torch_guards(program, unlifted, graph))
     return Exported(graph, attributes, guards)
+
+
+def _hint_for(failure: Exception) -> str:
+    """What to do about an export failure whose torch message does not say it."""
+    if re.search(r"Found <class '[\w.]*Cache'> in output", str(failure)):
+        # A Hugging Face decoder with use_cache on returns its key/value cache, which export cannot output.
+        return (
+            "\n(a Hugging Face model returns its key/value cache when use_cache is on: pass use_cache=False in "
+            "example_kwargs, or set model.config.use_cache = False, before transforming)"
+        )
+    return ""
 
 
 MISSING = object()

@@ -207,9 +207,10 @@ def _export_instead(
     try:
         exported = _export(root, args or (), kwargs, dynamic_shapes, traced_through)
     except TraceError as export_failure:
+        # The export's reason first: it is about the inputs given, which the user can change.
         raise TraceError(
             f"fxsparse could not capture {type(model).__name__} either way (pass capture='fx' or "
-            f"capture='export' to try only one).\nWith torch.fx: {fx_failure}\nWith torch.export: {export_failure}"
+            f"capture='export' to try only one).\nWith torch.export: {export_failure}\nWith torch.fx: {fx_failure}"
         ) from export_failure
     return root, the_plan, exported
 

@@ -291,6 +291,12 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         lambda m, _: fxsparse.transform(m, {"fc": ONES4}, capture="export", example_inputs=(torch.randn(2, 4),)),
         (fxsparse.TraceError, "the captured graph reads the model's own tensor 'fc.weight'"),
     ),
+    (
+        "export capture called without an input it was captured with",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": ONES}, capture="export", example_inputs=(torch.randn(2, 4),))(),
+        (TypeError, "missing input 'input': the model was captured with torch.export with 'input' given"),
+    ),
 ]
 
 
