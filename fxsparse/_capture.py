@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+import types
 import typing
 import warnings
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from ._compat import FAKE_TENSOR_LOGGER, FakeTensor, export_input_guards, is_erased, keystr
 from ._errors import FxsparseError, MaskError, TraceError, describe
-from ._plan import Plan
+from ._plan import Plan, must_be_called
 from ._runtime.guards import InputGuards
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "export",
     "lookup",
     "lower_fake_sparsity",
+    "refuse_reads_of_the_original",
     "trace",
 ]
 
@@ -54,8 +56,15 @@ def copy_model(model: nn.Module) -> nn.Module:
     thousands of modules. Modules that define their own ``__deepcopy__`` (GraphModule,
     parametrized modules), or whose class overrides how torch's pickles it
     (``__getstate__``, ``__setstate__``, ``__reduce_ex__``, ``__reduce__``), get ``copy.deepcopy``.
+
+    Unlike ``copy.deepcopy``, a function stored on a module (``self.f = lambda x: fc(x)``,
+    minGPT's ``self.mlpf``) is rebuilt to close over the copy's modules, not the original's:
+    deepcopy shares functions, so the copy would run the original's weights.
     """
-    return _copy_module(model, memo={}, path="")
+    memo: dict[int, Any] = {}
+    copied = _copy_module(model, memo, path="")
+    _rebind_functions(copied, memo)
+    return copied
 
 
 def _copy_module(module: nn.Module, memo: dict[int, Any], path: str) -> nn.Module:
@@ -110,6 +119,98 @@ def _copy_value(value: Any, memo: dict[int, Any], path: str, attribute: str) -> 
             f"cannot copy the model: {where} ({type(value).__name__}) refuses to be copied: "
             f"{type(exc).__name__}: {exc}; fxsparse works on a copy so that your model is never changed"
         ) from exc
+
+
+def _rebind_functions(copied: nn.Module, memo: dict[int, Any]) -> None:
+    """Point the functions stored on the copy's modules at the copy: see :func:`copy_model`."""
+    copies = {id(value) for key, value in memo.items() if key != id(memo)}
+    done: dict[int, Any] = {}
+    for path, module in copied.named_modules(remove_duplicate=False):
+        for key, value in list(vars(module).items()):
+            if isinstance(value, types.FunctionType):
+                where = f"function {key!r} stored on module {path or '(root)'!r}"
+                rebound = _rebound(value, memo, copies, where, done)
+                if rebound is not value:
+                    module.__dict__[key] = rebound
+
+
+def _rebound(
+    function: types.FunctionType, memo: dict[int, Any], copies: set[int], where: str, done: dict[int, Any]
+) -> types.FunctionType:
+    """``function`` with the originals its closure and defaults hold replaced by their copies."""
+    if id(function) in done:
+        return done[id(function)]  # type: ignore[no-any-return]
+    done[id(function)] = function  # a function that reaches itself: keep the cycle as it is
+    cells = function.__closure__ or ()
+    old = [_cell_value(cell) for cell in cells]
+    new = [
+        value if value is _EMPTY_CELL else _remapped(value, memo, copies, f"{where}, closure variable {name!r}", done)
+        for name, value in zip(function.__code__.co_freevars, old, strict=True)
+    ]
+    old_defaults = function.__defaults__ or ()
+    new_defaults = tuple(_remapped(d, memo, copies, f"{where}, a default", done) for d in old_defaults)
+    old_keywords = function.__kwdefaults__ or {}
+    new_keywords = {k: _remapped(d, memo, copies, f"{where}, default of {k!r}", done) for k, d in old_keywords.items()}
+    before = [*old, *old_defaults, *old_keywords.values()]
+    after = [*new, *new_defaults, *new_keywords.values()]
+    if all(x is y for x, y in zip(before, after, strict=True)):
+        return function
+    rebound = types.FunctionType(
+        function.__code__,
+        function.__globals__,
+        function.__name__,
+        new_defaults or None,
+        tuple(cell if x is y else types.CellType(y) for cell, x, y in zip(cells, old, new, strict=True)) or None,
+    )
+    rebound.__kwdefaults__ = new_keywords or None
+    rebound.__qualname__ = function.__qualname__
+    rebound.__module__ = function.__module__
+    rebound.__doc__ = function.__doc__
+    rebound.__dict__.update(function.__dict__)
+    done[id(function)] = rebound
+    return rebound
+
+
+_EMPTY_CELL = object()
+
+
+def _cell_value(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a variable not assigned yet
+        return _EMPTY_CELL
+
+
+def _remapped(value: Any, memo: dict[int, Any], copies: set[int], where: str, done: dict[int, Any]) -> Any:
+    """``value`` (held by a function of the copy) with every original module or tensor replaced by its copy."""
+    if id(value) in copies or isinstance(value, _ATOMIC):
+        return value
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, types.FunctionType):
+        return _rebound(value, memo, copies, where, done)
+    if isinstance(value, types.MethodType):
+        owner = _remapped(value.__self__, memo, copies, where, done)
+        function = _remapped(value.__func__, memo, copies, where, done)
+        return value if owner is value.__self__ and function is value.__func__ else types.MethodType(function, owner)
+    if type(value) in (list, tuple, set, frozenset):
+        items = [_remapped(item, memo, copies, where, done) for item in value]
+        return value if all(x is y for x, y in zip(value, items, strict=True)) else type(value)(items)
+    if type(value) in (dict, OrderedDict):
+        items = [(k, _remapped(v, memo, copies, where, done)) for k, v in value.items()]
+        return value if all(v is value[k] for k, v in items) else type(value)(items)
+    reached = [
+        key
+        for key, item in getattr(value, "__dict__", {}).items()
+        if id(item) in memo and isinstance(item, nn.Module | torch.Tensor)
+    ]
+    if reached:
+        raise TraceError(
+            f"cannot copy the model: {where} holds a {type(value).__name__} whose attribute {reached[0]!r} is a "
+            "module or tensor of the model; the copy fxsparse works on would run the original's weights, "
+            "unmasked. Store the module on the model and reach it through self instead"
+        )
+    return value
 
 
 def lower_fake_sparsity(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -233,6 +334,8 @@ class Tracer(torch.fx.Tracer):
             return True
         if isinstance(m, InputGuards):  # of a graph fxsparse captured with torch.export
             return True
+        if must_be_called(m) is not None:  # hooks or its own forward: a trace would run them once
+            return True
         if module_qualified_name in self._traced_into:
             return False
         return super().is_leaf_module(m, module_qualified_name)
@@ -313,7 +416,8 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
             f"torch.fx could not trace {type(model).__name__}{into}: {type(exc).__name__}: {exc}. "
             "fxsparse needs a model that torch.fx.symbolic_trace can trace: remove data-dependent "
             "control flow from forward (or fix it with concrete_args), or wrap the untraceable part "
-            "in a function marked with torch.fx.wrap or in a module that holds no masked parameter"
+            "in a function marked with torch.fx.wrap (given tensors, not a module holding a masked parameter) "
+            "or in a module that holds no masked parameter"
         ) from exc
     finally:
         _restore_traced_attributes(tracer.ran.values())
@@ -397,7 +501,9 @@ def export(
             finally:
                 fake_tensor_log.removeFilter(_only_critical)
     except Exception as exc:  # the whole message: torch.export's often ends with the fix ("Suggested fixes: ...")
-        raise TraceError(f"torch.export could not capture {type(model).__name__}: {describe(exc)}") from exc
+        raise TraceError(
+            f"torch.export could not capture {type(model).__name__}: {describe(exc)}{_hint_for(exc)}"
+        ) from exc
     finally:
         _restore_traced_attributes(before)
     for hooks in (model._forward_hooks, model._forward_pre_hooks):
@@ -420,7 +526,58 @@ def export(
     return Exported(graph, attributes, guards)
 
 
+def _hint_for(failure: Exception) -> str:
+    """What to do about an export failure whose torch message does not say it."""
+    if re.search(r"Found <class '[\w.]*Cache'> in output", str(failure)):
+        # A Hugging Face decoder with use_cache on returns its key/value cache, which export cannot output.
+        return (
+            "\n(a Hugging Face model returns its key/value cache when use_cache is on: pass use_cache=False in "
+            "example_kwargs, or set model.config.use_cache = False, before transforming)"
+        )
+    return ""
+
+
 MISSING = object()
+
+
+def refuse_reads_of_the_original(
+    model: nn.Module, copied: nn.Module, graph: torch.fx.Graph, exported: Exported | None
+) -> None:
+    """Raise ``TraceError`` if ``graph``, captured from ``copied``, reads a tensor of ``model`` itself.
+
+    The copy shares nothing with the model, so such a read came through something the
+    copy could not follow (a global, an object outside the module tree): the output
+    would read the model's weights, unmasked, and change when the model does.
+    """
+    originals: dict[int, str] = {}
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        storage = _storage_of(tensor)
+        if storage:
+            originals.setdefault(storage, name)
+    if not originals:
+        return
+    attributes = exported.attributes if exported is not None else {}
+    for node in graph.find_nodes(op="get_attr"):
+        target = str(node.target)
+        value = attributes[target] if target in attributes else lookup(copied, target)
+        original = originals.get(_storage_of(value)) if isinstance(value, torch.Tensor) else None
+        if original is not None:
+            raise TraceError(
+                f"the captured graph reads the model's own tensor {original!r} (as {target!r}), not the copy's: "
+                f"fxsparse works on a copy of the model, and the forward reaches the original through "
+                "something the copy cannot follow (a global variable, or an object outside the module tree); "
+                "the output would read it unmasked. Reach modules and tensors through self instead"
+            )
+
+
+def _storage_of(tensor: torch.Tensor) -> int:
+    """Where ``tensor``'s memory starts (0 for a tensor without memory of its own: meta, sparse)."""
+    if tensor.layout != torch.strided or tensor.is_meta or isinstance(tensor, FakeTensor):
+        return 0
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
+        return 0
 
 
 def lookup(module: nn.Module, dotted: str) -> Any:

@@ -167,18 +167,19 @@ def graph_module(
     _adopt_subgraphs(root, graph)
     out = _assemble(_module_state(root), graph, type(root).__name__, modes=modes)
     out.meta[META_KEY] = {"capture": capture}
-    if _takes_containers(graph) and check_input_structure not in out._forward_pre_hooks.values():
+    checks = [key for key, hook in out._forward_pre_hooks.items() if hook is check_input_structure]
+    if _captured_with_pytree(graph) and not checks:
         out.register_forward_pre_hook(check_input_structure, with_kwargs=True)
+    elif not _captured_with_pytree(graph):
+        for key in checks:  # of an export capture traced again by FX: its inputs are plain now
+            del out._forward_pre_hooks[key]
+            out._forward_pre_hooks_with_kwargs.pop(key, None)
     return out
 
 
-def _takes_containers(graph: torch.fx.Graph) -> bool:
-    """Whether a torch.export graph takes a list, tuple or dict as one of its inputs."""
-    codegen = codegen_of(graph)
-    if not isinstance(codegen, PyTreeCodeGen):
-        return False
-    positional, keywords = codegen.pytree_info.in_spec.children()
-    return not all(spec.is_leaf() for spec in (*positional.children(), *keywords.children()))
+def _captured_with_pytree(graph: torch.fx.Graph) -> bool:
+    """Whether the graph takes its inputs as torch.export does (flattened by a pytree spec)."""
+    return isinstance(codegen_of(graph), PyTreeCodeGen)
 
 
 def _adopt_subgraphs(root: nn.Module, graph: torch.fx.Graph) -> None:

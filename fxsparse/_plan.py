@@ -31,7 +31,16 @@ from torch import nn
 from ._compat import global_module_hooks
 from ._errors import MaskError
 
-__all__ = ["OPENINGS", "MaskedParameter", "OpenedModule", "Opening", "Plan", "build_plan", "normalize_mask"]
+__all__ = [
+    "OPENINGS",
+    "MaskedParameter",
+    "OpenedModule",
+    "Opening",
+    "Plan",
+    "build_plan",
+    "must_be_called",
+    "normalize_mask",
+]
 
 MASK_SUFFIX = "_mask"
 _PARAMETRIZED = re.compile(r"(.*?)parametrizations\.(\w+)\.original")
@@ -56,7 +65,6 @@ class Opening:
 
 
 _CONV_ATTRIBUTES = ("stride", "padding", "dilation", "groups")
-_DEFAULT_TRACER = torch.fx.Tracer()  # for its is_leaf_module: which modules FX keeps as calls
 
 
 # Exact types only: a subclass may override forward, so it is traced into instead.
@@ -313,7 +321,6 @@ def _choose_openings(
 ) -> tuple[dict[str, OpenedModule], frozenset[str], dict[str, str]]:
     """Open exact-type leaf modules that own a masked parameter; trace into everything else that holds one."""
     first_name = {id(m): n for n, m in model.named_modules()}
-    global_hooks = _has_global_forward_hooks()
     opened: dict[str, OpenedModule] = {}
     traced_into: set[str] = set()
     for p in parameters:
@@ -325,7 +332,7 @@ def _choose_openings(
             owner = modules[owner_name]
             name = first_name[id(owner)]
             opening = OPENINGS.get(type(owner))
-            if opening is not None and opening.applies(owner) and not _has_hooks(owner) and not global_hooks:
+            if opening is not None and opening.applies(owner) and must_be_called(owner) is None:
                 slots = tuple(
                     None if getattr(owner, slot) is None else (f"{name}.{slot}" if name else slot)
                     for slot in opening.parameters
@@ -336,19 +343,33 @@ def _choose_openings(
                 traced_into.add(name)
     traced_into.discard("")
     traced_into -= set(opened)
-    # Tracing into a module runs its hooks once, at trace time; FX keeps torch.nn modules as
-    # calls, whose hooks run at every call (as with FakeSparsity). Keep hooked ones as calls.
-    kept = {
-        name: "has forward hooks, which must run at every call"
-        for name in traced_into
-        if _DEFAULT_TRACER.is_leaf_module(modules[name], name) and _has_hooks(modules[name])
-    }
+    # Tracing into a module runs its hooks (and the rest of its __call__) once, at trace time;
+    # a call runs them at every call, as with FakeSparsity. Keep such modules as calls: the
+    # outermost one, which runs what is inside it eagerly.
+    kept: dict[str, str] = {}
+    for name in sorted(traced_into, key=lambda n: n.count(".")):
+        why = must_be_called(modules[name])
+        if why is not None and not any(name.startswith(f"{outer}.") for outer in kept):
+            kept[name] = why
     return opened, frozenset(traced_into), kept
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+def must_be_called(module: nn.Module) -> str | None:
+    """Why a call of ``module`` must stay a call (neither opened nor traced into), or None.
 
-
-def _has_global_forward_hooks() -> bool:
-    return any(global_module_hooks())
+    These are what ``nn.Module._call_impl`` runs around ``forward`` (hooks, global ones too),
+    a ``forward`` set on the instance, and a class's own ``_call_impl``: a trace would run them
+    once, on proxies, or not at all. (A class's own ``__call__`` is traced as any code is.)
+    """
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "has forward hooks, which must run at every call"
+    if module._backward_hooks or module._backward_pre_hooks:
+        return "has backward hooks, which must run at every call"
+    if any(global_module_hooks()):
+        return "global module hooks are registered (register_module_forward_hook, ...), which must run at every call"
+    if "forward" in vars(module):
+        return "has a forward set on the instance, which must be the one called"
+    cls = type(module)
+    if cls._call_impl is not nn.Module._call_impl:
+        return f"its class {cls.__name__} defines its own _call_impl, which must be the one called"
+    return None

@@ -245,6 +245,27 @@ class _Rewriter:
         for node in self.graph.find_nodes(op="call_module"):
             if node.target in self.plan.traced_into or node.target in self.plan.opened:
                 raise TraceError(f"module {node.target!r} holds a masked parameter but stayed a leaf call")
+        self._refuse_unmasked_module_reads()
+
+    def _refuse_unmasked_module_reads(self) -> None:
+        """No module holding a masked parameter may reach code as an object, but to be called with them swapped in.
+
+        Whatever else receives it (a function marked with ``torch.fx.wrap``) would read its parameters unmasked.
+        """
+        for node in self.graph.find_nodes(op="get_attr"):
+            name = str(node.target)
+            held = self._masked_under(name) if name else {p.name: p.name for p in self.plan.parameters}
+            readers = [
+                user for user in node.users if not (user.target is call_with_parameters and user.args[0] is node)
+            ]
+            if held and readers:
+                functions = ", ".join(sorted({getattr(u.target, "__qualname__", str(u.target)) for u in readers}))
+                shown = ", ".join(sorted(held.values())[:3]) + (", ..." if len(held) > 3 else "")
+                raise TraceError(
+                    f"module {name or '(root)'!r}, which holds masked parameters ({shown}), is passed as an object "
+                    f"to {functions}, which fxsparse cannot see into: it would read them unmasked. Call the module "
+                    "in forward (self.fc(x)) and pass its output to the function instead"
+                )
 
     def _mask_fetch(self, fetch: torch.fx.Node, p: MaskedParameter) -> None:
         if not fetch.users:  # a dead read (torch.export keeps one per name of a tied parameter)

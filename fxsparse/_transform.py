@@ -111,6 +111,9 @@ def transform(
     # An fxsparse output transformed again: its masks, as its own graph's tags record them
     # (the new capture traced its code again and lost them).
     registry = mask_registry(model.graph) if isinstance(model, torch.fx.GraphModule) else {}
+    _capture.refuse_reads_of_the_original(model, root, graph, exported)
+    if modes is not None:
+        _capture.refuse_reads_of_the_original(model, root, modes[not root.training], None)
     _rewrite.rewrite(root, graph, the_plan, exported, registry)
     if modes is not None:
         _rewrite.rewrite(root, modes[not root.training], the_plan, None, registry)  # the same buffers again
@@ -204,9 +207,10 @@ def _export_instead(
     try:
         exported = _export(root, args or (), kwargs, dynamic_shapes, traced_through)
     except TraceError as export_failure:
+        # The export's reason first: it is about the inputs given, which the user can change.
         raise TraceError(
             f"fxsparse could not capture {type(model).__name__} either way (pass capture='fx' or "
-            f"capture='export' to try only one).\nWith torch.fx: {fx_failure}\nWith torch.export: {export_failure}"
+            f"capture='export' to try only one).\nWith torch.export: {export_failure}\nWith torch.fx: {fx_failure}"
         ) from export_failure
     return root, the_plan, exported
 

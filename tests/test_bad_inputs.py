@@ -30,6 +30,46 @@ class Untraceable(nn.Module):
         return self.fc(x) if x.sum() > 0 else x
 
 
+ONES4 = torch.ones(4, 4)
+
+
+@torch.fx.wrap
+def twice_through(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer(x) * 2  # type: ignore[no-any-return]
+
+
+class PassesItsLayer(Untraceable):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return twice_through(self.fc, x)
+
+
+class Holder:
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+
+class ClosureOverAHolder(Untraceable):
+    def __init__(self) -> None:
+        super().__init__()
+        holder = Holder(self.fc)
+        self.f = lambda x: holder.module(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)  # type: ignore[no-any-return]
+
+
+REGISTRY: dict[str, nn.Module] = {}
+
+
+class ThroughAGlobal(Untraceable):
+    def __init__(self) -> None:
+        super().__init__()
+        REGISTRY["fc"] = self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return REGISTRY["fc"](x)
+
+
 def tied() -> nn.Module:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight
@@ -232,6 +272,30 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         small,
         lambda m, _: fxsparse.transform(m, fxsparse.masks.from_sparsifier(structured_pruner(m))),
         None,
+    ),
+    (
+        "masked module passed to a torch.fx.wrap function",
+        PassesItsLayer,
+        lambda m, _: fxsparse.transform(m, {"fc": ONES4}),
+        (fxsparse.TraceError, "module 'fc', which holds masked parameters (fc.weight), is passed as an object to"),
+    ),
+    (
+        "function on a module closing over an object that holds a submodule",
+        ClosureOverAHolder,
+        lambda m, _: fxsparse.transform(m, {"fc": ONES4}),
+        (fxsparse.TraceError, "function 'f' stored on module '(root)', closure variable 'holder' holds a Holder"),
+    ),
+    (
+        "forward reaching the model's weights through a global",
+        ThroughAGlobal,
+        lambda m, _: fxsparse.transform(m, {"fc": ONES4}, capture="export", example_inputs=(torch.randn(2, 4),)),
+        (fxsparse.TraceError, "the captured graph reads the model's own tensor 'fc.weight'"),
+    ),
+    (
+        "export capture called without an input it was captured with",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": ONES}, capture="export", example_inputs=(torch.randn(2, 4),))(),
+        (TypeError, "missing input 'input': the model was captured with torch.export with 'input' given"),
     ),
 ]
 

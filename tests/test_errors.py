@@ -239,3 +239,43 @@ class AttributeNamedMeta(nn.Module):
 def test_an_attribute_named_meta_is_refused_by_name() -> None:
     with pytest.raises(fxsparse.EmitError, match=r"attribute 'meta' \(str\), the name torch.fx.GraphModule keeps"):
         fxsparse.transform(AttributeNamedMeta(), {"fc": torch.ones(2, 2)})
+
+
+@torch.fx.wrap
+def _twice_through(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer(x) * 2  # type: ignore[no-any-return]
+
+
+class PassesItsLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _twice_through(self.fc, x)
+
+
+@torch.fx.wrap
+def _through_the_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.fc(x)  # type: ignore[no-any-return]
+
+
+class PassesItself(PassesItsLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _through_the_model(self, x)
+
+
+def test_a_wrapped_function_given_a_masked_module_is_refused_not_left_unmasked() -> None:
+    message = transform_fails(
+        PassesItsLayer(), fxsparse.TraceError, "is passed as an object to _twice_through", {"fc": torch.zeros(4, 4)}
+    )
+    assert "module 'fc', which holds masked parameters (fc.weight)" in message
+
+
+def test_no_module_holding_a_masked_parameter_reaches_code_unmasked() -> None:
+    transform_fails(
+        PassesItself(),
+        fxsparse.TraceError,
+        r"module '\(root\)', which holds masked parameters \(fc.weight\), is passed as an object to _through_the_model",
+        {"fc": torch.zeros(4, 4)},
+    )

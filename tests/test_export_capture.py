@@ -431,3 +431,34 @@ def test_non_tensor_inputs_are_compared_safely() -> None:
     out = fxsparse.transform(Scaled(), {"fc": torch.ones(4, 4)}, capture="export", example_inputs=(x, 2))
     with pytest.raises(ValueError, match=r"input 'scale' is tensor\(.*exported with scale=2"):
         out(x, torch.tensor(2))
+
+
+def test_auto_leads_with_the_export_reason_when_both_captures_fail() -> None:
+    with pytest.raises(fxsparse.TraceError) as failure:
+        fxsparse.transform(DataDependent(), {"fc": torch.ones(8, 8)}, example_inputs=(torch.randn(2, 8),))
+    message = str(failure.value)
+    assert message.index("With torch.export:") < message.index("With torch.fx:")
+
+
+class OptionalScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.fc(x)
+        return y if scale is None else y * scale
+
+
+def test_calling_without_an_input_it_was_captured_with_names_it() -> None:
+    x, scale = torch.randn(2, 4), torch.randn(2, 4)
+    out = fxsparse.transform(
+        OptionalScale(),
+        {"fc": torch.ones(4, 4)},
+        capture="export",
+        example_inputs=(x,),
+        example_kwargs={"scale": scale},
+    )
+    with pytest.raises(TypeError, match=r"missing input 'scale'.*Pass it, or transform again with example_inputs"):
+        out(x)
+    assert torch.equal(out(x, scale=scale), out(x, scale))

@@ -169,3 +169,11 @@ def test_linear_like_finds_every_projection() -> None:
     # T5: encoder 2 x (q, k, v, o, wi, wo), decoder 2 x (self q, k, v, o, cross q, k, v, o, wi, wo) + head;
     # Llama: 2 x (q, k, v, o, gate, up, down) + head.
     assert counts == {"bert": 13, "gpt2": 9, "t5": 33, "llama": 15}
+
+
+def test_a_decoder_captured_with_use_cache_on_is_told_to_turn_it_off() -> None:
+    family = FAMILIES["llama"]
+    model = build(family)
+    model.config.use_cache = True
+    with pytest.raises(fxsparse.TraceError, match=r"(?s)DynamicCache.*pass use_cache=False in example_kwargs"):
+        fxsparse.transform(model, {}, capture="export", example_kwargs=family.inputs(2, 8))

@@ -244,3 +244,166 @@ def test_deepcopy_keeps_references_back_to_the_root() -> None:
     out.get_submodule("0").owner = [out]
     clone = copy.deepcopy(out)
     assert clone.get_submodule("0").owner[0] is clone
+
+
+def _double_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (args[0] * 2,)
+
+
+def _plus_one(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+    return output + 1
+
+
+def _triple_grad_input(module: nn.Module, grad_input: object, grad_output: object) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if g is None else g * 3 for g in grad_input)  # type: ignore[attr-defined]
+
+
+def _halve_grad_output(module: nn.Module, grad_output: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(g * 0.5 for g in grad_output)
+
+
+class _CalledTwice(nn.Linear):
+    """Runs its forward twice per call, in __call__ (which a trace follows into Module.__call__)."""
+
+    def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return super().__call__(*args, **kwargs) + super().__call__(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+class _OwnCallImpl(nn.Linear):
+    """Doubles its output in _call_impl, which opening or tracing into the module would skip."""
+
+    def _call_impl(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return super()._call_impl(*args, **kwargs) * 2  # type: ignore[no-any-return]
+
+
+def _scaled_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, self.weight, self.bias) * 2
+
+
+def _register(kind: str, layer: nn.Module) -> None:
+    if kind == "instance forward":
+        layer.forward = _scaled_forward.__get__(layer)  # type: ignore[method-assign]
+    elif kind == "forward pre-hook":
+        layer.register_forward_pre_hook(_double_input)
+    elif kind == "forward hook":
+        layer.register_forward_hook(_plus_one)
+    elif kind == "full backward hook":
+        layer.register_full_backward_hook(_triple_grad_input)
+    elif kind == "full backward pre-hook":
+        layer.register_full_backward_pre_hook(_halve_grad_output)
+
+
+def _hooked(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind in ("own __call__", "own _call_impl"):
+        first = _CalledTwice(4, 4) if kind == "own __call__" else _OwnCallImpl(4, 4)
+        return nn.Sequential(first, nn.ReLU(), nn.Linear(4, 3))
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    _register(kind, model[0])
+    return model
+
+
+def _run_with_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    y = model(x)
+    y.square().sum().backward()
+    grads = {
+        name.replace("parametrizations.", "").replace(".original", ""): p.grad for name, p in model.named_parameters()
+    }
+    return y, grads
+
+
+HOOK_KINDS = [
+    "instance forward",
+    "forward pre-hook",
+    "forward hook",
+    "full backward hook",
+    "full backward pre-hook",
+    "own __call__",
+    "own _call_impl",
+]
+
+
+@pytest.mark.parametrize("kind", HOOK_KINDS)
+def test_modules_with_hooks_or_their_own_forward_are_called_not_opened(kind: str) -> None:
+    model = _hooked(kind)
+    masks = {"0": (torch.rand(4, 4) > 0.5).float(), "2": (torch.rand(3, 4) > 0.5).float()}
+    out = fxsparse.transform(model, masks)
+    reference = fake_sparsity(model, masks)
+    x = torch.randn(2, 4, requires_grad=True)
+    y, grads = _run_with_grads(out, x)
+    expected, expected_grads = _run_with_grads(reference, x.detach().clone().requires_grad_())
+    assert torch.equal(y, expected)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert grad is not None and torch.equal(grad, expected_grads[name]), name
+    called = [n.meta["fxsparse"] for n in out.graph.nodes if n.meta.get("fxsparse", {}).get("role") == "called"]
+    assert [tag["module"] for tag in called] == ([] if kind == "own __call__" else ["0"])
+
+
+class _HookedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).relu()
+
+
+def test_traced_into_modules_with_hooks_are_called_at_every_call() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_HookedBlock(), _HookedBlock())
+    calls: list[str] = []
+    model[0].register_forward_hook(lambda module, args, output: calls.append("block"))
+    model[1].fc.register_forward_pre_hook(lambda module, args: calls.append("fc"))
+    masks = {"0.fc": (torch.rand(4, 4) > 0.5).float(), "1.fc": (torch.rand(4, 4) > 0.5).float()}
+    out = fxsparse.transform(model, masks)
+    reference = fake_sparsity(model, masks)
+    x = torch.randn(2, 4)
+    calls.clear()
+    expected = reference(x)
+    expected_calls, calls[:] = list(calls), []
+    assert torch.equal(out(x), expected)
+    assert calls == expected_calls == ["block", "fc"]
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # on FakeSparsity's own call
+@pytest.mark.parametrize("kind", ["forward", "forward pre", "full backward", "backward pre"])
+def test_global_module_hooks_keep_every_masked_module_a_call(kind: str) -> None:
+    from torch.nn.modules import module as module_impl
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), _HookedBlock())
+    masks = {"0": (torch.rand(4, 4) > 0.5).float(), "2.fc": (torch.rand(4, 4) > 0.5).float()}
+    seen: list[str] = []
+
+    def record(module: nn.Module, *args: object) -> None:
+        seen.append(type(module).__name__.removeprefix("Parametrized"))
+
+    register = {
+        "forward": module_impl.register_module_forward_hook,
+        "forward pre": module_impl.register_module_forward_pre_hook,
+        "full backward": module_impl.register_module_full_backward_hook,
+        "backward pre": module_impl.register_module_full_backward_pre_hook,
+    }[kind]
+    # torch never clears this flag when the hook goes (it then refuses the other kind of global hook).
+    full_backward = module_impl._global_is_full_backward_hook
+    handle = register(record)
+    try:
+        out = fxsparse.transform(model, masks)
+        x = torch.randn(2, 4, requires_grad=True)
+        seen.clear()
+        y, grads = _run_with_grads(out, x)
+        got = [name for name in seen if name != "Sequential"]  # the root: the output is named after it
+        seen.clear()
+        reference = fake_sparsity(model, masks)
+        seen.clear()
+        expected, expected_grads = _run_with_grads(reference, x.detach().clone().requires_grad_())
+        # FakeSparsity itself is a module call (and the model's root is a Sequential): both run hooks too.
+        wanted = [name for name in seen if name not in ("FakeSparsity", "ParametrizationList", "Sequential")]
+    finally:
+        handle.remove()
+        module_impl._global_is_full_backward_hook = full_backward
+    assert torch.equal(y, expected)
+    for name, grad in grads.items():
+        assert grad is not None and torch.equal(grad, expected_grads[name]), name
+    assert sorted(got) == sorted(wanted) and wanted, (got, wanted)

@@ -413,3 +413,99 @@ def test_copy_model_honours_pickling_hooks_as_deepcopy_does(make: type[nn.Module
     x = torch.randn(2, 4)
     with torch.no_grad():
         assert torch.equal(out(x), fake_sparsity(model, {"0.fc.weight": mask})(x))
+
+
+class _ClosureOverSubmodule(nn.Module):
+    """Stores a function closing over a submodule (minGPT's Block.mlpf), as the minimal form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        fc = self.fc
+        self.f = lambda x: fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)  # type: ignore[no-any-return]
+
+
+class _MinGPTBlock(nn.Module):
+    """minGPT's Block (MIT, Karpathy), attention left out: its MLP is a lambda over a ModuleDict."""
+
+    def __init__(self, n_embd: int = 8) -> None:
+        super().__init__()
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.ModuleDict(
+            {
+                "c_fc": nn.Linear(n_embd, 4 * n_embd),
+                "c_proj": nn.Linear(4 * n_embd, n_embd),
+                "act": nn.GELU(),
+                "dropout": nn.Dropout(0.0),
+            }
+        )
+        m = self.mlp
+        self.mlpf = lambda x: m.dropout(m.c_proj(m.act(m.c_fc(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlpf(self.ln_2(x))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "auto"])
+@pytest.mark.parametrize("factory", [_ClosureOverSubmodule, _MinGPTBlock])
+def test_functions_stored_on_modules_run_the_copy_with_its_masks(capture: str, factory: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = factory().eval()
+    masks = {n: (torch.rand(p.shape) > 0.5).float() for n, p in model.named_parameters() if n.endswith("weight")}
+    x = torch.randn(2, 8 if factory is _MinGPTBlock else 4)
+    expected = eager(model, masks, x)  # functional_call runs the model itself: its closures see the swap
+    out = fxsparse.transform(model, masks, capture=capture, example_inputs=(x,))
+    y = out(x)
+    assert torch.equal(y, expected)
+    readers = {n.meta["fxsparse"]["param"] for n in out.graph.nodes if n.meta.get("fxsparse", {}).get("role") == "mask"}
+    assert readers == set(masks)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()  # the output must not share anything with the model
+    assert torch.equal(out(x), y)
+
+
+_REGISTRY: dict[str, nn.Module] = {}
+
+
+class _ThroughAGlobal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        _REGISTRY["fc"] = self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _REGISTRY["fc"](x)
+
+
+def test_a_graph_reading_the_original_model_is_refused() -> None:
+    model = _ThroughAGlobal()
+    x = torch.randn(2, 4)
+    with pytest.raises(fxsparse.TraceError, match=r"reads the model's own tensor 'fc\.weight'.*through self"):
+        fxsparse.transform(model, {"fc": torch.ones(4, 4)}, capture="export", example_inputs=(x,))
+
+
+class _HoldsModule:
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+
+class _ClosureOverAnObject(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        holder = _HoldsModule(self.fc)
+        self.f = lambda x: holder.module(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)  # type: ignore[no-any-return]
+
+
+def test_a_closure_the_copy_cannot_follow_is_refused_by_name() -> None:
+    with pytest.raises(
+        fxsparse.TraceError, match=r"function 'f' stored on module '\(root\)', closure variable 'holder'"
+    ):
+        fxsparse.transform(_ClosureOverAnObject(), {"fc": torch.ones(4, 4)})

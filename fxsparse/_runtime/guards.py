@@ -139,10 +139,12 @@ def _compiled_checks(conditions: tuple[str, ...]) -> Any:
 
 
 def check_input_structure(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Forward pre-hook of a graph captured by ``torch.export`` from inputs that are lists, tuples or dicts.
+    """Forward pre-hook of a graph captured by ``torch.export``: every input it was captured with is given,
+    with the structure it had.
 
-    The graph reads the leaves of each such input as exported; this refuses one whose
-    structure differs (an extra item would otherwise be ignored without a word).
+    The graph reads every input it was exported with (Python's own error would not say how to
+    leave one out), and the leaves of each list, tuple or dict input as exported: this refuses
+    one whose structure differs (an extra item would otherwise be ignored without a word).
     """
     info: Any = codegen_of(module.graph).pytree_info  # type: ignore[arg-type,attr-defined]
     positional, keywords = info.in_spec.children()
@@ -150,6 +152,13 @@ def check_input_structure(module: nn.Module, args: tuple[Any, ...], kwargs: dict
     expected.update(zip(keywords.context, keywords.children(), strict=True))
     given = dict(zip(info.orig_args, args, strict=False))
     given.update(kwargs)
+    missing = [name for name in info.orig_args if name not in given]
+    if missing:
+        raise TypeError(
+            f"missing input {missing[0]!r}: the model was captured with torch.export with {missing[0]!r} given, and "
+            f"its graph reads it. Pass it, or transform again with example_inputs/example_kwargs that leave it out "
+            "(the graph is then captured without it)"
+        )
     for name, spec in expected.items():
         if not spec.is_leaf() and name in given:
             structure = tree_structure(given[name])
