@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from ._compat import FAKE_TENSOR_LOGGER, FakeTensor, export_input_guards, is_erased, keystr
 from ._errors import FxsparseError, MaskError, TraceError, describe
-from ._plan import Plan, must_be_called
+from ._plan import KEPT_ROOT, Plan, must_be_called
 from ._runtime.guards import InputGuards
 
 __all__ = [
@@ -408,6 +409,10 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
     except Exception as exc:
         if isinstance(exc, FxsparseError) or _raised_by_fxsparse(exc):
             raise  # fxsparse's own: not a model that cannot be traced (capture="auto" would export instead)
+        if _untraceable(exc) and torch.fx.Tracer().is_leaf_module(model, "") and plan.parameters:
+            # A torch.nn module given as the model itself (nn.LSTM): kept as a call, as inside a container.
+            reason = f"its forward cannot be traced: {type(exc).__name__}: {exc}".splitlines()[0]
+            return _root_call(model), dataclasses.replace(plan, kept={**plan.kept, KEPT_ROOT: reason})
         into = ""
         if plan.traced_into:
             shown = ", ".join(sorted(plan.traced_into)[:3]) + (", ..." if len(plan.traced_into) > 3 else "")
@@ -422,6 +427,32 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
     finally:
         _restore_traced_attributes(tracer.ran.values())
     return graph, plan if tracer.kept == plan.kept else dataclasses.replace(plan, kept=dict(tracer.kept))
+
+
+def _untraceable(exc: BaseException) -> bool:
+    """What proxies raise in torch.nn code that cannot be traced (see ``Tracer.call_module``)."""
+    return isinstance(exc, torch.fx.proxy.TraceError | RuntimeError | TypeError)
+
+
+def _root_call(model: nn.Module) -> torch.fx.Graph:
+    """A graph that calls the root module (``KEPT_ROOT``) with the inputs of its ``forward``."""
+    graph = torch.fx.Graph()
+    args: list[torch.fx.Node] = []
+    kwargs: dict[str, Any] = {}
+    for name, parameter in list(inspect.signature(type(model).forward).parameters.items())[1:]:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise TraceError(
+                f"torch.fx cannot trace {type(model).__name__}, given as the model itself, and fxsparse cannot call "
+                f"it from a graph: its forward takes *{name}; put it in a container (nn.Sequential(model))"
+            )
+        default = parameter.default if parameter.default is not parameter.empty else inspect.Signature.empty
+        node = graph.placeholder(name, default_value=default)
+        if parameter.kind is parameter.KEYWORD_ONLY:
+            kwargs[name] = node
+        else:
+            args.append(node)
+    graph.output(graph.call_module(KEPT_ROOT, tuple(args), kwargs))
+    return graph
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))

@@ -27,10 +27,12 @@ from ._compat import (
     use_compiled_code,
 )
 from ._errors import EmitError, describe
-from ._plan import MASK_SUFFIX, Plan
+from ._plan import KEPT_ROOT, MASK_SUFFIX, Plan
 from ._runtime.guards import check_input_structure
-from ._runtime.swap import call_with_parameters, swap_lock
+from ._runtime.swap import call_with_parameters, root_view, swap_lock
 from ._tags import META_KEY, Role, Tag, mask_registry, retag, set_tag, tag_of
+
+_ROOT_CLASS = "_fxsparse_root_class"  # the class of a root kept as a call (see _fxsparse_root)
 
 __all__ = [
     "EMITS",
@@ -70,6 +72,18 @@ class MaskedGraphModule(torch.fx.GraphModule):
     keeps every module, parameter, buffer (persistent or not), hook and attribute of
     the model, so ``state_dict`` round-trips exactly through every copy and save.
     """
+
+    # TorchScript compiles a module's properties unless told not to; this one is Python's business.
+    __jit_unused_properties__ = [KEPT_ROOT]  # noqa: RUF012
+
+    @property
+    def _fxsparse_root(self) -> nn.Module:
+        """The model's root module, over this module's own state: called with its masked parameters
+        swapped in, where its ``forward`` cannot be traced (a bare ``nn.LSTM`` given as the model)."""
+        root_class = self.__dict__.get(_ROOT_CLASS)
+        if root_class is None:
+            raise AttributeError(f"{type(self).__name__} calls no root module of its own: its graph traced the model")
+        return root_view(root_class, self.__dict__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # A graph that swaps masked weights into kept modules changes them for the call: calls
@@ -165,7 +179,10 @@ def graph_module(
             "keeps its metadata under: rename the attribute"
         )
     _adopt_subgraphs(root, graph)
-    out = _assemble(_module_state(root), graph, type(root).__name__, modes=modes)
+    state = _module_state(root)
+    if graph.find_nodes(op="get_attr", target=KEPT_ROOT):
+        state.setdefault(_ROOT_CLASS, type(root))  # a plain attribute: copies and pickles keep it
+    out = _assemble(state, graph, type(root).__name__, modes=modes)
     out.meta[META_KEY] = {"capture": capture}
     checks = [key for key, hook in out._forward_pre_hooks.items() if hook is check_input_structure]
     if _captured_with_pytree(graph) and not checks:
@@ -189,6 +206,8 @@ def _adopt_subgraphs(root: nn.Module, graph: torch.fx.Graph) -> None:
     which fails for its graphs; ours pickle their nodes.
     """
     for node in graph.find_nodes(op="get_attr"):
+        if node.target == KEPT_ROOT:  # the model's root itself: no subgraph
+            continue
         owner_name, _, name = str(node.target).rpartition(".")
         owner = root.get_submodule(owner_name)
         subgraph = getattr(owner, name)
@@ -205,7 +224,11 @@ def captured_by(gm: torch.fx.GraphModule) -> str:
 def _module_state(module: nn.Module) -> dict[str, Any]:
     graph_module_only = _graph_module_only() - {"meta"}  # GraphModule.meta is state worth keeping
     graph_module_only |= {_MODES, _COMPILED}  # graphs and code, handled as such
-    return {key: value for key, value in vars(module).items() if key not in graph_module_only}
+    state = vars(module)
+    root_class = state.get(_ROOT_CLASS)
+    if root_class is not None:  # the model's root lives in this state: it says what of it to copy
+        state = root_class.__getstate__(root_view(root_class, state))
+    return {key: value for key, value in state.items() if key not in graph_module_only}
 
 
 def _assemble(
@@ -219,6 +242,9 @@ def _assemble(
         out = MaskedGraphModule.__new__(MaskedGraphModule)
     torch.fx.GraphModule.__init__(out, nn.Module(), torch.fx.Graph(), class_name=class_name)
     out.__dict__.update(state)
+    root_class = state.get(_ROOT_CLASS)
+    if root_class is not None and root_class.__setstate__ is not nn.Module.__setstate__:
+        root_class.__setstate__(root_view(root_class, out.__dict__), dict(state))  # rebuilds what it left out
     # FX traces a GraphModule's code again with its tracer (transforming an output again does);
     # this one finds parameters by a dict, not by a scan, and keeps InputGuards a call.
     set_tracer_class(out, _capture.Tracer)

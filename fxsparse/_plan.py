@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 MASK_SUFFIX = "_mask"
+# Where a root module whose forward cannot be traced (a bare nn.LSTM) is called from its own graph:
+# an attribute of the output giving the model's root, with the output's state (see MaskedGraphModule).
+KEPT_ROOT = "_fxsparse_root"
 _PARAMETRIZED = re.compile(r"(.*?)parametrizations\.(\w+)\.original")
 
 

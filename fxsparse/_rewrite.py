@@ -30,7 +30,7 @@ from torch import nn
 from ._capture import MISSING, Exported, lookup
 from ._compat import linear_c
 from ._errors import TraceError
-from ._plan import MaskedParameter, Plan
+from ._plan import KEPT_ROOT, MaskedParameter, Plan
 from ._runtime.sparse_ops import bsr_linear, csr_linear
 from ._runtime.swap import call_with_parameters
 from ._tags import Role, Tag, retag, set_tag, tag_of, tagged
@@ -327,6 +327,8 @@ class _Rewriter:
 
     def _masked_under(self, module: str) -> dict[str, str]:
         """The masked parameters held by ``module``: name relative to it -> FQN."""
+        if module == KEPT_ROOT:
+            return {alias: alias for p in self.plan.parameters for alias in p.aliases}
         if self.under is None:
             self.under = {}
             for p in self.plan.parameters:

@@ -187,7 +187,6 @@ def _features() -> dict[str, torch.Tensor]:
     return {"x": torch.randn(BATCH, SEQUENCE, 32, generator=torch.Generator().manual_seed(0))}
 
 
-
 ZOO: dict[str, ZooModel] = {
     model.name: model
     for model in [

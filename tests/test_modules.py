@@ -407,3 +407,57 @@ def test_global_module_hooks_keep_every_masked_module_a_call(kind: str) -> None:
     for name, grad in grads.items():
         assert grad is not None and torch.equal(grad, expected_grads[name]), name
     assert sorted(got) == sorted(wanted) and wanted, (got, wanted)
+
+
+ROOT_MODULES = {
+    "lstm": (lambda: nn.LSTM(4, 3, num_layers=2), lambda: (torch.randn(5, 2, 4),)),
+    "multihead_attention": (lambda: nn.MultiheadAttention(4, 2), lambda: (torch.randn(3, 2, 4),) * 3),
+    "batchnorm2d": (lambda: nn.BatchNorm2d(3), lambda: (torch.randn(2, 3, 4, 4),)),
+}
+
+
+CALLS: list[int] = []
+
+
+def _count_call(module: nn.Module, args: object, output: object) -> None:
+    CALLS.append(1)
+
+
+def _first(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value,index]
+
+
+@pytest.mark.parametrize("kind", list(ROOT_MODULES))
+@pytest.mark.parametrize("training", [True, False])
+def test_a_torch_module_given_as_the_model_itself_is_called_with_its_masks(kind: str, training: bool) -> None:
+    """A bare nn.LSTM / nn.MultiheadAttention / nn.BatchNorm2d, whose forward FX cannot trace, is
+    called with its masked parameters swapped in, as it is inside a container (issue 13, item 9)."""
+    build, inputs = ROOT_MODULES[kind]
+    torch.manual_seed(0)
+    model = build().train(training)
+    CALLS.clear()
+    model.register_forward_hook(_count_call)
+    masks = {name: torch.rand(p.shape) > 0.5 for name, p in model.named_parameters()}
+    out = fxsparse.transform(model, masks)
+    reference = fake_sparsity(model, masks)
+    x = inputs()
+    ours, theirs = _first(out(*x)), _first(reference(*x))
+    assert torch.equal(ours, theirs)
+    assert len(CALLS) == 2  # the model's own hook, once per call: not once more for the call inside
+    ours.square().sum().backward()
+    theirs.square().sum().backward()
+    for name in masks:
+        owner, _, attribute = name.rpartition(".")
+        original = reference.get_submodule(owner).parametrizations[attribute].original
+        assert torch.equal(out.get_parameter(name).grad, original.grad), name
+    assert sorted(out.state_dict()) == sorted([*model.state_dict(), *(f"{name}_mask" for name in masks)])
+    for name, _ in model.named_buffers():  # batch-norm statistics, updated the same way
+        assert torch.equal(out.get_buffer(name), reference.get_buffer(name)), name
+    assert all(type(p) is nn.Parameter for p in out.parameters())  # nothing left swapped in
+    for clone in (copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
+        with torch.no_grad():
+            assert torch.equal(_first(clone(*x)), _first(out(*x)))
+    first, *others = masks  # the output transformed again, a mask at a time: the same masked model
+    again = fxsparse.transform(fxsparse.transform(model, {first: masks[first]}), {k: masks[k] for k in others})
+    with torch.no_grad():
+        assert torch.equal(_first(again(*x)), _first(out(*x)))
