@@ -29,7 +29,10 @@ What each is for:
 - ``GraphModule._tracer_cls``: the tracer FX uses when it traces a GraphModule's code again;
 - ``Node._erased``: whether a node was erased (a rolled-back trace);
 - ``torch.nn.modules.module._global_*``: hooks registered for every module;
-- ``torch.sparse`` semi-structured ``_DTYPE_SHAPE_CONSTRAINTS``: the shapes 2:4 kernels take.
+- ``torch.sparse`` semi-structured ``_DTYPE_SHAPE_CONSTRAINTS``: the shapes 2:4 kernels take;
+- ``ScriptModule._c._register_attribute`` with ``torch._C``'s ``DictType``/``StringType``: the
+  record of a TorchScript output's masks, an attribute ``torch.jit.save`` writes (a Python
+  attribute set on a ``ScriptModule`` is lost there, and ``torch.jit.trace`` keeps none).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ __all__ = [
     "keystr",
     "linear_c",
     "qualified_name",
+    "record_on_script_module",
     "reparametrize_module",
     "semi_structured_shape_constraints",
     "set_codegen",
@@ -100,6 +104,10 @@ PRIVATE_APIS: tuple[str, ...] = (
     "torch.nn.modules.module:_global_backward_pre_hooks",
     "torch.fx.experimental.symbolic_shapes:SYMPY_INTERP",
     "torch.sparse:SparseSemiStructuredTensorCUTLASS._DTYPE_SHAPE_CONSTRAINTS",
+    "torch.jit:RecursiveScriptModule._c",
+    "torch._C:ScriptModule._register_attribute",
+    "torch._C:DictType",
+    "torch._C:StringType.get",
 )
 
 from torch._ops import HigherOrderOperator, OpOverload  # noqa: E402
@@ -208,6 +216,12 @@ def sympy_interp() -> dict[str, Any]:
     from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 
     return dict(SYMPY_INTERP)
+
+
+def record_on_script_module(module: torch.jit.ScriptModule, name: str, value: dict[str, str]) -> None:
+    """Store ``value`` as attribute ``name`` of a compiled module, where ``torch.jit.save`` keeps it."""
+    string = torch._C.StringType.get()
+    module._c._register_attribute(name, torch._C.DictType(string, string), value)
 
 
 def export_input_guards(program: torch.export.ExportedProgram, unlifted: nn.Module, graph: torch.fx.Graph) -> Any:

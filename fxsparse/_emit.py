@@ -22,6 +22,7 @@ from ._compat import (
     PyTreeCodeGen,
     codegen_of,
     compiled_code,
+    record_on_script_module,
     set_codegen,
     set_tracer_class,
     use_compiled_code,
@@ -30,7 +31,17 @@ from ._errors import EmitError, describe
 from ._plan import MASK_SUFFIX, Plan
 from ._runtime.guards import check_input_structure
 from ._runtime.swap import call_with_parameters, swap_lock
-from ._tags import META_KEY, Role, Tag, mask_registry, retag, set_tag, tag_of
+from ._tags import (
+    META_KEY,
+    SCRIPT_MASKS_ATTRIBUTE,
+    Role,
+    Tag,
+    mask_registry,
+    retag,
+    set_exported_tag,
+    set_tag,
+    tag_of,
+)
 
 __all__ = [
     "EMITS",
@@ -394,7 +405,7 @@ def to_script(gm: torch.fx.GraphModule) -> torch.jit.ScriptModule:
     def script_graph() -> Any:
         return torch.jit.script(torch.fx.GraphModule(gm, gm.graph, class_name=type(gm).__name__))
 
-    return cast(torch.jit.ScriptModule, _run("script", script_graph))
+    return _with_mask_record(cast(torch.jit.ScriptModule, _run("script", script_graph)), gm)
 
 
 def to_trace(
@@ -406,7 +417,14 @@ def to_trace(
         )
     # strict=False: models that return dicts (Hugging Face's ModelOutput) are traceable too.
     traced = _run("trace", torch.jit.trace, gm, args, example_kwarg_inputs=kwargs, strict=False)
-    return cast(torch.jit.ScriptModule, traced)
+    return _with_mask_record(cast(torch.jit.ScriptModule, traced), gm)
+
+
+def _with_mask_record(compiled: torch.jit.ScriptModule, gm: torch.fx.GraphModule) -> torch.jit.ScriptModule:
+    """``compiled`` holding the registry of the masks ``gm`` applies: TorchScript keeps no node tags,
+    and a model's own ``<name>_mask`` buffer must not be taken for one of fxsparse's."""
+    record_on_script_module(compiled, SCRIPT_MASKS_ATTRIBUTE, mask_registry(gm.graph))
+    return compiled
 
 
 def to_export(
@@ -423,7 +441,8 @@ def _tag_exported(program: torch.export.ExportedProgram, registry: Mapping[str, 
     """Tag the ``mask * weight`` products of an exported masked graph (export makes new nodes, without tags).
 
     ``registry`` holds the masks fxsparse made (mask buffer -> parameter): the program's
-    inputs that are those buffers, and the products that read them, get their tags back.
+    inputs that are those buffers, and the products that read them, get their tags back;
+    the products' tags are written so that ``torch.export.save`` keeps them.
     """
     signature = program.graph_signature
     buffers, parameters = signature.inputs_to_buffers, signature.inputs_to_parameters
@@ -438,7 +457,7 @@ def _tag_exported(program: torch.export.ExportedProgram, registry: Mapping[str, 
             weight = product.args[1]
             if isinstance(weight, torch.fx.Node) and parameters.get(weight.name) is not None:
                 set_tag(weight, Tag(Role.WEIGHT, param=param))
-                set_tag(product, Tag(Role.MASKED, param=param, mask=buffers[placeholder.name]))
+                set_exported_tag(product, Tag(Role.MASKED, param=param, mask=buffers[placeholder.name]))
 
 
 def to_onnx(

@@ -6,6 +6,7 @@ import copy
 import io
 import pickle
 
+import pytest
 import torch
 from torch import nn
 
@@ -106,3 +107,53 @@ def test_the_plan_is_data_that_pickles_and_shares_no_tensor_with_the_output() ->
     _rewrite.rewrite(root, graph, plan)
     for p in plan.parameters:
         assert root.get_buffer(p.mask_name).data_ptr() != p.mask.data_ptr()
+
+
+def test_an_exported_program_knows_its_masks_by_record_not_by_name_after_save_and_load() -> None:
+    torch.manual_seed(0)
+    model = GatedModel()
+    mask = torch.rand(4, 4) > 0.5
+    x = torch.randn(2, 4)
+    program = fxsparse.transform(model, {"fc": mask}, emit="export", example_inputs=(x,))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    before = torch.fx.symbolic_trace(model)
+    for candidate in (program, loaded):
+        masks = fxsparse.viz.masks_of(candidate)
+        assert list(masks) == ["fc.weight"]  # the model's own gate_mask beside gate is not a mask
+        assert torch.equal(masks["fc.weight"], mask)
+        roles = fxsparse.viz.diff(before, candidate).roles
+        assert sorted(str(role) for role in roles.values()) == ["mask", "masked", "weight"]
+        assert "density 0." in fxsparse.viz.draw(candidate).source
+    assert torch.equal(loaded.module()(x), _eager_reference(model, mask, x))
+
+
+@pytest.mark.parametrize("emit", ["script", "trace"])
+def test_a_torchscript_output_knows_its_masks_by_record_not_by_name(emit: str) -> None:
+    torch.manual_seed(0)
+    model = GatedModel()
+    mask = torch.rand(4, 4) > 0.5
+    x = torch.randn(2, 4)
+    compiled = fxsparse.transform(model, {"fc": mask}, emit=emit, example_inputs=(x,))
+    buffer = io.BytesIO()
+    torch.jit.save(compiled, buffer)
+    buffer.seek(0)
+    for candidate in (compiled, torch.jit.load(buffer)):
+        masks = fxsparse.viz.masks_of(candidate)
+        assert list(masks) == ["fc.weight"] and torch.equal(masks["fc.weight"], mask)
+        # Writing a "mask" into the model's own gate_mask would change what the model computes.
+        with pytest.raises(fxsparse.MaskError, match="'gate' is not masked"):
+            fxsparse.update_masks(candidate, {"gate": torch.zeros(4)})
+        assert torch.equal(candidate.gate_mask, model.gate_mask)
+        fxsparse.update_masks(candidate, {"fc": torch.ones(4, 4, dtype=torch.bool)})
+        assert torch.equal(candidate(x), _eager_reference(model, torch.ones(4, 4), x))
+
+
+def test_a_frozen_torchscript_output_has_no_masks_to_update() -> None:
+    model = GatedModel()
+    frozen = fxsparse.freeze(fxsparse.transform(model, {"fc": torch.ones(4, 4)}), emit="script")
+    assert fxsparse.viz.masks_of(frozen) == {}
+    with pytest.raises(fxsparse.MaskError, match="no masks to update"):
+        fxsparse.update_masks(frozen, {"gate": torch.zeros(4)})

@@ -18,7 +18,7 @@ import torch.export
 import torch.fx
 
 from .._compat import qualified_name
-from .._tags import tag_of
+from .._tags import mask_registry, retag, tag_of
 from ._unified import unified_diff
 
 __all__ = ["Drawable", "GraphDiff", "diff", "graph_of", "module_calls", "to_networkx"]
@@ -247,6 +247,8 @@ def graph_of(value: Drawable, what: str) -> tuple[torch.fx.GraphModule | None, t
     """
     if isinstance(value, torch.export.ExportedProgram):
         value = value.module()  # tags that fxsparse.transform(emit="export") recorded carry over
+        # A program loaded by torch.export.load kept its products' tags only: tag what they read.
+        retag(value.graph, mask_registry(value.graph), value)
     if isinstance(value, torch.fx.GraphModule):
         return value, value.graph
     if isinstance(value, torch.fx.Graph):
