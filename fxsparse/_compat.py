@@ -33,6 +33,15 @@ What each is for:
 - ``ScriptModule._c._register_attribute`` with ``torch._C``'s ``DictType``/``StringType``: the
   record of a TorchScript output's masks, an attribute ``torch.jit.save`` writes (a Python
   attribute set on a ``ScriptModule`` is lost there, and ``torch.jit.trace`` keeps none).
+
+Not counted as private, and used elsewhere: an ``nn.Module``'s own registries
+(:data:`MODULE_STATE_ATTRIBUTES`: ``_parameters``, ``_buffers``, ``_modules``,
+``_forward_hooks``, ``_forward_pre_hooks``). They are the module's state, which
+``nn.Module``'s own ``__getattr__``, ``state_dict`` and ``__call__`` read and which
+``torch.nn.utils.parametrize``, ``prune`` and every model-surgery library rely on; fxsparse
+reads them to see a module's own parameters and hooks without its ``__getattr__`` (which
+returns a parametrization's computed tensor) and deletes entries from a copy it owns. The
+test also refuses any other private attribute reached outside this module, on any object.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from torch import nn
 
 __all__ = [
     "FAKE_TENSOR_LOGGER",
+    "MODULE_STATE_ATTRIBUTES",
     "ONNX_REGISTRATION_LOGGER",
     "PRIVATE_APIS",
     "FakeTensor",
@@ -117,6 +127,9 @@ from torch.fx.node import _get_qualified_name  # noqa: E402
 from torch.nn.modules import module as _module_impl  # noqa: E402
 from torch.nn.utils.stateless import _reparametrize_module  # noqa: E402
 from torch.utils import _pytree  # noqa: E402
+
+# nn.Module's registries of its own state, which other modules may read (see above).
+MODULE_STATE_ATTRIBUTES = frozenset({"_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"})
 
 # Loggers of torch's private modules, by name: fxsparse quiets their tracebacks where it reports the error itself.
 FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"

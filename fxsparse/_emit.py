@@ -262,9 +262,9 @@ def _graph_as_data(graph: torch.fx.Graph) -> tuple[list[tuple[Any, ...]], torch.
     def as_data(value: Any) -> Any:
         if isinstance(value, torch.fx.Node):
             return _NodeRef(value.name)
-        if isinstance(value, OpOverload):
-            namespace, name = value._schema.name.split("::")
-            return _Operator(namespace, name, value._overloadname)
+        if isinstance(value, OpOverload):  # __name__ is "<name>.<overload>" ("add.Tensor", "relu.default")
+            name, _, overload = value.__name__.rpartition(".")
+            return _Operator(value.namespace, name, overload)
         if isinstance(value, HigherOrderOperator):  # torch.cond, ...: registered by name
             return _Operator("higher_order", value.name(), "")  # type: ignore[no-untyped-call]
         return value
