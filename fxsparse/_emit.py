@@ -386,7 +386,7 @@ def to_script(gm: torch.fx.GraphModule) -> torch.jit.ScriptModule:
             "its graph (ATen operator overloads, pytree input handling); use emit='trace', 'export' or 'onnx'"
         )
     calls = gm.graph.find_nodes(op="call_function", target=call_with_parameters)
-    kept = {str(n.args[0].target): n.meta.get("fxsparse", {}).get("why", "kept") for n in calls}
+    kept = {str(n.args[0].target): (tag.why if (tag := tag_of(n)) and tag.why else "kept") for n in calls}
     if kept:
         reasons = "; ".join(f"{name!r} {why}" for name, why in sorted(kept.items()))
         raise EmitError(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import io
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +159,36 @@ def test_a_frozen_torchscript_output_has_no_masks_to_update() -> None:
     assert fxsparse.viz.masks_of(frozen) == {}
     with pytest.raises(fxsparse.MaskError, match="no masks to update"):
         fxsparse.update_masks(frozen, {"gate": torch.zeros(4)})
+
+
+def _hand_spelled_tags(tree: ast.AST) -> list[str]:
+    """The tag key used as a literal (``meta["fxsparse"]``, ``meta.get("fxsparse")``), and a role
+    compared with its string value (``role == "masked"``, ``role in ("weight", ...)``)."""
+    roles = {role.value for role in Role}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            key = node.slice.value
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+            key = node.args[0].value if node.func.attr == "get" and isinstance(node.args[0], ast.Constant) else None
+        elif isinstance(node, ast.Compare) and "role" in ast.unparse(node.left):
+            strings = {n.value for c in node.comparators for n in ast.walk(c) if isinstance(n, ast.Constant)}
+            key = next(iter(strings & roles), None)
+            key = f"role {key}" if key is not None else None
+        else:
+            continue
+        if key == fxsparse.META_KEY or (isinstance(key, str) and key.startswith("role ")):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_but_tags_spells_the_tag_key_or_a_role_by_hand() -> None:
+    assert _hand_spelled_tags(ast.parse('meta.get("fxsparse", {})\nx = data["role"] in ("opened", "x")'))
+    package = Path(fxsparse.__file__).parent
+    found = [
+        f"{path.relative_to(package)}:{where}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "_tags.py"
+        for where in _hand_spelled_tags(ast.parse(path.read_text()))
+    ]
+    assert not found, "read tags through fxsparse._tags (tag_of, Role):\n" + "\n".join(found)
