@@ -31,7 +31,17 @@ from torch import nn
 from ._compat import global_module_hooks
 from ._errors import MaskError
 
-__all__ = ["OPENINGS", "MaskedParameter", "OpenedModule", "Opening", "Plan", "build_plan", "normalize_mask"]
+__all__ = [
+    "OPENINGS",
+    "MaskedParameter",
+    "OpenedModule",
+    "Opening",
+    "Plan",
+    "build_plan",
+    "check_buffer_names",
+    "normalize_mask",
+    "resolve_key",
+]
 
 MASK_SUFFIX = "_mask"
 _PARAMETRIZED = re.compile(r"(.*?)parametrizations\.(\w+)\.original")
@@ -173,7 +183,7 @@ def build_plan(
     chosen: dict[int, MaskedParameter] = {}
     key_of: dict[int, str] = {}
     for key, value in masks.items():
-        name = _resolve_key(key, parameter_by_name, modules, model)
+        name = resolve_key(key, parameter_by_name, modules, model)
         parameter = parameter_by_name[name]
         if id(parameter) in chosen:
             raise MaskError(
@@ -190,17 +200,19 @@ def build_plan(
                 name, tuple(aliases_of[id(parameter)]), normalize_mask(name, value, name, parameter)
             )
     parameters = tuple(chosen.values())
-    _check_buffer_names(parameters, modules)
+    check_buffer_names(parameters, modules)
     opened, traced_into, kept = _choose_openings(model, parameters, modules)
     return Plan(parameters, opened, traced_into, kept)
 
 
-def _resolve_key(
+def resolve_key(
     key: object,
     parameter_by_name: Mapping[str, nn.Parameter],
     modules: Mapping[str, nn.Module],
     model: nn.Module,
 ) -> str:
+    """The parameter a mask key names (a parameter, a lowered parametrization's name, or a module's
+    ``weight``), or a ``MaskError`` that says why none, with the closest valid names."""
     if not isinstance(key, str):
         raise MaskError(f"mask keys must be parameter or module names (str), got {key!r} of type {type(key).__name__}")
     if key in parameter_by_name:
@@ -291,7 +303,8 @@ def normalize_mask(key: str, value: object, name: str, parameter: torch.Tensor) 
     return mask.contiguous()
 
 
-def _check_buffer_names(parameters: tuple[MaskedParameter, ...], modules: Mapping[str, nn.Module]) -> None:
+def check_buffer_names(parameters: tuple[MaskedParameter, ...], modules: Mapping[str, nn.Module]) -> None:
+    """Refuse a mask whose buffer name is taken on its module (an fxsparse output, a pruned model)."""
     for p in parameters:
         owner = modules[p.owner]
         buffer = p.mask_attribute
