@@ -29,7 +29,19 @@ What each is for:
 - ``GraphModule._tracer_cls``: the tracer FX uses when it traces a GraphModule's code again;
 - ``Node._erased``: whether a node was erased (a rolled-back trace);
 - ``torch.nn.modules.module._global_*``: hooks registered for every module;
-- ``torch.sparse`` semi-structured ``_DTYPE_SHAPE_CONSTRAINTS``: the shapes 2:4 kernels take.
+- ``torch.sparse`` semi-structured ``_DTYPE_SHAPE_CONSTRAINTS``: the shapes 2:4 kernels take;
+- ``ScriptModule._c._register_attribute`` with ``torch._C``'s ``DictType``/``StringType``: the
+  record of a TorchScript output's masks, an attribute ``torch.jit.save`` writes (a Python
+  attribute set on a ``ScriptModule`` is lost there, and ``torch.jit.trace`` keeps none).
+
+Not counted as private, and used elsewhere: an ``nn.Module``'s own registries
+(:data:`MODULE_STATE_ATTRIBUTES`: ``_parameters``, ``_buffers``, ``_modules``,
+``_forward_hooks``, ``_forward_pre_hooks`` and the other hook registries). They are the module's state, which
+``nn.Module``'s own ``__getattr__``, ``state_dict`` and ``__call__`` read and which
+``torch.nn.utils.parametrize``, ``prune`` and every model-surgery library rely on; fxsparse
+reads them to see a module's own parameters and hooks without its ``__getattr__`` (which
+returns a parametrization's computed tensor) and deletes entries from a copy it owns. The
+test also refuses any other private attribute reached outside this module, on any object.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ from torch import nn
 
 __all__ = [
     "FAKE_TENSOR_LOGGER",
+    "MODULE_STATE_ATTRIBUTES",
     "ONNX_REGISTRATION_LOGGER",
     "PRIVATE_APIS",
     "FakeTensor",
@@ -59,7 +72,9 @@ __all__ = [
     "is_erased",
     "keystr",
     "linear_c",
+    "overrides_call_impl",
     "qualified_name",
+    "record_on_script_module",
     "reparametrize_module",
     "semi_structured_shape_constraints",
     "set_codegen",
@@ -94,12 +109,17 @@ PRIVATE_APIS: tuple[str, ...] = (
     "torch.fx.node:_get_qualified_name",
     "torch.fx:GraphModule._tracer_cls",
     "torch.fx:Node._erased",
+    "torch.nn:Module._call_impl",
     "torch.nn.modules.module:_global_forward_hooks",
     "torch.nn.modules.module:_global_forward_pre_hooks",
     "torch.nn.modules.module:_global_backward_hooks",
     "torch.nn.modules.module:_global_backward_pre_hooks",
     "torch.fx.experimental.symbolic_shapes:SYMPY_INTERP",
     "torch.sparse:SparseSemiStructuredTensorCUTLASS._DTYPE_SHAPE_CONSTRAINTS",
+    "torch.jit:RecursiveScriptModule._c",
+    "torch._C:ScriptModule._register_attribute",
+    "torch._C:DictType",
+    "torch._C:StringType.get",
 )
 
 from torch._ops import HigherOrderOperator, OpOverload  # noqa: E402
@@ -109,6 +129,26 @@ from torch.fx.node import _get_qualified_name  # noqa: E402
 from torch.nn.modules import module as _module_impl  # noqa: E402
 from torch.nn.utils.stateless import _reparametrize_module  # noqa: E402
 from torch.utils import _pytree  # noqa: E402
+
+# nn.Module's registries of its own state, which other modules may read (see above).
+MODULE_STATE_ATTRIBUTES = frozenset(
+    {
+        "_parameters",
+        "_buffers",
+        "_modules",
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+    }
+)
+
+
+def overrides_call_impl(module_class: type[nn.Module]) -> bool:
+    """Whether a module class runs its own ``_call_impl`` (what ``nn.Module.__call__`` runs around ``forward``)."""
+    return module_class._call_impl is not nn.Module._call_impl
+
 
 # Loggers of torch's private modules, by name: fxsparse quiets their tracebacks where it reports the error itself.
 FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"
@@ -208,6 +248,12 @@ def sympy_interp() -> dict[str, Any]:
     from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 
     return dict(SYMPY_INTERP)
+
+
+def record_on_script_module(module: torch.jit.ScriptModule, name: str, value: dict[str, str]) -> None:
+    """Store ``value`` as attribute ``name`` of a compiled module, where ``torch.jit.save`` keeps it."""
+    string = torch._C.StringType.get()
+    module._c._register_attribute(name, torch._C.DictType(string, string), value)
 
 
 def export_input_guards(program: torch.export.ExportedProgram, unlifted: nn.Module, graph: torch.fx.Graph) -> Any:

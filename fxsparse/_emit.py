@@ -22,6 +22,7 @@ from ._compat import (
     PyTreeCodeGen,
     codegen_of,
     compiled_code,
+    record_on_script_module,
     set_codegen,
     set_tracer_class,
     use_compiled_code,
@@ -30,7 +31,17 @@ from ._errors import EmitError, describe
 from ._plan import KEPT_ROOT, MASK_SUFFIX, Plan
 from ._runtime.guards import check_input_structure
 from ._runtime.swap import call_with_parameters, root_view, swap_lock
-from ._tags import META_KEY, Role, Tag, mask_registry, retag, set_tag, tag_of
+from ._tags import (
+    META_KEY,
+    SCRIPT_MASKS_ATTRIBUTE,
+    Role,
+    Tag,
+    mask_registry,
+    retag,
+    set_exported_tag,
+    set_tag,
+    tag_of,
+)
 
 _ROOT_CLASS = "_fxsparse_root_class"  # the class of a root kept as a call (see _fxsparse_root)
 
@@ -278,9 +289,9 @@ def _graph_as_data(graph: torch.fx.Graph) -> tuple[list[tuple[Any, ...]], torch.
     def as_data(value: Any) -> Any:
         if isinstance(value, torch.fx.Node):
             return _NodeRef(value.name)
-        if isinstance(value, OpOverload):
-            namespace, name = value._schema.name.split("::")
-            return _Operator(namespace, name, value._overloadname)
+        if isinstance(value, OpOverload):  # __name__ is "<name>.<overload>" ("add.Tensor", "relu.default")
+            name, _, overload = value.__name__.rpartition(".")
+            return _Operator(value.namespace, name, overload)
         if isinstance(value, HigherOrderOperator):  # torch.cond, ...: registered by name
             return _Operator("higher_order", value.name(), "")  # type: ignore[no-untyped-call]
         return value
@@ -402,7 +413,7 @@ def to_script(gm: torch.fx.GraphModule) -> torch.jit.ScriptModule:
             "its graph (ATen operator overloads, pytree input handling); use emit='trace', 'export' or 'onnx'"
         )
     calls = gm.graph.find_nodes(op="call_function", target=call_with_parameters)
-    kept = {str(n.args[0].target): n.meta.get("fxsparse", {}).get("why", "kept") for n in calls}
+    kept = {str(n.args[0].target): (tag.why if (tag := tag_of(n)) and tag.why else "kept") for n in calls}
     if kept:
         reasons = "; ".join(f"{name!r} {why}" for name, why in sorted(kept.items()))
         raise EmitError(
@@ -421,7 +432,7 @@ def to_script(gm: torch.fx.GraphModule) -> torch.jit.ScriptModule:
     def script_graph() -> Any:
         return torch.jit.script(torch.fx.GraphModule(gm, gm.graph, class_name=type(gm).__name__))
 
-    return cast(torch.jit.ScriptModule, _run("script", script_graph))
+    return _with_mask_record(cast(torch.jit.ScriptModule, _run("script", script_graph)), gm)
 
 
 def to_trace(
@@ -433,7 +444,14 @@ def to_trace(
         )
     # strict=False: models that return dicts (Hugging Face's ModelOutput) are traceable too.
     traced = _run("trace", torch.jit.trace, gm, args, example_kwarg_inputs=kwargs, strict=False)
-    return cast(torch.jit.ScriptModule, traced)
+    return _with_mask_record(cast(torch.jit.ScriptModule, traced), gm)
+
+
+def _with_mask_record(compiled: torch.jit.ScriptModule, gm: torch.fx.GraphModule) -> torch.jit.ScriptModule:
+    """``compiled`` holding the registry of the masks ``gm`` applies: TorchScript keeps no node tags,
+    and a model's own ``<name>_mask`` buffer must not be taken for one of fxsparse's."""
+    record_on_script_module(compiled, SCRIPT_MASKS_ATTRIBUTE, mask_registry(gm.graph))
+    return compiled
 
 
 def to_export(
@@ -450,7 +468,8 @@ def _tag_exported(program: torch.export.ExportedProgram, registry: Mapping[str, 
     """Tag the ``mask * weight`` products of an exported masked graph (export makes new nodes, without tags).
 
     ``registry`` holds the masks fxsparse made (mask buffer -> parameter): the program's
-    inputs that are those buffers, and the products that read them, get their tags back.
+    inputs that are those buffers, and the products that read them, get their tags back;
+    the products' tags are written so that ``torch.export.save`` keeps them.
     """
     signature = program.graph_signature
     buffers, parameters = signature.inputs_to_buffers, signature.inputs_to_parameters
@@ -465,7 +484,7 @@ def _tag_exported(program: torch.export.ExportedProgram, registry: Mapping[str, 
             weight = product.args[1]
             if isinstance(weight, torch.fx.Node) and parameters.get(weight.name) is not None:
                 set_tag(weight, Tag(Role.WEIGHT, param=param))
-                set_tag(product, Tag(Role.MASKED, param=param, mask=buffers[placeholder.name]))
+                set_exported_tag(product, Tag(Role.MASKED, param=param, mask=buffers[placeholder.name]))
 
 
 def to_onnx(

@@ -28,7 +28,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._compat import global_module_hooks
+from ._compat import global_module_hooks, overrides_call_impl
 from ._errors import MaskError
 
 __all__ = [
@@ -38,8 +38,10 @@ __all__ = [
     "Opening",
     "Plan",
     "build_plan",
+    "check_buffer_names",
     "must_be_called",
     "normalize_mask",
+    "resolve_key",
 ]
 
 MASK_SUFFIX = "_mask"
@@ -184,7 +186,7 @@ def build_plan(
     chosen: dict[int, MaskedParameter] = {}
     key_of: dict[int, str] = {}
     for key, value in masks.items():
-        name = _resolve_key(key, parameter_by_name, modules, model)
+        name = resolve_key(key, parameter_by_name, modules, model)
         parameter = parameter_by_name[name]
         if id(parameter) in chosen:
             raise MaskError(
@@ -201,17 +203,19 @@ def build_plan(
                 name, tuple(aliases_of[id(parameter)]), normalize_mask(name, value, name, parameter)
             )
     parameters = tuple(chosen.values())
-    _check_buffer_names(parameters, modules)
+    check_buffer_names(parameters, modules)
     opened, traced_into, kept = _choose_openings(model, parameters, modules)
     return Plan(parameters, opened, traced_into, kept)
 
 
-def _resolve_key(
+def resolve_key(
     key: object,
     parameter_by_name: Mapping[str, nn.Parameter],
     modules: Mapping[str, nn.Module],
     model: nn.Module,
 ) -> str:
+    """The parameter a mask key names (a parameter, a lowered parametrization's name, or a module's
+    ``weight``), or a ``MaskError`` that says why none, with the closest valid names."""
     if not isinstance(key, str):
         raise MaskError(f"mask keys must be parameter or module names (str), got {key!r} of type {type(key).__name__}")
     if key in parameter_by_name:
@@ -302,7 +306,8 @@ def normalize_mask(key: str, value: object, name: str, parameter: torch.Tensor) 
     return mask.contiguous()
 
 
-def _check_buffer_names(parameters: tuple[MaskedParameter, ...], modules: Mapping[str, nn.Module]) -> None:
+def check_buffer_names(parameters: tuple[MaskedParameter, ...], modules: Mapping[str, nn.Module]) -> None:
+    """Refuse a mask whose buffer name is taken on its module (an fxsparse output, a pruned model)."""
     for p in parameters:
         owner = modules[p.owner]
         buffer = p.mask_attribute
@@ -372,7 +377,6 @@ def must_be_called(module: nn.Module) -> str | None:
         return "global module hooks are registered (register_module_forward_hook, ...), which must run at every call"
     if "forward" in vars(module):
         return "has a forward set on the instance, which must be the one called"
-    cls = type(module)
-    if cls._call_impl is not nn.Module._call_impl:
-        return f"its class {cls.__name__} defines its own _call_impl, which must be the one called"
+    if overrides_call_impl(type(module)):
+        return f"its class {type(module).__name__} defines its own _call_impl, which must be the one called"
     return None

@@ -9,7 +9,12 @@ fxsparse recognizes its own nodes by these tags only, never by a node's or buffe
 model's own ``torch.mul(self.gate_mask, self.gate)`` is not a mask. Where tags are lost (a
 graph traced again from code, an ATen graph exported from a tagged one), :func:`retag`
 restores them from a registry of the masks fxsparse made, read from the tagged graph
-beforehand (:func:`mask_registry`).
+beforehand (:func:`mask_registry`). An exported program's ``mask * weight`` products also
+carry their tag as plain data under ``node.meta["custom"]`` (:func:`set_exported_tag`), the
+node metadata ``torch.export.save`` writes and ``torch.export.load`` reads back: a program
+saved and loaded again still tells its masks from the model's own buffers. A TorchScript
+output, which has no node metadata, holds the registry itself as an attribute
+(:data:`SCRIPT_MASKS_ATTRIBUTE`, read by :func:`recorded_masks`).
 
 Example:
     >>> import torch, fxsparse
@@ -36,9 +41,28 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["META_KEY", "ROLES", "Role", "Tag", "mask_registry", "retag", "role_of", "set_tag", "tag_of", "tagged"]
+__all__ = [
+    "META_KEY",
+    "ROLES",
+    "SCRIPT_MASKS_ATTRIBUTE",
+    "Role",
+    "Tag",
+    "mask_registry",
+    "recorded_masks",
+    "retag",
+    "role_of",
+    "set_exported_tag",
+    "set_tag",
+    "tag_of",
+    "tagged",
+]
 
 META_KEY = "fxsparse"
+# The node metadata torch.export serializes (as JSON) with a program, and keeps through
+# ExportedProgram.module() and run_decompositions(); fxsparse's entry in it is META_KEY.
+_EXPORTED_META_KEY = "custom"
+# The attribute of a TorchScript output holding its mask registry (mask buffer -> parameter).
+SCRIPT_MASKS_ATTRIBUTE = "fxsparse_masks"
 
 
 class Role(str, Enum):
@@ -131,7 +155,11 @@ class Tag(Mapping[str, Any]):
 def tag_of(node: torch.fx.Node) -> Tag | None:
     """The node's fxsparse tag, or None for a node fxsparse did not create or change."""
     value = node.meta.get(META_KEY)
-    if value is None or isinstance(value, Tag):
+    if value is None:
+        custom = node.meta.get(_EXPORTED_META_KEY)
+        recorded = custom.get(META_KEY) if isinstance(custom, Mapping) else None
+        return Tag.from_mapping(recorded) if isinstance(recorded, Mapping) and "role" in recorded else None
+    if isinstance(value, Tag):
         return value
     if isinstance(value, Mapping) and "role" in value:
         tag = Tag.from_mapping(value)
@@ -150,6 +178,19 @@ def set_tag(node: torch.fx.Node, tag: Tag) -> None:
     node.meta[META_KEY] = tag
 
 
+def set_exported_tag(node: torch.fx.Node, tag: Tag) -> None:
+    """Tag a node of an exported program so that the tag survives ``torch.export.save`` and ``load``.
+
+    torch.export writes a node's ``meta["custom"]`` with the program (as JSON) and drops the
+    rest of fxsparse's metadata; the tag goes there too, as plain strings. Only call nodes
+    keep it (a placeholder's is not written), so the products carry what names a mask.
+    """
+    set_tag(node, tag)
+    plain = {key: str(value) for key, value in tag.items()}
+    custom = node.meta.get(_EXPORTED_META_KEY)
+    node.meta[_EXPORTED_META_KEY] = {**(custom if isinstance(custom, Mapping) else {}), META_KEY: plain}
+
+
 def tagged(graph: torch.fx.Graph, *roles: Role) -> Iterator[tuple[torch.fx.Node, Tag]]:
     """Each node of ``graph`` whose tag has one of ``roles``, with its tag."""
     for node in graph.nodes:
@@ -161,6 +202,12 @@ def tagged(graph: torch.fx.Graph, *roles: Role) -> Iterator[tuple[torch.fx.Node,
 def mask_registry(graph: torch.fx.Graph) -> dict[str, str]:
     """The masks fxsparse made in ``graph``: mask buffer FQN -> parameter FQN, read from its tags."""
     return {str(tag.mask): str(tag.param) for _, tag in tagged(graph, Role.MASKED)}
+
+
+def recorded_masks(module: nn.Module) -> dict[str, str] | None:
+    """The registry a TorchScript output records (mask buffer -> parameter), or None where it records none."""
+    recorded = getattr(module, SCRIPT_MASKS_ATTRIBUTE, None) if isinstance(module, torch.jit.ScriptModule) else None
+    return dict(recorded) if isinstance(recorded, Mapping) else None
 
 
 def retag(graph: torch.fx.Graph, registry: Mapping[str, str], root: nn.Module | None = None) -> None:
@@ -178,7 +225,10 @@ def retag(graph: torch.fx.Graph, registry: Mapping[str, str], root: nn.Module | 
     products = graph.find_nodes(op="call_function", target=torch.mul)
     products += graph.find_nodes(op="call_function", target=torch.ops.aten.mul.Tensor)  # exported again
     for product in products:
-        if len(product.args) != 2 or product.kwargs or tag_of(product) is not None:
+        tag = tag_of(product)
+        # A product already tagged (an exported program loaded again keeps the products' tags
+        # only) still gets its operands' tags back.
+        if len(product.args) != 2 or product.kwargs or (tag is not None and tag.role is not Role.MASKED):
             continue
         mask, weight = product.args
         if not (isinstance(mask, torch.fx.Node) and isinstance(weight, torch.fx.Node)):
@@ -197,7 +247,8 @@ def retag(graph: torch.fx.Graph, registry: Mapping[str, str], root: nn.Module | 
             set_tag(weight, Tag(Role.WEIGHT, param=param))
         if tag_of(mask) is None:
             set_tag(mask, Tag(Role.MASK, param=param, mask=buffer))
-        set_tag(product, Tag(Role.MASKED, param=param, mask=buffer))
+        if tag is None:
+            set_tag(product, Tag(Role.MASKED, param=param, mask=buffer))
 
 
 def _same_parameter(root: nn.Module, name: str, other: str) -> bool:

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.ao.pruning import FakeSparsity
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 import fxsparse
 
 from hf_zoo import VOCABULARY, random_masks
+from reference import fake_sparsity_on_every_name
 
 sys.path.insert(0, str(Path(__file__).parent / "vendored"))
 
@@ -390,22 +390,6 @@ def needs_transformers(entry: ZooModel) -> bool:
     return entry.build.__qualname__.startswith(_hf.__name__)
 
 
-def fake_sparsity_on_every_name(reference: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """``reference`` itself, with FakeSparsity(mask) on every name of each masked parameter (on
-    one name only, a tied parameter's other uses would go unmasked). In place, not on a deepcopy:
-    deepcopy shares functions, so a closure over submodules (minGPT's Block.mlpf) would still
-    call the unmasked original's."""
-    names = dict(reference.named_parameters(remove_duplicate=False))
-    for key, mask in masks.items():
-        for alias, parameter in names.items():
-            if parameter is names[key]:
-                owner, _, attribute = alias.rpartition(".")
-                parametrize.register_parametrization(
-                    reference.get_submodule(owner), attribute, FakeSparsity(mask.clone())
-                )
-    return reference
-
-
 def _tensors(result: Any) -> list[torch.Tensor]:
     """The floating-point tensors of an output, in order (tuples, lists, dicts, ModelOutput)."""
     if isinstance(result, torch.Tensor):
@@ -459,7 +443,7 @@ def compare(entry: ZooModel, mode: str, seed: int = 0) -> Result:
             warned.append(found[1])
         else:  # not this comparison's business: as if uncaught
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    reference = fake_sparsity_on_every_name(models[1], masks)
+    reference = fake_sparsity_on_every_name(models[1], masks, in_place=True)  # models[1] is ours to change
     if mode == "switch":
         out.train()
         reference.train()

@@ -21,6 +21,25 @@ def fake_sparsity(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module
     return reference
 
 
+def fake_sparsity_on_every_name(
+    model: nn.Module, masks: dict[str, torch.Tensor], *, in_place: bool = False
+) -> nn.Module:
+    """``model`` (a copy, or itself ``in_place``) with FakeSparsity(mask) on every name of each masked
+    parameter: on one name only, a tied parameter's other uses would go unmasked. In place where a
+    copy would not do: deepcopy shares functions, so a closure over submodules (minGPT's
+    Block.mlpf) would still call the unmasked original's."""
+    reference = model if in_place else copy.deepcopy(model)
+    names = dict(reference.named_parameters(remove_duplicate=False))
+    for key, mask in masks.items():
+        for alias, parameter in names.items():
+            if parameter is names[key]:
+                owner, _, attribute = alias.rpartition(".")
+                parametrize.register_parametrization(
+                    reference.get_submodule(owner), attribute, FakeSparsity(mask.clone())
+                )
+    return reference
+
+
 def eager(model: nn.Module, masks: dict[str, torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
     """``model(*args)`` with every name of every masked parameter replaced by ``mask * weight``."""
     aliases: dict[int, list[str]] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fxsparse._compat import PRIVATE_APIS
+from fxsparse._compat import MODULE_STATE_ATTRIBUTES, PRIVATE_APIS
 
 PACKAGE = Path(__file__).parent.parent / "fxsparse"
 
@@ -33,6 +33,10 @@ def test_private_torch_api_still_exists(api: str) -> None:
             import torch.fx
 
             value = torch.fx.Graph()
+        elif attribute == "_c" and isinstance(value, type):  # set on each compiled module
+            import torch
+
+            value = torch.jit.script(torch.nn.ReLU())
         elif attribute == "_guards_code" and isinstance(value, type):  # set on each ExportedProgram
             import torch
 
@@ -54,6 +58,10 @@ def _private_torch_names(tree: ast.AST) -> list[tuple[int, str]]:
                 (node.lineno, f"import {a.name}") for a in node.names if "._" in a.name and a.name.startswith("torch")
             ]
         elif isinstance(node, ast.Attribute):
+            owner = ast.unparse(node.value)
+            if _private(node.attr) and owner not in ("self", "cls") and node.attr not in MODULE_STATE_ATTRIBUTES:
+                # A private attribute of an object torch made (an operator's _schema, a module's _c).
+                found.append((node.lineno, f"{owner}.{node.attr}"))
             chain = [node.attr]
             value: ast.expr = node.value
             while isinstance(value, ast.Attribute):
@@ -62,11 +70,39 @@ def _private_torch_names(tree: ast.AST) -> list[tuple[int, str]]:
             private = any(part.startswith("_") and not part.startswith("__") for part in chain)
             if isinstance(value, ast.Name) and value.id == "torch" and private:
                 found.append((node.lineno, ".".join(["torch", *reversed(chain)])))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) > 1:
+            name = node.args[1]  # getattr(torch, "_C"), setattr(module, "_x", ...)
+            if node.func.id in ("getattr", "setattr", "hasattr", "delattr") and _private_string(name):
+                found.append((node.lineno, f"{node.func.id}(..., {ast.unparse(name)})"))
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("torch."):
             dotted = " " not in node.value and any(part.startswith("_") for part in node.value.split("."))
             if dotted:  # importlib.import_module("torch.x._y"), a private logger's name
                 found.append((node.lineno, repr(node.value)))
     return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_string(node: ast.expr) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and _private(node.value)
+
+
+def test_the_private_name_check_finds_what_it_looks_for() -> None:
+    code = """
+import torch._C
+from torch.fx.graph import _PyTreeCodeGen
+torch._C._nn.linear
+op._schema.name
+getattr(torch, "_C")
+module._parameters
+self._cache
+"""
+    found = [name for _, name in _private_torch_names(ast.parse(code))]
+    assert "import torch._C" in found and "from torch.fx.graph import _PyTreeCodeGen" in found
+    assert "torch._C._nn.linear" in found and "op._schema" in found and "getattr(..., '_C')" in found
+    assert not [name for name in found if "_parameters" in name or "_cache" in name]
 
 
 def test_no_module_but_compat_reaches_a_private_torch_name() -> None:
@@ -80,3 +116,10 @@ def test_no_module_but_compat_reaches_a_private_torch_name() -> None:
     assert not sorted(set(offenders)), "private torch names outside fxsparse/_compat.py:\n" + "\n".join(
         sorted(set(offenders))
     )
+
+
+@pytest.mark.parametrize("attribute", sorted(MODULE_STATE_ATTRIBUTES))
+def test_module_state_attributes_fxsparse_reads_still_exist(attribute: str) -> None:
+    import torch
+
+    assert hasattr(torch.nn.Module(), attribute), f"nn.Module no longer has {attribute!r}, which fxsparse reads"

@@ -7,34 +7,19 @@ models is traceable by torch.fx, so capture="auto" takes torch.export.
 
 from __future__ import annotations
 
-import copy
 import io
 
 import pytest
 import torch
 from torch import nn
-from torch.ao.pruning import FakeSparsity
 from torch.nn.utils import parametrize
 
 import fxsparse
 
 from hf_zoo import FAMILIES, Family, build, dynamic_shapes, linear_like, random_masks
+from reference import fake_sparsity_on_every_name
 
 SHAPES = [(2, 8), (3, 5)]  # the example's shape, and another one through the dynamic dimensions
-
-
-def fake_sparsity_on_every_name(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """The FakeSparsity reference, registered on every name of a tied parameter (else one use goes unmasked)."""
-    reference = copy.deepcopy(model)
-    names = dict(reference.named_parameters(remove_duplicate=False))
-    for key, mask in masks.items():
-        for alias, parameter in names.items():
-            if parameter is names[key]:
-                owner, _, attribute = alias.rpartition(".")
-                parametrize.register_parametrization(
-                    reference.get_submodule(owner), attribute, FakeSparsity(mask.clone())
-                )
-    return reference
 
 
 def output(family: Family, model: object, batch: int, sequence: int) -> torch.Tensor:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import io
 import pickle
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -106,3 +109,86 @@ def test_the_plan_is_data_that_pickles_and_shares_no_tensor_with_the_output() ->
     _rewrite.rewrite(root, graph, plan)
     for p in plan.parameters:
         assert root.get_buffer(p.mask_name).data_ptr() != p.mask.data_ptr()
+
+
+def test_an_exported_program_knows_its_masks_by_record_not_by_name_after_save_and_load() -> None:
+    torch.manual_seed(0)
+    model = GatedModel()
+    mask = torch.rand(4, 4) > 0.5
+    x = torch.randn(2, 4)
+    program = fxsparse.transform(model, {"fc": mask}, emit="export", example_inputs=(x,))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    before = torch.fx.symbolic_trace(model)
+    for candidate in (program, loaded):
+        masks = fxsparse.viz.masks_of(candidate)
+        assert list(masks) == ["fc.weight"]  # the model's own gate_mask beside gate is not a mask
+        assert torch.equal(masks["fc.weight"], mask)
+        roles = fxsparse.viz.diff(before, candidate).roles
+        assert sorted(str(role) for role in roles.values()) == ["mask", "masked", "weight"]
+        assert "density 0." in fxsparse.viz.draw(candidate).source
+    assert torch.equal(loaded.module()(x), _eager_reference(model, mask, x))
+
+
+@pytest.mark.parametrize("emit", ["script", "trace"])
+def test_a_torchscript_output_knows_its_masks_by_record_not_by_name(emit: str) -> None:
+    torch.manual_seed(0)
+    model = GatedModel()
+    mask = torch.rand(4, 4) > 0.5
+    x = torch.randn(2, 4)
+    compiled = fxsparse.transform(model, {"fc": mask}, emit=emit, example_inputs=(x,))
+    buffer = io.BytesIO()
+    torch.jit.save(compiled, buffer)
+    buffer.seek(0)
+    for candidate in (compiled, torch.jit.load(buffer)):
+        masks = fxsparse.viz.masks_of(candidate)
+        assert list(masks) == ["fc.weight"] and torch.equal(masks["fc.weight"], mask)
+        # Writing a "mask" into the model's own gate_mask would change what the model computes.
+        with pytest.raises(fxsparse.MaskError, match="'gate' is not masked"):
+            fxsparse.update_masks(candidate, {"gate": torch.zeros(4)})
+        assert torch.equal(candidate.gate_mask, model.gate_mask)
+        fxsparse.update_masks(candidate, {"fc": torch.ones(4, 4, dtype=torch.bool)})
+        assert torch.equal(candidate(x), _eager_reference(model, torch.ones(4, 4), x))
+
+
+def test_a_frozen_torchscript_output_has_no_masks_to_update() -> None:
+    model = GatedModel()
+    frozen = fxsparse.freeze(fxsparse.transform(model, {"fc": torch.ones(4, 4)}), emit="script")
+    assert fxsparse.viz.masks_of(frozen) == {}
+    with pytest.raises(fxsparse.MaskError, match="no masks to update"):
+        fxsparse.update_masks(frozen, {"gate": torch.zeros(4)})
+
+
+def _hand_spelled_tags(tree: ast.AST) -> list[str]:
+    """The tag key used as a literal (``meta["fxsparse"]``, ``meta.get("fxsparse")``), and a role
+    compared with its string value (``role == "masked"``, ``role in ("weight", ...)``)."""
+    roles = {role.value for role in Role}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            key = node.slice.value
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+            key = node.args[0].value if node.func.attr == "get" and isinstance(node.args[0], ast.Constant) else None
+        elif isinstance(node, ast.Compare) and "role" in ast.unparse(node.left):
+            strings = {n.value for c in node.comparators for n in ast.walk(c) if isinstance(n, ast.Constant)}
+            key = next(iter(strings & roles), None)
+            key = f"role {key}" if key is not None else None
+        else:
+            continue
+        if key == fxsparse.META_KEY or (isinstance(key, str) and key.startswith("role ")):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_but_tags_spells_the_tag_key_or_a_role_by_hand() -> None:
+    assert _hand_spelled_tags(ast.parse('meta.get("fxsparse", {})\nx = data["role"] in ("opened", "x")'))
+    package = Path(fxsparse.__file__).parent
+    found = [
+        f"{path.relative_to(package)}:{where}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "_tags.py"
+        for where in _hand_spelled_tags(ast.parse(path.read_text()))
+    ]
+    assert not found, "read tags through fxsparse._tags (tag_of, Role):\n" + "\n".join(found)

@@ -16,7 +16,7 @@ import torch.export
 from torch import nn
 
 from .._errors import MaskError
-from .._plan import MaskedParameter, _check_buffer_names, _resolve_key, build_plan, normalize_mask
+from .._plan import MaskedParameter, build_plan, check_buffer_names, normalize_mask, resolve_key
 from .._sparsity import density_of, holder_types, input_axis_of, pattern_of, uniform_blocks
 from ._importers import mask_buffers
 
@@ -105,10 +105,10 @@ def check(
     for key, mask in masks.items():
         found: list[str] = []
         try:
-            name = key if own else _resolve_key(key, parameter_by_name, modules, model)
+            name = key if own else resolve_key(key, parameter_by_name, modules, model)
             if not own:
                 normalized = normalize_mask(key, mask, name, parameter_by_name[name])
-                _check_buffer_names((MaskedParameter(name, (name,), normalized),), modules)
+                check_buffer_names((MaskedParameter(name, (name,), normalized),), modules)
                 accepted[key] = mask
         except MaskError as error:
             found.append(str(error))

@@ -15,7 +15,7 @@ import torch.fx
 from torch import nn
 
 from .._errors import MaskError
-from .._tags import Role, tag_of
+from .._tags import Role, recorded_masks, tag_of
 
 __all__ = ["from_parametrized", "from_prune", "from_sparsifier", "mask_buffers", "to_sparsifier"]
 
@@ -139,9 +139,9 @@ def to_sparsifier(model: nn.Module, masks: Mapping[str, torch.Tensor], sparsifie
 
 def mask_buffers(model: nn.Module) -> dict[str, tuple[nn.Parameter, torch.Tensor]]:
     """Masked parameter name -> (the parameter, its mask buffer), of fxsparse's output (its tagged
-    mask nodes), of a module with ``FakeSparsity``-like parametrizations (a ``mask``), or, for
-    TorchScript outputs (which cannot carry tags), every ``<param>_mask`` buffer beside its
-    parameter. A model's own buffers are never taken for masks by their names elsewhere."""
+    mask nodes; for TorchScript outputs, which cannot carry tags, the record of its masks) or
+    of a module with ``FakeSparsity``-like parametrizations (a ``mask``). A buffer is never
+    taken for a mask by its name: a model's own ``gate_mask`` beside ``gate`` stays its own."""
     found: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
     if isinstance(model, torch.fx.GraphModule):
         for node in model.graph.find_nodes(op="get_attr"):
@@ -155,9 +155,10 @@ def mask_buffers(model: nn.Module) -> dict[str, tuple[nn.Parameter, torch.Tensor
                 if isinstance(mask, torch.Tensor):
                     name = f"{prefix}.{tensor_name}" if prefix else tensor_name
                     found[name] = (chain.original, mask)
-    if not found and isinstance(model, torch.jit.ScriptModule):
+    recorded = recorded_masks(model)
+    if recorded:
         parameters = dict(model.named_parameters(remove_duplicate=False))
-        for name, buffer in model.named_buffers(remove_duplicate=False):
-            if name.endswith("_mask") and name.removesuffix("_mask") in parameters:
-                found[name.removesuffix("_mask")] = (parameters[name.removesuffix("_mask")], buffer)
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        for mask, param in recorded.items():
+            found[param] = (parameters[param], buffers[mask])
     return found

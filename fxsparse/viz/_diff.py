@@ -18,7 +18,7 @@ import torch.export
 import torch.fx
 
 from .._compat import qualified_name
-from .._tags import tag_of
+from .._tags import Role, mask_registry, retag, tag_of
 from ._unified import unified_diff
 
 __all__ = ["Drawable", "GraphDiff", "diff", "graph_of", "module_calls", "to_networkx"]
@@ -160,6 +160,10 @@ def module_calls(node: torch.fx.Node) -> list[tuple[str, str]]:
     return calls
 
 
+# Roles of nodes that stand where a module call stood (they record its module).
+_REPLACES_A_CALL = (Role.OPENED, Role.CALLED, Role.SPARSE, Role.LINEAR)
+
+
 def _match(old: torch.fx.Graph, new: torch.fx.Graph, a: Any, b: Any, aliases: dict[str, set[str]]) -> dict[str, str]:
     """``before`` name -> ``after`` name, found in five passes, each over what is still unmatched."""
     match: dict[str, str] = {}
@@ -176,7 +180,7 @@ def _match(old: torch.fx.Graph, new: torch.fx.Graph, a: Any, b: Any, aliases: di
     unmatched_calls = {module: list(names) for module, names in calls_of.items()}
     for name, data in b.nodes(data=True):
         module = data["tag"].get("module")
-        candidates = unmatched_calls.get(module) if data["role"] in ("opened", "called", "sparse", "linear") else None
+        candidates = unmatched_calls.get(module) if data["role"] in _REPLACES_A_CALL else None
         if candidates:
             chosen = name if name in candidates else candidates[0]
             candidates.remove(chosen)  # usually the first: calls are opened in graph order
@@ -198,8 +202,8 @@ def _match(old: torch.fx.Graph, new: torch.fx.Graph, a: Any, b: Any, aliases: di
     for name, data in a.nodes(data=True):
         if name not in match and name in b and name not in taken:
             other = b.nodes[name]
-            renamed_fetch = data["op"] == other["op"] == "get_attr" and other["role"] == "weight"
-            if _same_kind(data, other) or renamed_fetch or other["role"] == "sparse":
+            renamed_fetch = data["op"] == other["op"] == "get_attr" and other["role"] is Role.WEIGHT
+            if _same_kind(data, other) or renamed_fetch or other["role"] is Role.SPARSE:
                 pair(name, name)
     # 4. same op and target, in graph order
     waiting_by_kind: dict[tuple[str, str], list[str]] = {}
@@ -247,6 +251,8 @@ def graph_of(value: Drawable, what: str) -> tuple[torch.fx.GraphModule | None, t
     """
     if isinstance(value, torch.export.ExportedProgram):
         value = value.module()  # tags that fxsparse.transform(emit="export") recorded carry over
+        # A program loaded by torch.export.load kept its products' tags only: tag what they read.
+        retag(value.graph, mask_registry(value.graph), value)
     if isinstance(value, torch.fx.GraphModule):
         return value, value.graph
     if isinstance(value, torch.fx.Graph):

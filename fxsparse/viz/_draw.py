@@ -417,12 +417,16 @@ def _module_path(node: torch.fx.Node) -> list[str]:
     return calls[-1][1].split(".") if calls and calls[-1][1] else []
 
 
+# Roles drawn as a kind of their own (KINDS has an entry of the role's name for each).
+_DRAWN_BY_ROLE = (Role.WEIGHT, Role.MASK, Role.MASKED, Role.OPENED, Role.CALLED, Role.GUARDS, Role.SPARSE)
+
+
 def kind_of(node: torch.fx.Node) -> str:
     """The :data:`KINDS` entry a node is drawn as."""
     role = role_of(node)
     if node.op in ("placeholder", "output"):
         return "input"
-    if role in ("weight", "mask", "masked", "opened", "called", "guards", "sparse"):
+    if role in _DRAWN_BY_ROLE:
         return str(role)
     if node.op == "get_attr":
         return "parameter"

@@ -15,8 +15,8 @@ import torch.export
 import torch.fx
 
 from .._kernels import LayoutChoice, layouts_in
-from .._plan import MASK_SUFFIX
 from .._sparsity import summarize
+from .._tags import mask_registry
 from ..masks._importers import mask_buffers
 from ._diff import Drawable, GraphDiff, diff, graph_of
 from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, kind_of, render_bytes
@@ -44,17 +44,14 @@ pre { background: #f7f7f7; padding: .75rem; overflow: auto; font-size: 12px; }
 def masks_of(model: torch.fx.GraphModule | torch.export.ExportedProgram | torch.nn.Module) -> dict[str, torch.Tensor]:
     """The masks a model applies, by parameter name (the buffers themselves, not copies).
 
-    Reads fxsparse's output (``emit="graph"``: its tagged mask nodes; ``emit="export"``: the
-    program's ``<param>_mask`` buffers) or a module carrying ``FakeSparsity``
-    parametrizations (``emit="parametrize"``, or ``torch.ao.pruning``'s own).
+    Reads fxsparse's output (``emit="graph"`` and ``emit="export"``, saved and loaded again
+    too: its tagged ``mask * weight`` nodes; TorchScript: the record of its masks) or a module
+    carrying ``FakeSparsity`` parametrizations (``emit="parametrize"``, or ``torch.ao.pruning``'s
+    own). A buffer is a mask because fxsparse recorded it as one, never by its name.
     """
     if isinstance(model, torch.export.ExportedProgram):
         state = model.state_dict
-        return {
-            name.removesuffix(MASK_SUFFIX): value
-            for name, value in state.items()
-            if name.endswith(MASK_SUFFIX) and name.removesuffix(MASK_SUFFIX) in state
-        }
+        return {param: state[mask] for mask, param in mask_registry(model.graph).items() if mask in state}
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"masks_of takes fxsparse's output or a torch.nn.Module, got {type(model).__name__}")
     return {name: buffer for name, (_, buffer) in mask_buffers(model).items()}
