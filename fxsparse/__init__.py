@@ -11,6 +11,17 @@ as an ordinary buffer and an ordinary ``mul`` node in an FX graph::
            which modules      trace it              Linear/Conv/Embedding       TorchScript,
            to open                                  opened to functional calls  torch.export
 
+Where things live (imports flow one way: errors → plan → capture → rewrite → emit; diff → draw):
+
+- ``_plan`` (pure data: what to mask, open, keep), ``_capture`` (copy, lower, trace or export),
+  ``_rewrite`` (the only module that edits graphs), ``_emit`` (output forms), ``_transform``
+  and ``_freeze`` (the public entry points, which only call those);
+- ``_tags`` (the typed node tags: how fxsparse knows its own nodes), ``_compat`` (every private
+  torch API, and nothing else reaches one), ``_runtime/`` (what graphs call: the weight swap,
+  sparse operators, input guards), ``_kernels`` (sparse layouts, chosen by measurement);
+- ``masks/`` (makers, importers, files, check, update) and ``viz/`` (diff, draw, report):
+  packages of their own, built on the core and never imported by it.
+
 Example:
     >>> import torch, fxsparse
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
