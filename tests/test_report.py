@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import select
 import shutil
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -251,3 +258,188 @@ def test_diff_command_masks_convolutions_and_says_what(
     assert "masking 2 weights (Conv2d ×1, Linear ×1) at 50% sparsity by magnitude" in captured.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]  # no diff.svg when only the report is asked
     assert "<td>conv.weight</td>" in (tmp_path / "r.html").read_text()
+
+
+def _above(descriptor: int, lowest: int) -> int:
+    """``descriptor`` moved to a number of at least ``lowest``."""
+    moved = fcntl.fcntl(descriptor, fcntl.F_DUPFD_CLOEXEC, lowest)
+    os.close(descriptor)
+    return moved
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe: real pages and real clicks,
+    with nothing to install beyond the browser (no driver, no download, no network)."""
+
+    def __init__(self, profile: Path) -> None:
+        browser = shutil.which("chromium") or shutil.which("chromium-browser")
+        assert browser, "headless Chromium is needed (apt-get install chromium; .ci/run installs it)"
+        to_browser, self.commands = os.pipe()
+        self.replies, from_browser = os.pipe()
+        # Chromium reads commands on descriptor 3 and answers on 4: a Python trampoline puts the
+        # pipes there, from descriptors above both (a pipe already on 3 or 4 would be overwritten).
+        to_browser, from_browser = (_above(descriptor, 5) for descriptor in (to_browser, from_browser))
+        arguments = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={profile}",
+        ]
+        trampoline = (
+            "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
+            "os.execv(sys.argv[3], sys.argv[3:])"
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", trampoline, str(to_browser), str(from_browser), browser, *arguments, "about:blank"],
+            pass_fds=(to_browser, from_browser), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        os.close(to_browser)
+        os.close(from_browser)
+        self.buffer, self.count, self.events = b"", 0, []
+        self.session: str | None = None
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log"):
+            self.call(f"{domain}.enable")
+
+    def call(self, method: str, **params: object) -> dict[str, Any]:
+        self.count += 1
+        message = {"id": self.count, "method": method, "params": params}
+        if self.session is not None:
+            message["sessionId"] = self.session
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        while True:
+            reply = self.receive(time.monotonic() + 60)
+            if reply.get("id") == self.count:
+                assert "error" not in reply, (method, reply)
+                return dict(reply["result"])
+            self.events.append(reply)
+
+    def receive(self, deadline: float) -> dict[str, Any]:
+        while b"\0" not in self.buffer:
+            ready, _, _ = select.select([self.replies], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError("Chromium did not answer")
+            chunk = os.read(self.replies, 1 << 16)
+            assert chunk, "Chromium closed the pipe"
+            self.buffer += chunk
+        message, _, self.buffer = self.buffer.partition(b"\0")
+        return dict(json.loads(message))
+
+    def wait_for(self, method: str, seconds: float = 60) -> None:
+        deadline = time.monotonic() + seconds
+        while not any(event.get("method") == method for event in self.events):
+            self.events.append(self.receive(deadline))
+
+    def open(self, page: Path) -> None:
+        self.events.clear()
+        self.call("Page.navigate", url=page.as_uri())
+        self.wait_for("Page.loadEventFired")
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def click(self, selector: str) -> None:
+        """A real click (a mouse press and release at the middle of what ``selector`` finds)."""
+        box = self.evaluate(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+
+    def close(self) -> None:
+        os.close(self.commands)
+        os.close(self.replies)
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Chromium]:
+    browser = Chromium(tmp_path / "profile")
+    yield browser
+    browser.close()
+
+
+# A module name Graphviz once read as an HTML-like label: a table whose cell links to script.
+SCRIPT_LINK = "<<TABLE HREF='javascript:void(document&#46;title=&quot;pwned&quot;)'><TR><TD>click</TD></TR></TABLE>>"
+
+
+def test_report_runs_no_script_when_a_module_box_is_clicked(tmp_path: Path, chromium: Chromium) -> None:
+    model = nn.Sequential()
+    model.add_module(SCRIPT_LINK, nn.Sequential(nn.Linear(4, 4)))
+    out = fxsparse.transform(model, {f"{SCRIPT_LINK}.0": torch.eye(4)})
+    page = fxsparse.viz.report(torch.fx.symbolic_trace(model), out, tmp_path / "report.html", title="named")
+    chromium.open(page)
+    assert chromium.evaluate("document.querySelectorAll('figure > svg').length") == 3  # pictures, not DOT text
+    for figure in ("diff", "before", "after"):
+        # The module's box label: a link when the name was read as markup, its text when drawn as text.
+        label = f"#figure-{figure} g.cluster a, #figure-{figure} g.cluster text"
+        chromium.click(label)
+        time.sleep(0.5)  # a javascript: link runs as a task after the click
+        assert chromium.evaluate("document.title") == "named", figure
+        assert chromium.evaluate(f"document.querySelector('{label}').textContent") in ("click", SCRIPT_LINK)
+    assert not [event for event in chromium.events if event["method"] == "Page.javascriptDialogOpening"]
+
+
+def test_report_policy_forbids_script_and_remote_loads(tmp_path: Path, chromium: Chromium) -> None:
+    """Should a model's string ever slip through the escaping, the page's own policy stops it."""
+    chromium.open(seed_report(tmp_path / "report.html"))
+    policy = chromium.evaluate("document.querySelector('meta[http-equiv=\"Content-Security-Policy\"]').content")
+    assert "default-src 'none'" in policy and "script-src" not in policy
+    tries = {
+        "img-src": "const i = document.createElement('img'); i.src = 'https://example.invalid/p.png'; "
+        "document.body.append(i);",
+        "script-src-elem": "const s = document.createElement('script'); s.textContent = 'document.title = 1'; "
+        "document.body.append(s);",
+        "connect-src": "fetch('https://example.invalid/').catch(() => {});",
+        "script-src-elem ": "const a = document.createElement('a'); a.href = 'javascript:document.title = 1'; "
+        "document.body.append(a); a.click();",
+    }
+    for directive, code in tries.items():
+        violated = chromium.evaluate(
+            "new Promise(done => { document.addEventListener('securitypolicyviolation', "
+            f"e => done(e.effectiveDirective), {{once: true}}); {code} setTimeout(() => done('allowed'), 3000); }})"
+        )
+        assert violated == directive.strip(), code
+    assert chromium.evaluate("document.title") == "seed model"
+    chromium.click("details summary")  # what the page does without script still works
+    assert chromium.evaluate("document.querySelector('details').open") is True
+
+
+def script_link_model() -> nn.Module:
+    """A factory for the CLI: a model with a module named :data:`SCRIPT_LINK`."""
+    model = nn.Sequential()
+    model.add_module(SCRIPT_LINK, nn.Sequential(nn.Linear(4, 4)))
+    return model
+
+
+def test_diff_command_draws_module_names_as_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fxsparse diff --html`` and ``--out``: the same escaping and policy as ``fxsparse.viz.report``."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["diff", "test_report:script_link_model", "--out", "d.svg", "--html", "r.html"]) == 0
+    page, picture = Path("r.html").read_text(), Path("d.svg").read_text()
+    assert page.count("<svg") == 3 and "<meta http-equiv='Content-Security-Policy'" in page
+    for text in (page, picture):
+        assert not re.search(r"<a\b|<image\b|href=", text)
+
+
+def test_report_shows_no_picture_holding_links_images_or_handlers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever a renderer writes, a picture with more than shapes and text never reaches the page."""
+    pictures = [
+        '<svg><g><a xlink:href="javascript:alert(1)"><text>x</text></a></g></svg>',
+        '<svg><g><image xlink:href="/etc/passwd"/></g></svg>',
+        '<svg onload="alert(1)"><g><text>x</text></g></svg>',
+    ]
+    for picture in pictures:
+        monkeypatch.setattr("fxsparse.viz._report.render_bytes", lambda dot, svg=picture: svg.encode())
+        page = seed_report(tmp_path / "report.html").read_text()
+        assert "alert" not in page and "/etc/passwd" not in page and "<svg" not in page, picture
+        assert page.count("which a report never shows. The DOT source:") == 3

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import shutil
+import struct
 import sysconfig
+import zlib
 from pathlib import Path
 
 import pytest
@@ -530,3 +534,70 @@ def test_meta_masks_are_drawn_without_values() -> None:
 def test_titles_in_angle_brackets_are_text() -> None:
     dot = viz.draw(torch.fx.symbolic_trace(nn.Sequential(nn.ReLU())), title="<GPT-2>")
     assert ">&lt;GPT&#45;2&gt;</text>" in viz.render_bytes(dot).decode()
+
+
+def named(name: str) -> tuple[nn.Module, torch.fx.GraphModule]:
+    """A model holding one Linear inside a module called ``name``, and its masked output."""
+    model = nn.Sequential()
+    model.add_module(name, nn.Sequential(nn.Linear(4, 4)))
+    return model, fxsparse.transform(model, {f"{name}.0": torch.eye(4)})
+
+
+def drawings_of(name: str) -> list[str]:
+    """The SVG of every drawing of a model with a module called ``name``: whole, collapsed, diffed."""
+    model, out = named(name)
+    dots = (viz.draw(out), viz.draw(out, depth=0), viz.draw_diff(torch.fx.symbolic_trace(model), out))
+    return [viz.render_bytes(dot).decode() for dot in dots]
+
+
+def png_2x2() -> bytes:
+    """A valid 2x2 red PNG, written out by hand."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = (b"\x00" + b"\xff\x00\x00" * 2) * 2
+    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("<<TABLE HREF='javascript:alert(1)'><TR><TD>x</TD></TR></TABLE>>", None),
+        ("<a>b>", None),  # not a valid HTML-like label: once a syntax error, and no picture at all
+        ("<broken", None),
+        ("&amp; &#46; <b>bold</b>", None),  # Graphviz decodes entities in labels: these stay as typed
+        ("tab\there\x1b[2J", "tab\\x09here\\x1b[2J"),
+    ],
+)
+def test_module_names_are_drawn_as_text_never_as_graphviz_html(name: str, shown: str | None) -> None:
+    """A module's name is a label's text, never a Graphviz HTML-like label (a link, a table, a bad parse)."""
+    for svg in drawings_of(name):
+        assert not re.search(r"<a\b|<image\b|href=", svg)
+        texts = [html.unescape(text) for text in re.findall(r"<text[^>]*>([^<]*)</text>", svg)]
+        assert (shown or name) in texts  # the cluster's label, or the collapsed box's first line
+
+
+def test_image_labels_embed_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``<IMG SRC=...>`` in a name would make the renderer put a file into the picture."""
+    monkeypatch.chdir(tmp_path)  # the renderer finds SRC from here (a module name cannot hold a ".")
+    (tmp_path / "picture").write_bytes(png_2x2())
+    for svg in drawings_of("<<TABLE><TR><TD><IMG SRC='picture'/></TD></TR></TABLE>>"):
+        assert "<image" not in svg and "<IMG SRC='picture'/>" in html.unescape(svg)  # drawn as text
+
+
+def test_clashing_module_names_get_distinct_dot_ids() -> None:
+    """Ids made safe for DOT (no ":" an edge reads as a port) never merge two modules' boxes."""
+
+    class Clash(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleDict({name: nn.Sequential(nn.Linear(4, 4)) for name in ("enc:0", "enc_0")})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blocks["enc_0"](self.blocks["enc:0"](x))
+
+    plain = viz.render_bytes(viz.draw(torch.fx.symbolic_trace(Clash()), depth=1), "plain").decode()
+    drawn = sorted(line.split()[1].strip('"') for line in plain.splitlines() if line.startswith("node "))
+    assert drawn == ["collapsed__blocks.enc_0", "collapsed__blocks.enc_0~2", "output", "x"]

@@ -98,6 +98,27 @@ def draw(
     return _draw(graph, title, depth, compact, fold, marks or {})[0]
 
 
+class _Ids:
+    """DOT ids for drawn things named by model strings (module paths): one per string, distinct
+    for distinct strings, and none a renderer could misread (a ``:`` in an edge reads as a
+    port, a backslash before the closing quote ends nothing, control characters end lines)."""
+
+    def __init__(self, taken: set[str]) -> None:
+        self.taken = set(taken)
+        self.given: dict[str, str] = {}
+
+    def __call__(self, text: str) -> str:
+        if text not in self.given:
+            base = found = re.sub(r'[\\:"\x00-\x1f\x7f]', "_", text)
+            number = 1
+            while found in self.taken:  # two strings made alike: the later one gets a number
+                number += 1
+                found = f"{base}~{number}"
+            self.taken.add(found)
+            self.given[text] = found
+        return self.given[text]
+
+
 def _draw(
     graph: Drawable,
     title: str | None,
@@ -105,8 +126,9 @@ def _draw(
     compact: bool | None,
     fold: bool | None,
     marks: Mapping[str, str],
-) -> tuple[Any, dict[str, str]]:
-    """The drawing, and for each node of ``graph`` the drawn node standing for it (none if folded away)."""
+) -> tuple[Any, dict[str, str], _Ids]:
+    """The drawing, for each node of ``graph`` the drawn node standing for it (none if folded away),
+    and the ids given so far (a diff adds its removed nodes' with them)."""
     import graphviz
 
     unknown = set(marks.values()) - set(DIFF_MARKS)
@@ -118,6 +140,7 @@ def _draw(
     nodes = list(fx_graph.nodes)
     big = len(nodes) > _AUTO_COLLAPSE
     compact = big if compact is None else compact
+    ids = _Ids({node.name for node in nodes})  # fx names are identifiers already: drawn as they are
     paths = {node: _module_path(node) for node in nodes}
     runs: dict[tuple[str, ...], int] = {}  # path standing for a folded run of numbered siblings -> members
     if big if fold is None else fold:
@@ -130,16 +153,15 @@ def _draw(
     masked: dict[str, int] = {}  # collapsed box -> masked weights inside
     dot = graphviz.Digraph(name=_identifier(title or "graph"), graph_attr={"rankdir": "TB", "fontname": "Helvetica"})
     dot.attr("node", shape="box", style="rounded,filled", fontname="Helvetica", fontsize="10")
-    if title:  # nohtml: a title in <...> is text, not a Graphviz HTML label
-        dot.attr(label=graphviz.nohtml(_dot_lines(title)), labelloc="t", fontsize="14")
+    if title:
+        dot.attr(label=_dot_lines(title), labelloc="t", fontsize="14")
     shown: dict[str, str] = {}  # node name -> the drawn node standing for it
     clusters: dict[tuple[str, ...], list[tuple[str, dict[str, str]]]] = {}
     for node in nodes:
         path = paths[node]
         run = next((end for end in range(1, len(path) + 1) if tuple(path[:end]) in runs), None)
         cut = min(depth + 1 if depth is not None else len(path) + 1, run or len(path) + 1)
-        # No colon in ids: in an edge, DOT reads "a:b" as node a, port b.
-        box = f"collapsed__{'.'.join(path[:cut]).replace(':', '_')}" if cut <= len(path) else None
+        box = ids(f"collapsed__{'.'.join(path[:cut])}") if cut <= len(path) else None
         if role_of(node) is Role.MASKED and box is not None:
             masked[box] = masked.get(box, 0) + 1
         if compact and _folds(node):
@@ -170,7 +192,7 @@ def _draw(
         if any(inside):  # a box shows what happened inside it
             _mark(attributes, "added" if all(mark == "added" for mark in inside) else "changed")
         clusters.setdefault(box_path[:-1], []).append((box, attributes))
-    _emit_clusters(dot, clusters)
+    _emit_clusters(dot, clusters, ids)
     edges = set()
     for node in nodes:
         for source in node.all_input_nodes:
@@ -181,7 +203,7 @@ def _draw(
                 edges.add(edge)
     for source, user in sorted(edges):
         dot.edge(source, user)
-    return dot, shown
+    return dot, shown, ids
 
 
 def draw_diff(
@@ -209,9 +231,9 @@ def draw_diff(
     graph_diff = graph_diff if graph_diff is not None else diff(before, after)
     marks = {name: "added" for name in graph_diff.added}
     marks.update({new: "changed" for _, new in graph_diff.changed})
-    dot, shown = _draw(after, "diff", depth, compact, fold, marks)
+    dot, shown, ids = _draw(after, "diff", depth, compact, fold, marks)
     colour, style = DIFF_MARKS["removed"]
-    removed = {name: f"removed__{name}" for name in graph_diff.removed}
+    removed = {name: ids(f"removed__{name}") for name in graph_diff.removed}
     for name, drawn in removed.items():
         dot.node(drawn, label=_dot_lines(f"{name}\n(removed)"), color=colour, style=f"rounded,{style}")
     ends = {old: shown[new] for old, new in graph_diff.matched.items() if new in shown} | removed
@@ -484,9 +506,20 @@ def _holder_kinds(module: torch.fx.GraphModule | None, parameter: str) -> list[t
 
 
 def _dot_lines(label: str) -> str:
-    """A label as DOT text: backslashes kept literal (DOT reads ``\\N``, ``\\l`` as escapes), line
-    breaks as DOT's centred ``\\n`` escape, which every renderer reads the same way."""
-    return label.replace("\\", "\\\\").replace("\n", "\\n")
+    """A label drawn as the text it is, whoever named the module or parameter in it.
+
+    Never a Graphviz HTML-like label (``nohtml``): a name ``<<TABLE HREF='javascript:...'>>``
+    would become a link in the SVG, and ``<IMG SRC='/path'/>`` would make the renderer
+    embed a file. Backslashes stay literal (DOT reads ``\\N``, ``\\l`` as escapes), and so do
+    ampersands (Graphviz decodes ``&amp;``, ``&#46;`` in labels); line breaks become DOT's
+    centred ``\\n`` escape, which every renderer reads the same way, and other control
+    characters their ``\\x..`` spelling.
+    """
+    import graphviz
+
+    text = label.replace("\\", "\\\\").replace("&", "&amp;").replace("\n", "\\n")
+    literal: str = graphviz.nohtml(re.sub(r"[\x00-\x1f\x7f]", lambda c: f"\\\\x{ord(c[0]):02x}", text))
+    return literal
 
 
 def _short(target: Any) -> str:
@@ -505,7 +538,7 @@ def _buffer(module: torch.fx.GraphModule | None, name: str | None) -> torch.Tens
         return None
 
 
-def _emit_clusters(dot: Any, clusters: dict[tuple[str, ...], list[tuple[str, dict[str, str]]]]) -> None:
+def _emit_clusters(dot: Any, clusters: dict[tuple[str, ...], list[tuple[str, dict[str, str]]]], ids: _Ids) -> None:
     """Nest a subgraph per module path, so each module is a box inside its parent's."""
     import graphviz
 
@@ -521,8 +554,8 @@ def _emit_clusters(dot: Any, clusters: dict[tuple[str, ...], list[tuple[str, dic
                 seen.add(name)
                 target.node(name, **{**attributes, "label": _dot_lines(attributes["label"])})
         for child in sorted(tree.get(path, ())):
-            sub = graphviz.Digraph(name=f"cluster_{'.'.join(child)}")
-            sub.attr(label=".".join(child), style="rounded,dashed", color="#999999", fontsize="10")
+            sub = graphviz.Digraph(name=ids(f"cluster_{'.'.join(child)}"))
+            sub.attr(label=_dot_lines(".".join(child)), style="rounded,dashed", color="#999999", fontsize="10")
             fill(sub, child)
             target.subgraph(sub)
 

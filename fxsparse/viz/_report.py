@@ -1,6 +1,8 @@
 """The report: one standalone HTML file with the before, after and diff pictures and the sparsity table.
 
-Everything is inline (SVG, styles); the file opens offline and can be mailed around.
+Everything is inline (SVG, styles); the file opens offline and can be mailed around. It runs
+no script: its Content-Security-Policy forbids script (inline, ``javascript:`` links, event
+handlers), remote loads and forms, so a model named to inject markup can at most show text.
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ from ._diff import Drawable, GraphDiff, diff, graph_of
 from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, kind_of, render_bytes
 
 __all__ = ["masks_of", "report"]
+
+# The page needs its inline styles and nothing else: no script of its own, no images, fonts or
+# anything fetched. A model's strings are escaped where they are written; this is the second
+# wall, should one ever slip through.
+_POLICY = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+# What Graphviz draws a picture with. Anything else in its SVG (a link, an image, a script)
+# could only come from a model's strings and is never put on the page.
+_SVG_ELEMENTS = frozenset(
+    {"svg", "g", "title", "polygon", "polyline", "path", "ellipse", "text", "defs", "stop", "linearGradient",
+     "radialGradient"}
+)  # fmt: skip
 
 _STYLE = """
 body { font: 14px/1.45 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2rem auto; max-width: 80rem;
@@ -128,6 +141,7 @@ def report(
     ]
     page = (
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<meta http-equiv='Content-Security-Policy' content=\"{_POLICY}\">"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
         + "\n".join(sections)
         + "\n</body></html>\n"
@@ -180,7 +194,7 @@ def _legend(*graphs: torch.fx.Graph) -> str:
 
 def _figure(dot: object, name: str) -> str:
     try:
-        svg = render_bytes(dot).decode()
+        svg = _checked(render_bytes(dot).decode())
     except RenderError as error:
         return (
             f"<figure id='figure-{name}'><p>{html.escape(str(error))}. The DOT source:</p>"
@@ -193,6 +207,15 @@ def _figure(dot: object, name: str) -> str:
     svg = re.sub(r"url\(#([^)]*)\)", rf"url(#{name}-\1)", svg)
     svg = re.sub(r'href="#([^"]*)"', rf'href="#{name}-\1"', svg)
     return f"<figure id='figure-{name}'>{svg}</figure>"
+
+
+def _checked(svg: str) -> str:
+    """``svg`` if it holds only what Graphviz draws pictures with (``RenderError`` if not)."""
+    others = sorted(set(re.findall(r"<([A-Za-z][\w:.-]*)", svg)) - _SVG_ELEMENTS)
+    if others or re.search(r"<[^>]*[\s:](href|on\w+)\s*=", svg):  # Graphviz escapes < and > in text
+        found = ", ".join(f"<{name}>" for name in others) or "a link or an event handler"
+        raise RenderError(f"the drawing holds {found}, which a report never shows")
+    return svg
 
 
 _CODE_DIFF_LINES = 3000  # a 5,000-layer model's code diff is 30,000 lines: the start shows the pattern
