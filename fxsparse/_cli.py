@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import inspect
 import logging
@@ -11,17 +12,40 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.export
 import torch.fx
 
 from ._compat import ONNX_REGISTRATION_LOGGER
-from ._errors import MaskError
+from ._errors import FxsparseError, MaskError
 from ._tags import Role, role_of
+
+# Model files are pickles (torch.save), or hold pickles (torch.export's .pt2) or code (TorchScript):
+# loading one runs whatever its maker put in it. A file from elsewhere is opened only when the user says so.
+TRUST_SOURCE = (
+    "load SOURCE even when it is a model file (torch.save .pt, torch.export .pt2, TorchScript): such a file is a "
+    "pickle, and loading it runs any code its maker put in it, so fxsparse refuses model files without this flag. "
+    "Pass it only for files you made or trust"
+)
+SOURCE = (
+    "the model: a factory, package.module:function (called with no arguments; modules in the current folder are "
+    "found after the installed packages), or, with --trust-source only, a model or fxsparse output saved with "
+    "torch.save, or a torch.export .pt2 file"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its error messages made safe for a terminal: they quote file contents,
+    mask keys and module names, which may hold escape codes."""
+
+    def error(self, message: str) -> NoReturn:
+        from .masks._check import printable
+
+        super().error(printable(message))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ._demo import DEMOS
 
-    parser = argparse.ArgumentParser(prog="fxsparse", description="Weight masks as an explicit torch.fx graph rewrite.")
+    parser = _Parser(prog="fxsparse", description="Weight masks as an explicit torch.fx graph rewrite.")
     parser.add_argument("--version", action="version", version=f"fxsparse {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
@@ -47,12 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--sparsity", type=float, default=0.5, help="fraction of each weight to prune (default: 0.5)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs (default: 0)")
     draw = commands.add_parser("draw", help="draw a model's FX graph (or a saved fxsparse output's) as SVG or PNG")
-    draw.add_argument(
-        "source",
-        help="a model factory, package.module:function (called with no arguments), a model or fxsparse output "
-        "saved with torch.save (loading it runs its pickled code: only load files you trust), or a torch.export "
-        ".pt2 file",
-    )
+    draw.add_argument("source", help=SOURCE)
+    draw.add_argument("--trust-source", action="store_true", help=TRUST_SOURCE)
     picture = "picture to write; its suffix picks the format: .svg, .png, .jpg, .json, .dot (the source only), "
     picture += "or .pdf (PDF needs Graphviz's dot: apt-get install graphviz)"
     draw.add_argument("--out", type=Path, default=Path("graph.svg"), help=f"{picture} (default: %(default)s)")
@@ -63,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff = commands.add_parser(
         "diff", help="transform a model and show what changed: text, a picture, and with --html a report"
     )
-    diff.add_argument("source", help="a model factory, package.module:function (called with no arguments)")
+    diff.add_argument("source", help=SOURCE)
+    diff.add_argument("--trust-source", action="store_true", help=TRUST_SOURCE)
     masks = diff.add_mutually_exclusive_group()
     masks.add_argument(
         "--masks", type=Path, help="a mask file: safetensors (fxsparse masks, save_masks) or .pt (loaded as data only)"
@@ -80,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff.add_argument("--full", action="store_true", help=full)
     diff.add_argument("--html", type=Path, help="write a standalone HTML report here")
     make = commands.add_parser("masks", help="make a mask file for a model: magnitude, N:M or block masks")
-    make.add_argument("source", help="a model factory, package.module:function, or a model saved with torch.save")
+    make.add_argument("source", help=SOURCE)
+    make.add_argument("--trust-source", action="store_true", help=TRUST_SOURCE)
     make.add_argument(
         "--recipe",
         default="magnitude",
@@ -99,29 +121,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument("--out", type=Path, default=Path("masks.safetensors"), help="mask file (default: %(default)s)")
     make.add_argument("--packed", action="store_true", help="store masks as bits, 8 to a byte (safetensors only)")
     checker = commands.add_parser("check", help="check a mask file against a model: shapes, densities, patterns")
-    checker.add_argument("source", help="a model factory, package.module:function, or a model saved with torch.save")
+    checker.add_argument("source", help=SOURCE)
+    checker.add_argument("--trust-source", action="store_true", help=TRUST_SOURCE)
     checker.add_argument(
         "--masks",
         type=Path,
-        help="mask file (.safetensors or .pt); default: the masks the model applies itself (an fxsparse output or "
-        "a FakeSparsity-parametrized model saved with torch.save). A model with neither has nothing to check: "
-        "the command then fails (exit status 2)",
+        help="mask file (.safetensors or .pt, read as data only); default: the masks the model applies itself (an "
+        "fxsparse output or a FakeSparsity-parametrized model saved with torch.save, loaded with --trust-source). A "
+        "model with neither has nothing to check: the command then fails (exit status 2)",
     )
     checker.add_argument("--pattern", help="require this pattern of every mask: N:M such as 2:4, or 'block 4x4'")
     args = parser.parse_args(argv)
+    command = {"demo": demo, "draw": draw, "diff": diff, "masks": make, "check": checker}[args.command]
+    try:
+        with _working_folder_last() if _is_factory(getattr(args, "source", "")) else contextlib.nullcontext():
+            return _run(parser, command, args)
+    except (FxsparseError, OSError) as error:  # what no command caught: still a sentence, never a traceback
+        _fail(command, str(error))
+    except Exception as error:
+        _fail(command, f"{type(error).__name__}: {error} (a bug in fxsparse? please report it with the command)")
+
+
+def _run(parser: argparse.ArgumentParser, command: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from ._demo import DEMOS
+
+    loading = {"trust": getattr(args, "trust_source", False)}
     if args.command == "masks":
-        return run_masks(make, args)
+        return run_masks(command, args)
     if args.command == "check":
-        return run_check(checker, args.source, args.masks, args.pattern)
+        return run_check(command, args.source, args.masks, args.pattern, **loading)
     if args.command in ("draw", "diff") and args.out is not None:
-        _check_format(draw if args.command == "draw" else diff, args.out)
+        _check_format(command, args.out)
     if args.command == "draw":
-        return run_draw(draw, args.source, args.out, args.depth, args.full)
+        return run_draw(command, args.source, args.out, args.depth, args.full, **loading)
     if not 0.0 <= args.sparsity <= 1.0:
-        (diff if args.command == "diff" else demo).error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
+        command.error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
     if args.command == "diff":
         out = args.out if args.out is not None or args.html is not None else Path("diff.svg")
-        return run_diff(diff, args.source, args.masks, args.sparsity, out, args.depth, args.full, args.html)
+        return run_diff(command, args.source, args.masks, args.sparsity, out, args.depth, args.full, args.html,
+                        **loading)  # fmt: skip
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
@@ -227,12 +265,43 @@ def _check_format(parser: argparse.ArgumentParser, out: Path) -> None:
         )
 
 
-def _load(parser: argparse.ArgumentParser, source: str) -> torch.nn.Module | torch.export.ExportedProgram:
-    """A model from ``package.module:function`` (called with no arguments), a ``torch.save`` file
-    or a ``torch.export`` ``.pt2`` file."""
-    if os.getcwd() not in sys.path:  # the console script's path lacks it; a user's modules live there
-        sys.path.insert(0, os.getcwd())
-    if ":" in source and not Path(source).exists():
+def _fail(command: argparse.ArgumentParser, message: str) -> NoReturn:
+    """End the command with ``message`` on stderr and exit status 2, as argparse does for a bad
+    argument, without the usage lines (the arguments were fine: a file could not be written)."""
+    from .masks._check import printable
+
+    print(f"{command.prog}: error: {printable(message)}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _is_factory(source: str) -> bool:
+    return ":" in source and not Path(source).exists()
+
+
+@contextlib.contextmanager
+def _working_folder_last() -> Iterator[None]:
+    """The current folder on ``sys.path`` while a command runs a ``module:function`` factory,
+    where a user's own modules live (the console script's path lacks it), and after the
+    installed packages: a ``safetensors.py`` or ``torch.py`` left in a download folder must
+    not stand in for the real one. Other commands never search it."""
+    folder = os.getcwd()
+    if folder in sys.path or "" in sys.path:  # already searched, where the interpreter put it (python -c)
+        yield
+        return
+    sys.path.append(folder)
+    try:
+        yield
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _load(
+    parser: argparse.ArgumentParser, source: str, *, trust: bool = False
+) -> torch.nn.Module | torch.export.ExportedProgram:
+    """A model from ``package.module:function`` (called with no arguments) or, when ``trust``
+    (``--trust-source``) is given, a ``torch.save`` file or a ``torch.export`` ``.pt2`` file."""
+    if _is_factory(source):
         module_name, _, function_name = source.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), function_name)
@@ -250,20 +319,27 @@ def _load(parser: argparse.ArgumentParser, source: str) -> torch.nn.Module | tor
             model = factory()
         except Exception as error:
             parser.error(f"{source!r} raised {type(error).__name__}: {error}")
-    elif Path(source).is_file() and Path(source).suffix == ".pt2":
+    elif not Path(source).is_file():
+        parser.error(f"{source!r} is neither a file nor a model factory such as mypackage.models:make_model")
+    elif not trust:
+        parser.error(
+            f"{source} is a model file, and fxsparse loads model files only with --trust-source: torch.save and "
+            "torch.export .pt2 files are pickles (TorchScript holds code), and loading one runs any code its maker "
+            "put in it. Pass --trust-source if you made the file or trust who did, or pass the factory that makes "
+            "the model, package.module:function"
+        )
+    elif Path(source).suffix == ".pt2":
         try:
             return torch.export.load(source)
         except Exception as error:
             parser.error(f"cannot load {source} with torch.export.load: {type(error).__name__}: {error}")
-    elif Path(source).is_file():
+    else:
         try:
             with warnings.catch_warnings():  # a TorchScript file: refused below, with the reason
                 warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive", category=UserWarning)
-                model = torch.load(source, weights_only=False)
+                model = torch.load(source, weights_only=False)  # the user vouched for it: --trust-source
         except Exception as error:
             parser.error(f"cannot load {source} with torch.load: {type(error).__name__}: {error}")
-    else:
-        parser.error(f"{source!r} is neither a file nor a model factory such as mypackage.models:make_model")
     if isinstance(model, torch.jit.ScriptModule):
         parser.error(f"{source!r} is TorchScript, which has no FX graph to draw; draw the model it was made from")
     if not isinstance(model, torch.nn.Module):
@@ -305,17 +381,17 @@ def _graph_of(parser: argparse.ArgumentParser, model: torch.nn.Module) -> torch.
         )
 
 
-def run_draw(parser: argparse.ArgumentParser, source: str, out: Path, depth: int | None, full: bool) -> int:
+def run_draw(
+    parser: argparse.ArgumentParser, source: str, out: Path, depth: int | None, full: bool, *, trust: bool = False
+) -> int:
     from . import viz
 
-    loaded = _load(parser, source)
+    loaded = _load(parser, source, trust=trust)
     graph = loaded if isinstance(loaded, torch.export.ExportedProgram) else _graph_of(parser, loaded)
     nodes = len(graph.graph.nodes)
     _say(f"drawing {_count(nodes, 'node')}")
     dot = viz.draw(graph, title=source, **_drawing_options(depth, full))
-    path = _render_or_say(viz, dot, out)
-    if path is None:
-        return 1
+    path = _render(parser, viz, dot, out)
     print(f"fxsparse draw: {_count(nodes, 'node')} -> {path}")
     return 0
 
@@ -325,7 +401,7 @@ def run_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.sparsity <= 1.0:
         parser.error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
-    model = _load(parser, args.source)
+    model = _load(parser, args.source, trust=args.trust_source)
     if isinstance(model, torch.export.ExportedProgram):
         parser.error(f"{args.source!r} is an exported program; masks need the model: pass its factory")
     chosen = {"include": args.include, "exclude": args.exclude}
@@ -351,9 +427,8 @@ def run_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     try:
         path = fxsparse.save_masks(masks, args.out, packed=args.packed)
-    except (OSError, fxsparse.MaskError) as error:
-        print(f"fxsparse: cannot write {args.out}: {error}", file=sys.stderr)
-        return 1
+    except Exception as error:  # a full disk: OSError, safetensors' SafetensorError, torch.save's RuntimeError
+        _fail(parser, f"cannot write {args.out}: {type(error).__name__}: {error}")
     kept = sum(int(mask.sum()) for mask in masks.values()) / sum(mask.numel() for mask in masks.values())
     print(f"fxsparse masks: {_count(len(masks), 'mask')} ({recipe}, density {kept:.3f}) in {elapsed:.2f} s -> {path}")
     return 0
@@ -382,10 +457,12 @@ def _warn_untiled(masks: dict[str, torch.Tensor], block: tuple[int, int], sparsi
             )
 
 
-def run_check(parser: argparse.ArgumentParser, source: str, masks_file: Path | None, pattern: str | None) -> int:
+def run_check(
+    parser: argparse.ArgumentParser, source: str, masks_file: Path | None, pattern: str | None, *, trust: bool = False
+) -> int:
     import fxsparse
 
-    model = _load(parser, source)
+    model = _load(parser, source, trust=trust)
     if isinstance(model, torch.export.ExportedProgram):
         parser.error(f"{source!r} is an exported program; check needs the model: pass its factory")
     masks = _load_masks(parser, masks_file) if masks_file is not None else None
@@ -411,12 +488,15 @@ def run_diff(
     depth: int | None,
     full: bool,
     page: Path | None,
+    *,
+    trust: bool = False,
 ) -> int:
     import fxsparse
 
     from . import viz
+    from .masks._check import printable
 
-    model = _load(parser, source)
+    model = _load(parser, source, trust=trust)
     if isinstance(model, torch.export.ExportedProgram):
         parser.error(f"{source!r} is an exported program; diff needs the model: pass its factory")
     if masks_file is not None:
@@ -436,23 +516,19 @@ def run_diff(
         parser.error(f"cannot transform {source!r}: {error}")
     _say("comparing the graphs")
     graph_diff = viz.diff(before, after)
-    print(graph_diff.summary())
-    ok = True
+    print(printable(graph_diff.summary(), keep="\n"))
     if out is not None:
         _say("drawing the diff")
-        path = _render_or_say(viz, viz.draw_diff(before, after, graph_diff, **_drawing_options(depth, full)), out)
-        ok = path is not None
-        if path is not None:
-            print(f"fxsparse diff: picture -> {path}")
+        path = _render(parser, viz, viz.draw_diff(before, after, graph_diff, **_drawing_options(depth, full)), out)
+        print(f"fxsparse diff: picture -> {path}")
     if page is not None:
         _say("writing the report")
         try:
             written = viz.report(before, after, page, title=f"fxsparse: {source}", graph_diff=graph_diff)
         except OSError as error:
-            print(f"fxsparse: cannot write the report: {error}", file=sys.stderr)
-            return 1
+            _fail(parser, f"cannot write the report {page}: {error}")
         print(f"fxsparse diff: report -> {written}")
-    return 0 if ok else 1
+    return 0
 
 
 def _drawing_options(depth: int | None, full: bool) -> dict[str, Any]:
@@ -466,19 +542,20 @@ def _count(number: int, noun: str) -> str:
 
 
 def _say(step: str) -> None:
-    """A progress line on stderr, so that stdout stays the result."""
-    print(f"fxsparse: {step} ...", file=sys.stderr, flush=True)
+    """A progress line on stderr, so that stdout stays the result (escaped: it names the model's classes)."""
+    from .masks._check import printable
+
+    print(f"fxsparse: {printable(step)} ...", file=sys.stderr, flush=True)
 
 
-def _render_or_say(viz: Any, dot: Any, out: Path) -> Path | None:
-    """Render ``dot`` to ``out``; on failure say why on stderr and return None."""
+def _render(parser: argparse.ArgumentParser, viz: Any, dot: Any, out: Path) -> Path:
+    """Render ``dot`` to ``out``, or end the command saying why not."""
     try:
         return Path(viz.render(dot, out))
     except viz.RenderError as error:
-        print(f"fxsparse: {error}", file=sys.stderr)
+        _fail(parser, str(error))
     except OSError as error:
-        print(f"fxsparse: cannot write {out}: {error}", file=sys.stderr)
-    return None
+        _fail(parser, f"cannot write {out}: {error}")
 
 
 def _outputs_equal(

@@ -3,6 +3,7 @@ documented; the input model untouched. docs/errors.md tables the same rows."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,15 @@ def int8_weight() -> nn.Module:
 def quantized() -> nn.Module:
     import torch.ao.nn.quantized as nnq
 
-    with pytest.warns(UserWarning):  # torch 2.13 deprecates quantized tensor creation
+    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensor creation, warning once a process
+        warnings.simplefilter("ignore", UserWarning)
         return nn.Sequential(nnq.Linear(4, 3))
+
+
+def quantized_mask() -> torch.Tensor:
+    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensor creation, warning once a process
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_tensor(ONES, 1.0, 0, torch.quint8)
 
 
 def mask_file(tmp_path: Path, kind: str) -> Path:
@@ -168,6 +176,18 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         lambda m, _: fxsparse.transform(m, {"0": ONES.to(torch.complex64)}),
         (fxsparse.MaskError, "must be bool, integer or floating, got torch.complex64"),
     ),
+    (
+        "float8 or unsigned 16/32/64-bit mask",
+        small,
+        lambda m, _: [fxsparse.transform(m, {"0": ONES.to(t)}) for t in (torch.float8_e4m3fn, torch.uint64)],
+        None,
+    ),
+    (
+        "mask of a bit or sub-byte dtype",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": torch.empty(3, 4, dtype=torch.uint4)}),
+        (fxsparse.MaskError, "must be bool, integer or floating, got torch.uint4"),
+    ),
     ("mask with requires_grad", small, lambda m, _: fxsparse.transform(m, {"0": ONES.requires_grad_()}), None),
     (
         "mask on another device",
@@ -206,6 +226,12 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         quantized,
         lambda m, _: fxsparse.transform(m, {"0": ONES}),
         (fxsparse.MaskError, "a quantized module whose weight is packed, not a parameter: mask the float model"),
+    ),
+    (
+        "quantized mask",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": quantized_mask()}),
+        (fxsparse.MaskError, "mask for '0.weight' (key '0') is a quantized tensor (torch.quint8); a mask holds plain"),
     ),
     (
         "model FX cannot trace",

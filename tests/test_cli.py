@@ -6,6 +6,7 @@ import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -98,7 +99,7 @@ def test_check_without_masks_says_there_is_nothing_to_check(
     import fxsparse
 
     torch.save(fxsparse.transform(six_wide(), {"0": torch.ones(8, 6)}), tmp_path / "out.pt")
-    assert main(["check", "out.pt"]) == 0  # an fxsparse output checks the masks it applies
+    assert main(["check", "out.pt", "--trust-source"]) == 0  # an fxsparse output checks the masks it applies
     assert "1 mask" in capsys.readouterr().out
 
 
@@ -128,3 +129,145 @@ def test_cli_warns_when_blocks_do_not_tile_a_weight(
     assert "--block 3x3 does not tile '2.weight' (shape (6, 8), blocked as 6x8)" in error
     assert main(["masks", "test_cli:six_wide", "--recipe", "block", "--block", "2x2", "--out", "m.safetensors"]) == 0
     assert "does not tile" not in capsys.readouterr().err
+
+
+# -- files you did not make ---------------------------------------------------------------------
+
+
+class WritesAMarker:
+    """A pickle payload: loading it with torch.load(weights_only=False) creates the file ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+@pytest.mark.parametrize("file_name", ["model.pt", "model.pt2", "model.script.pt"])
+@pytest.mark.parametrize(
+    "command", [["check"], ["masks", "--out", "m.safetensors"], ["draw", "--out", "g.dot"], ["diff", "--out", "d.dot"]]
+)
+def test_model_files_load_only_with_trust_source(
+    command: list[str], file_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    torch.save(WritesAMarker(tmp_path / "ran"), file_name)
+    with pytest.raises(SystemExit) as exited:
+        main([command[0], file_name, *command[1:]])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "--trust-source" in error and "runs any code" in error and "Traceback" not in error
+    assert not (tmp_path / "ran").exists()  # the payload never ran
+
+
+@pytest.mark.parametrize("command", ["check", "masks", "draw", "diff"])
+def test_every_model_command_names_trust_source_and_why(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--trust-source" in text and "loading it runs any code its maker put in it" in text
+
+
+def _console_script(folder: Path) -> Path:
+    """What pip's console script does: sys.path[0] is its own folder, not the current one."""
+    folder.mkdir()
+    script = folder / "fxsparse_console.py"
+    script.write_text("import sys\nfrom fxsparse._cli import main\nsys.exit(main())\n")
+    return script
+
+
+@pytest.mark.parametrize("how", ["console script", "python -m"])
+def test_a_module_planted_in_the_working_folder_never_runs(how: str, tmp_path: Path) -> None:
+    import os
+
+    import fxsparse
+
+    work = tmp_path / "downloads"
+    work.mkdir()
+    fxsparse.save_masks({"weight": torch.ones(2, 2)}, work / "m.safetensors")
+    (work / "safetensors.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    launcher = [str(_console_script(tmp_path / "bin"))] if how == "console script" else ["-m", "fxsparse"]
+    root = str(Path(__file__).parent.parent)
+    environment = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, *launcher, "check", "torch.nn:Identity", "--masks", "m.safetensors"],
+        cwd=work, env=environment, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "names no parameter" in result.stdout, result.stderr  # the real safetensors read the file
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_factories_leave_sys_path_as_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_factories_here.py").write_text("import torch\ndef make():\n    return torch.nn.Linear(2, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    before = list(sys.path)
+    assert main(["masks", "my_factories_here:make", "--out", "m.safetensors"]) == 0  # found in the working folder
+    assert sys.path == before
+
+
+def test_check_prints_names_from_a_file_escaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fxsparse
+
+    monkeypatch.chdir(tmp_path)
+    fake_row = "\x1b[1A\x1b[2K\r3 masks, no problems\n\x1b]0;title\x07"
+    fxsparse.save_masks({"0.weight": torch.ones(8, 6), fake_row: torch.ones(1)}, "m.safetensors")
+    assert main(["check", "test_cli:six_wide", "--masks", "m.safetensors"]) == 1
+    printed = capsys.readouterr().out
+    assert not any(c in printed for c in "\x1b\r\x07")
+    assert r"\x1b[1A\x1b[2K\r3 masks, no problems\n\x1b]0;title\x07" in printed
+    assert printed.splitlines()[-2:] == [
+        "2 masks, 1 problems:",
+        r"  - mask key '\x1b[1A\x1b[2K\r3 masks, no problems\n\x1b]0;title\x07' names no parameter or module of "
+        "the model; valid names include: '0.weight', '0.bias', '2.weight', '2.bias', '0'",
+    ]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),  # torch.save's
+        type("SafetensorError", (Exception,), {})("Error while serializing: I/O error: No space left on device"),
+    ],
+    ids=["OSError", "torch.save", "safetensors"],
+)
+def test_masks_command_on_a_full_disk_says_so(
+    error: Exception, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What writing to a full disk raises, by writer (each seen on a 64 KiB tmpfs)."""
+    import fxsparse
+
+    def full_disk(*args: object, **kwargs: object) -> Path:
+        raise error
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fxsparse, "save_masks", full_disk)
+    with pytest.raises(SystemExit) as exited:
+        main(["masks", "test_cli:six_wide", "--out", "m.safetensors"])
+    assert exited.value.code == 2
+    printed = capsys.readouterr().err
+    assert "fxsparse masks: error: cannot write m.safetensors:" in printed and str(error) in printed
+
+
+def test_cli_failures_are_sentences_with_exit_status_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever no command caught (here check itself failing): a sentence and status 2, never a traceback."""
+    import fxsparse
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("\x1b[31mboom")
+
+    monkeypatch.chdir(tmp_path)
+    fxsparse.save_masks({"0.weight": torch.ones(8, 6)}, "m.safetensors")
+    monkeypatch.setattr(fxsparse, "check", broken)
+    with pytest.raises(SystemExit) as exited:
+        main(["check", "test_cli:six_wide", "--masks", "m.safetensors"])
+    assert exited.value.code == 2
+    assert r"fxsparse check: error: RuntimeError: \x1b[31mboom" in capsys.readouterr().err

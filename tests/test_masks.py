@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -605,6 +607,84 @@ def test_check_plans_the_model_once_however_many_masks() -> None:
     report = fxsparse.check(tied, {"a.weight": torch.ones(8, 8), "b": torch.ones(8, 8), "c": torch.ones(8, 8)})
     assert report.problems[0].startswith("mask key 'c' names no parameter or module")
     assert "mask keys 'a.weight' and 'b' name the same parameter 'a.weight'" in report.problems[1]
+
+
+def test_check_searches_closest_names_a_bounded_number_of_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys naming nothing, many of them: a fuzzy search of every name per key cost keys x layers
+    (100k keys against 1,500 layers did not finish in 120 s); the names are indexed once."""
+    import difflib
+
+    import fxsparse._plan
+
+    compared = 0
+    close_matches = difflib.get_close_matches
+
+    def counted(word: str, possibilities: list[str], *args: object, **kwargs: object) -> list[str]:
+        nonlocal compared
+        compared += len(possibilities)
+        return close_matches(word, possibilities, *args, **kwargs)  # type: ignore[arg-type]
+
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(300)])
+    masks = {f"blocks.{i}.wieght": torch.ones(2, 2) for i in range(2000)} | {"7.wieght": torch.ones(2, 2)}
+    monkeypatch.setattr(fxsparse._plan.difflib, "get_close_matches", counted)
+    report = fxsparse.check(model, masks)
+    names = 3 * 300  # each layer's weight and bias, and the layer itself (its weight)
+    assert compared <= 10 * names + 64 * len(masks)  # the first keys searched in full, then their own module's
+    assert len(report.problems) == len(masks)
+    assert "names no parameter or module of the model; closest valid names: '0.weight', " in report.problems[0]
+    assert report.problems[-1].endswith("closest valid names: '7.weight'")  # its own module's, searched at any count
+    assert "(closest names are searched for the first 10 such keys only)" in report.problems[-2]
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
+     torch.uint16, torch.uint32, torch.uint64, torch.int8, torch.bfloat16],
+    ids=str,
+)  # fmt: skip
+def test_check_reads_every_mask_dtype_transform_takes(dtype: torch.dtype) -> None:
+    """check never raises for a mask transform accepts (float8 and wide unsigned masks raised
+    NotImplementedError): the same density, binary and pattern as the mask's bool form."""
+    layer = nn.Linear(8, 4)
+    kept = torch.tensor(
+        [[1, 1, 0, 0, 0, 1, 0, 1], [0, 1, 1, 0, 1, 0, 1, 0], [1, 0, 1, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1, 0, 0]],
+        dtype=torch.bool,
+    )  # two kept of every four along the input, in no simpler pattern
+    if dtype == torch.float8_e8m0fnu:  # powers of two only, no 0: a mask of ones
+        kept = torch.ones(4, 8, dtype=torch.bool)
+        assert fxsparse.check(layer, {"weight": kept.to(dtype)}).masks[0].pattern == "dense"
+        return
+    (entry,) = fxsparse.check(layer, {"weight": kept.to(dtype)}, pattern="2:4").masks
+    assert entry.problems == () and entry.dtype == str(dtype).removeprefix("torch.")
+    assert (entry.density, entry.binary, entry.pattern) == (0.5, True, "2:4")
+    assert torch.equal(fxsparse.transform(layer, {"weight": kept.to(dtype)}).get_buffer("weight_mask"), kept.float())
+    if dtype.is_floating_point:
+        soft = torch.full((4, 8), 0.5).to(dtype)
+        assert fxsparse.check(layer, {"weight": soft}).masks[0].pattern == "soft"
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: torch.quantize_per_tensor(torch.ones(4, 8), 1.0, 0, torch.quint8), "is a quantized tensor"),
+        (lambda: torch.full((4, 8), float("nan")).to(torch.float8_e4m3fn), "holds NaN or infinite values"),
+        (lambda: torch.empty(4, 8, dtype=torch.bits8), "must be bool, integer or floating, got torch.bits8"),
+        (lambda: torch.empty(4, 8, dtype=torch.uint4), "must be bool, integer or floating, got torch.uint4"),
+    ],
+    ids=["quantized", "float8 NaN", "bits8", "uint4"],
+)
+def test_check_and_transform_give_a_reason_for_masks_torch_cannot_convert(
+    make: Callable[[], torch.Tensor], reason: str
+) -> None:
+    layer = nn.Linear(8, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch 2.13 deprecates quantized tensors
+        mask = make()
+    report = fxsparse.check(layer, {"weight": mask})
+    assert len(report.problems) == 1 and report.problems[0].startswith("mask for 'weight' ")
+    assert reason in report.problems[0]
+    with pytest.raises(fxsparse.MaskError, match=reason.replace("(", r"\(")):
+        fxsparse.transform(layer, {"weight": mask})
 
 
 def test_save_masks_looks_each_storage_up_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

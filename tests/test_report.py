@@ -79,7 +79,7 @@ def test_draw_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_draw_command_on_a_saved_output(tmp_path: Path) -> None:
     out = fxsparse.transform(nn.Sequential(nn.Linear(4, 4)), {"0": torch.eye(4)})
     torch.save(out, tmp_path / "out.pt")
-    assert main(["draw", str(tmp_path / "out.pt"), "--out", str(tmp_path / "out.svg")]) == 0
+    assert main(["draw", str(tmp_path / "out.pt"), "--trust-source", "--out", str(tmp_path / "out.svg")]) == 0
     assert "density 0.250" in (tmp_path / "out.dot").read_text()
 
 
@@ -141,10 +141,10 @@ class RunsCode:
         (["draw", "zoo:ModelUnderTest", "--out", "x"], "--out x: the suffix picks the format, and no suffix is not"),
         (["diff", "zoo:ModelUnderTest", "--masks", "empty.pt"], "--masks: empty.pt holds no masks (an empty dict)"),
         (["draw", "test_report:broken_factory"], "'test_report:broken_factory' raised ValueError: no such width"),
-        (["draw", "script.pt"], "'script.pt' is TorchScript, which has no FX graph to draw"),
+        (["draw", "script.pt", "--trust-source"], "'script.pt' is TorchScript, which has no FX graph to draw"),
         (["draw", "torch.nn:Linear"], "'torch.nn:Linear' must be callable with no arguments"),
         (["draw", "zoo:ModelUnderTest", "--depth", "-1"], "argument --depth: must be 0 or more, got -1"),
-        (["draw", "garbage.pt"], "cannot load garbage.pt with torch.load"),
+        (["draw", "garbage.pt", "--trust-source"], "cannot load garbage.pt with torch.load"),
     ],
 )
 def test_commands_answer_bad_arguments(
@@ -180,7 +180,9 @@ def test_factories_import_from_the_working_folder(tmp_path: Path, monkeypatch: p
 
 def test_commands_say_when_they_cannot_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "file").write_text("")
-    assert main(["draw", "zoo:ModelUnderTest", "--out", str(tmp_path / "file" / "graph.svg")]) == 1
+    with pytest.raises(SystemExit) as exited:
+        main(["draw", "zoo:ModelUnderTest", "--out", str(tmp_path / "file" / "graph.svg")])
+    assert exited.value.code == 2
     assert "cannot write" in capsys.readouterr().err
 
 
@@ -234,7 +236,7 @@ def test_draw_command_on_an_exported_program(tmp_path: Path) -> None:
     program = fxsparse.transform(nn.Sequential(nn.Linear(4, 4)), {"0": torch.eye(4)}, emit="export",
                                  example_inputs=(torch.randn(2, 4),))  # fmt: skip
     torch.export.save(program, tmp_path / "model.pt2")
-    assert main(["draw", str(tmp_path / "model.pt2"), "--out", str(tmp_path / "g.dot")]) == 0
+    assert main(["draw", str(tmp_path / "model.pt2"), "--trust-source", "--out", str(tmp_path / "g.dot")]) == 0
     assert "linear" in (tmp_path / "g.dot").read_text()
 
 

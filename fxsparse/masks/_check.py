@@ -16,11 +16,11 @@ import torch.export
 from torch import nn
 
 from .._errors import MaskError
-from .._plan import MaskedParameter, build_plan, check_buffer_names, normalize_mask, resolve_key
+from .._plan import MaskedParameter, NameIndex, build_plan, check_buffer_names, normalize_mask, resolve_key
 from .._sparsity import density_of, holder_types, input_axis_of, pattern_of, uniform_blocks
 from ._importers import mask_buffers
 
-__all__ = ["CheckReport", "MaskCheck", "check"]
+__all__ = ["CheckReport", "MaskCheck", "check", "printable"]
 
 
 @dataclass(frozen=True)
@@ -49,19 +49,31 @@ class CheckReport:
         return not self.problems
 
     def __str__(self) -> str:
-        lines = [f"{'parameter':<40} {'shape':<14} {'dtype':<10} {'device':<8} {'density':>7}  {'binary':<6} pattern"]
+        """The table a terminal shows; names and problems come from a mask file, so control
+        characters in them are escaped (``\\x1b``): none can move the cursor or fake a row."""
+        lines = [f"{'parameter':<40} {'shape':<14} {'dtype':<14} {'device':<8} {'density':>7}  {'binary':<6} pattern"]
         for entry in self.masks:
             density = "-" if entry.density is None else f"{entry.density:.3f}"
             binary = "-" if entry.binary is None else ("yes" if entry.binary else "no")
             shape = "×".join(map(str, entry.shape))
             lines.append(
-                f"{entry.name:<40} {shape:<14} {entry.dtype:<14} {density:>7}  {binary:<6} {entry.pattern or '-'}"
+                f"{printable(entry.name):<40} {shape:<14} {printable(entry.dtype):<14} {printable(entry.device):<8} "
+                f"{density:>7}  {binary:<6} {entry.pattern or '-'}"
             )
         lines.append(
             f"{len(self.masks)} masks, " + (f"{len(self.problems)} problems:" if self.problems else "no problems")
         )
-        lines += [f"  - {problem}" for problem in self.problems]
+        lines += [f"  - {printable(problem)}" for problem in self.problems]
         return "\n".join(lines)
+
+
+def printable(text: str, *, keep: str = "") -> str:
+    """``text`` with every character a terminal would act on (escape codes, carriage returns,
+    newlines, bidirectional overrides) written as Python writes it in a repr, ``\\x1b``; those
+    in ``keep`` stay as they are."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
 
 
 def check(
@@ -99,13 +111,14 @@ def check(
     # the whole model's walk per key (17 s at 2,000 layers).
     parameter_by_name = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules(remove_duplicate=False))
+    names = NameIndex(parameter_by_name, modules, model)  # keys naming nothing: a lookup each, not a search
     entries = []
     problems: list[str] = []
     accepted: dict[str, torch.Tensor] = {}
     for key, mask in masks.items():
         found: list[str] = []
         try:
-            name = key if own else resolve_key(key, parameter_by_name, modules, model)
+            name = key if own else resolve_key(key, parameter_by_name, modules, model, names)
             if not own:
                 normalized = normalize_mask(key, mask, name, parameter_by_name[name])
                 check_buffer_names((MaskedParameter(name, (name,), normalized),), modules)
@@ -113,27 +126,32 @@ def check(
         except MaskError as error:
             found.append(str(error))
             name = str(key)
-        except Exception as error:
+        except Exception as error:  # never raised: check reports every problem at once
             found.append(f"{key!r}: {type(error).__name__}: {error}")
             name = str(key)
         if not isinstance(mask, torch.Tensor):
             entries.append(MaskCheck(name, (), type(mask).__name__, "-", None, None, None, tuple(found)))
             problems += found
             continue
-        values = mask.detach()
         density = binary = kind = None
-        if not values.is_meta and not found:  # what transform refuses is the problem to fix first
-            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
-                found.append(f"mask for {name!r} holds NaN or infinite values")
-            elif not values.is_complex():
-                density = density_of(values)
-                binary = values.dtype == torch.bool or bool(((values == 0) | (values == 1)).all())
-                axis = input_axis_of(holders.get(name)) if values.dim() > 1 else 0
-                kind = pattern_of(values, axis)
-                if expected is not None and values.dim() < 2:
-                    found.append(f"mask for {name!r} is {values.dim()}-D: {pattern} applies to weights of 2 or more")
-                elif expected is not None and not _follows(values, expected, axis):
-                    found.append(f"mask for {name!r} does not follow {pattern} (it is {kind})")
+        if not mask.is_meta and not found:  # what transform refuses is the problem to fix first
+            try:
+                values = _countable(mask.detach())
+                if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                    found.append(f"mask for {name!r} holds NaN or infinite values")
+                elif not values.is_complex():
+                    density = density_of(values)
+                    binary = values.dtype == torch.bool or bool(((values == 0) | (values == 1)).all())
+                    axis = input_axis_of(holders.get(name)) if values.dim() > 1 else 0
+                    kind = pattern_of(values, axis)
+                    if expected is not None and values.dim() < 2:
+                        found.append(
+                            f"mask for {name!r} is {values.dim()}-D: {pattern} applies to weights of 2 or more"
+                        )
+                    elif expected is not None and not _follows(values, expected, axis):
+                        found.append(f"mask for {name!r} does not follow {pattern} (it is {kind})")
+            except Exception as error:  # a tensor kind torch cannot count: said, never raised (as documented)
+                found.append(f"cannot read the values of the mask for {name!r}: {type(error).__name__}: {error}")
         entries.append(MaskCheck(name, tuple(mask.shape), str(mask.dtype).removeprefix("torch."), str(mask.device),
                                  density, binary, kind, tuple(found)))  # fmt: skip
         problems += found
@@ -143,6 +161,18 @@ def check(
         except MaskError as error:
             problems.append(str(error))
     return CheckReport(tuple(entries), tuple(problems))
+
+
+# The dtypes torch's reductions (count_nonzero, isfinite, all) implement on every device.
+_COUNTABLE = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                        torch.bfloat16, torch.float32, torch.float64})  # fmt: skip
+
+
+def _countable(values: torch.Tensor) -> torch.Tensor:
+    """``values`` in a dtype torch can count and compare: float8 and unsigned 16 to 64-bit masks,
+    which ``transform`` accepts, become float64, exactly for every float8 and 32-bit value, and
+    with 0, 1 and NaN kept as such (all density, binary and pattern read) for 64-bit ones."""
+    return values if values.dtype in _COUNTABLE else values.to(torch.float64)
 
 
 def _pattern(pattern: str) -> tuple[str, int, int]:
