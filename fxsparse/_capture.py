@@ -398,10 +398,17 @@ def _type_hints(function: Any) -> dict[str, Any]:
         return {}
 
 
-def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = None) -> tuple[torch.fx.Graph, Plan]:
+def trace(
+    model: nn.Module,
+    plan: Plan,
+    concrete_args: dict[str, Any] | None = None,
+    modes_read: dict[str, bool] | None = None,
+) -> tuple[torch.fx.Graph, Plan]:
     """Trace ``model`` (the copy) with leaves chosen by ``plan``; raise ``TraceError`` on failure.
 
     Returns the graph and the plan with the modules that had to stay leaves (``kept``).
+    ``modes_read``, if given, receives the mode (``training``) of each module whose code the
+    trace ran, by name: the graph holds the branches that code took on ``self.training``.
     """
     tracer = Tracer(plan.traced_into, frozenset(plan.opened), plan.kept)
     try:
@@ -426,7 +433,24 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
         ) from exc
     finally:
         _restore_traced_attributes(tracer.ran.values())
+    if modes_read is not None:
+        modes_read.update(_modes_of_traced_code(model, tracer))
     return graph, plan if tracer.kept == plan.kept else dataclasses.replace(plan, kept=dict(tracer.kept))
+
+
+def _modes_of_traced_code(model: nn.Module, tracer: Tracer) -> dict[str, bool]:
+    """The mode of every module whose forward ``tracer`` ran into the graph (not those it kept as calls,
+    which run their own code, reading their own mode, at every call)."""
+
+    def inside_a_kept_module(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:depth]) in tracer.kept for depth in range(1, len(parts) + 1))
+
+    return {
+        name: module.training
+        for name, module in model.named_modules()
+        if id(module) in tracer.ran and not inside_a_kept_module(name)
+    }
 
 
 def _untraceable(exc: BaseException) -> bool:

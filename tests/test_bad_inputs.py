@@ -70,6 +70,17 @@ class ThroughAGlobal(Untraceable):
         return REGISTRY["fc"](x)
 
 
+class DoublesInTraining(Untraceable):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * 2 if self.training else self.fc(x)
+
+
+def one_block_switched_alone() -> nn.Module:
+    out = fxsparse.transform(nn.Sequential(DoublesInTraining()).train(), {"0.fc": ONES4})
+    out.get_submodule("0").eval()
+    return out  # type: ignore[no-any-return]
+
+
 def tied() -> nn.Module:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight
@@ -296,6 +307,12 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         small,
         lambda m, _: fxsparse.transform(m, {"0": ONES}, capture="export", example_inputs=(torch.randn(2, 4),))(),
         (TypeError, "missing input 'input': the model was captured with torch.export with 'input' given"),
+    ),
+    (
+        "submodule switched alone to the mode its traced code was not traced in",
+        one_block_switched_alone,
+        lambda m, _: m(torch.randn(2, 4)),
+        (fxsparse.EmitError, "module '0' is in eval mode, but the graph this model runs in train mode was traced"),
     ),
 ]
 
