@@ -81,6 +81,10 @@ def one_block_switched_alone() -> nn.Module:
     return out  # type: ignore[no-any-return]
 
 
+def onnx_program() -> Any:
+    return fxsparse.transform(small().eval(), {"0": ONES}, emit="onnx", example_inputs=(torch.randn(2, 4),))
+
+
 def tied() -> nn.Module:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight
@@ -309,6 +313,12 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         (TypeError, "missing input 'input': the model was captured with torch.export with 'input' given"),
     ),
     (
+        "update_masks, check or from_parametrized given an ONNX program",
+        small,
+        lambda m, _: fxsparse.update_masks(onnx_program(), {"0.weight": ONES}),
+        (fxsparse.MaskError, "takes fxsparse's output as a torch.nn.Module (emit='graph' or 'parametrize'), got"),
+    ),
+    (
         "submodule switched alone to the mode its traced code was not traced in",
         one_block_switched_alone,
         lambda m, _: m(torch.randn(2, 4)),
@@ -364,3 +374,19 @@ def test_the_docs_table_every_case() -> None:
     table = DOCS.read_text()
     missing = [name for name, *_ in CASES if f"| {name} |" not in table]
     assert missing == []
+
+
+def test_update_masks_check_and_from_parametrized_refuse_an_onnx_program_naming_it() -> None:
+    program = onnx_program()
+    calls: dict[str, Callable[[Any], Any]] = {
+        "update_masks": lambda p: fxsparse.update_masks(p, {"0.weight": ONES}),
+        "check": lambda p: fxsparse.check(p, {"0.weight": ONES}),
+        "check without masks": fxsparse.check,
+        "from_parametrized": fxsparse.masks.from_parametrized,
+    }
+    for name, call in calls.items():
+        function = name.split()[0]
+        with pytest.raises(
+            fxsparse.MaskError, match=rf"^{function} takes fxsparse's output as a torch.nn.Module .*ONNXProgram"
+        ):
+            call(program)
