@@ -128,11 +128,18 @@ def _rebind_functions(copied: nn.Module, memo: dict[int, Any]) -> None:
     done: dict[int, Any] = {}
     for path, module in copied.named_modules(remove_duplicate=False):
         for key, value in list(vars(module).items()):
-            if isinstance(value, types.FunctionType):
+            if isinstance(value, types.FunctionType | functools.partial):
                 where = f"function {key!r} stored on module {path or '(root)'!r}"
-                rebound = _rebound(value, memo, copies, where, done)
+                rebound = _remapped(value, memo, copies, where, done)
                 if rebound is not value:
                     module.__dict__[key] = rebound
+            elif type(value) in (dict, OrderedDict) and key.endswith("hooks"):
+                # A hook registry (the copy's own dict): hooks closing over the model's modules.
+                for handle, hook in list(value.items()):
+                    where = f"hook {getattr(hook, '__qualname__', type(hook).__name__)} in {key} of module "
+                    rebound = _remapped(hook, memo, copies, f"{where}{path or '(root)'!r}", done)
+                    if rebound is not hook:
+                        value[handle] = rebound
 
 
 def _rebound(
@@ -184,6 +191,13 @@ def _cell_value(cell: types.CellType) -> Any:
 
 def _remapped(value: Any, memo: dict[int, Any], copies: set[int], where: str, done: dict[int, Any]) -> Any:
     """``value`` (held by a function of the copy) with every original module or tensor replaced by its copy."""
+    if type(value) is functools.partial:  # deepcopy copies a partial (so it may be one of the copies), not its function
+        function = _remapped(value.func, memo, copies, where, done)
+        args = _remapped(value.args, memo, copies, where, done)
+        keywords = _remapped(value.keywords, memo, copies, where, done)
+        if function is value.func and args is value.args and keywords is value.keywords:
+            return value
+        return functools.partial(function, *args, **keywords)
     if id(value) in copies or isinstance(value, _ATOMIC):
         return value
     if id(value) in memo:
