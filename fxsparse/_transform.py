@@ -173,6 +173,8 @@ def _trace_other_mode(
     ran (``None`` where nothing depends on them: one graph, traced with every module in
     the root's mode), and the plan. The modules' own modes are left as found.
     """
+    if not modes_read:  # no code the trace ran read a training flag: the other mode traces the same
+        return None, None, plan
     modes = [(module, module.training) for module in root.modules()]
     other = not root.training
     other_modes_read: dict[str, bool] = {}
