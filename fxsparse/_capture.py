@@ -6,6 +6,7 @@ so the caller's model is never touched, not even temporarily.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -18,7 +19,7 @@ import types
 import typing
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -128,11 +129,18 @@ def _rebind_functions(copied: nn.Module, memo: dict[int, Any]) -> None:
     done: dict[int, Any] = {}
     for path, module in copied.named_modules(remove_duplicate=False):
         for key, value in list(vars(module).items()):
-            if isinstance(value, types.FunctionType):
+            if isinstance(value, types.FunctionType | functools.partial):
                 where = f"function {key!r} stored on module {path or '(root)'!r}"
-                rebound = _rebound(value, memo, copies, where, done)
+                rebound = _remapped(value, memo, copies, where, done)
                 if rebound is not value:
                     module.__dict__[key] = rebound
+            elif type(value) in (dict, OrderedDict) and key.endswith("hooks"):
+                # A hook registry (the copy's own dict): hooks closing over the model's modules.
+                for handle, hook in list(value.items()):
+                    where = f"hook {getattr(hook, '__qualname__', type(hook).__name__)} in {key} of module "
+                    rebound = _remapped(hook, memo, copies, f"{where}{path or '(root)'!r}", done)
+                    if rebound is not hook:
+                        value[handle] = rebound
 
 
 def _rebound(
@@ -184,6 +192,13 @@ def _cell_value(cell: types.CellType) -> Any:
 
 def _remapped(value: Any, memo: dict[int, Any], copies: set[int], where: str, done: dict[int, Any]) -> Any:
     """``value`` (held by a function of the copy) with every original module or tensor replaced by its copy."""
+    if type(value) is functools.partial:  # deepcopy copies a partial (so it may be one of the copies), not its function
+        function = _remapped(value.func, memo, copies, where, done)
+        args = _remapped(value.args, memo, copies, where, done)
+        keywords = _remapped(value.keywords, memo, copies, where, done)
+        if function is value.func and args is value.args and keywords is value.keywords:
+            return value
+        return functools.partial(function, *args, **keywords)
     if id(value) in copies or isinstance(value, _ATOMIC):
         return value
     if id(value) in memo:
@@ -398,14 +413,26 @@ def _type_hints(function: Any) -> dict[str, Any]:
         return {}
 
 
-def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = None) -> tuple[torch.fx.Graph, Plan]:
+def trace(
+    model: nn.Module,
+    plan: Plan,
+    concrete_args: dict[str, Any] | None = None,
+    modes_read: dict[str, bool] | None = None,
+) -> tuple[torch.fx.Graph, Plan]:
     """Trace ``model`` (the copy) with leaves chosen by ``plan``; raise ``TraceError`` on failure.
 
     Returns the graph and the plan with the modules that had to stay leaves (``kept``).
+    ``modes_read``, if given, receives the mode (``training``) of each module whose code the
+    trace ran and read its ``training`` flag, by name: the graph holds the branches that code
+    took on it. Empty: the graph is the same in either mode.
     """
     tracer = Tracer(plan.traced_into, frozenset(plan.opened), plan.kept)
+    read: set[int] = set()
+    assumed: set[int] = set()
     try:
-        graph = tracer.trace(model, concrete_args)
+        recording = _training_reads_recorded(model, read, assumed) if modes_read is not None else None
+        with recording or contextlib.nullcontext():
+            graph = tracer.trace(model, concrete_args)
     except Exception as exc:
         if isinstance(exc, FxsparseError) or _raised_by_fxsparse(exc):
             raise  # fxsparse's own: not a model that cannot be traced (capture="auto" would export instead)
@@ -426,7 +453,83 @@ def trace(model: nn.Module, plan: Plan, concrete_args: dict[str, Any] | None = N
         ) from exc
     finally:
         _restore_traced_attributes(tracer.ran.values())
+    if modes_read is not None:
+        modes_read.update(_modes_of_traced_code(model, tracer, read | (assumed & set(tracer.ran))))
     return graph, plan if tracer.kept == plan.kept else dataclasses.replace(plan, kept=dict(tracer.kept))
+
+
+def _modes_of_traced_code(model: nn.Module, tracer: Tracer, read: set[int]) -> dict[str, bool]:
+    """The mode of every module whose ``training`` flag the code ``tracer`` ran into the graph read
+    (not inside those it kept as calls, which run their own code, reading their own mode, at every call)."""
+
+    def inside_a_kept_module(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:depth]) in tracer.kept for depth in range(1, len(parts) + 1))
+
+    return {
+        name: module.training
+        for name, module in model.named_modules()
+        if id(module) in read and not inside_a_kept_module(name)
+    }
+
+
+class _TrainingFlag:
+    """``training`` of a module being traced, as a data descriptor that notes each read (thread by thread)."""
+
+    def __get__(self, module: nn.Module | None, owner: type | None = None) -> Any:
+        if module is None:
+            return self
+        reads = getattr(_TRAINING_READS, "reads", None)
+        if reads is not None:
+            reads.add(id(module))
+        return module.__dict__["training"]
+
+    def __set__(self, module: nn.Module, value: bool) -> None:
+        module.__dict__["training"] = value
+
+
+_TRAINING_READS = threading.local()
+
+
+@functools.cache
+def _noting_training_reads(module_class: type[nn.Module]) -> type[nn.Module]:
+    namespace = {"training": _TrainingFlag(), "__module__": module_class.__module__}
+    namespace["__qualname__"] = module_class.__qualname__
+    return type(module_class.__name__, (module_class,), namespace)
+
+
+@contextlib.contextmanager
+def _training_reads_recorded(model: nn.Module, read: set[int], assumed: set[int]) -> Iterator[None]:
+    """While inside, every read of a module's ``training`` adds the module's id to ``read``.
+
+    Each module of ``model`` (fxsparse's own copy) gets a subclass of its class for the
+    while, whose ``training`` is read through :class:`_TrainingFlag`. A module whose class
+    cannot be swapped, or has its own ``train``, goes to ``assumed``: read wherever its code runs.
+    """
+    swapped: list[tuple[nn.Module, type[nn.Module]]] = []
+    outer = getattr(_TRAINING_READS, "reads", None)
+    _TRAINING_READS.reads = read
+    try:
+        for module in model.modules():
+            cls = type(module)
+            if (
+                "training" in vars(cls)
+                or cls.train is not nn.Module.train  # its mode may switch more than a flag (a graph per mode)
+                or not isinstance(module.__dict__.get("training"), bool)
+            ):
+                assumed.add(id(module))  # the mode is its own business: taken as read where its code ran
+                continue
+            try:
+                module.__class__ = _noting_training_reads(cls)  # type: ignore[arg-type]
+            except TypeError:
+                assumed.add(id(module))
+                continue
+            swapped.append((module, cls))
+        yield
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
+        _TRAINING_READS.reads = outer
 
 
 def _untraceable(exc: BaseException) -> bool:

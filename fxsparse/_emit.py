@@ -97,12 +97,33 @@ class MaskedGraphModule(torch.fx.GraphModule):
         return root_view(root_class, self.__dict__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bound: dict[bool, dict[str, bool]] | None = self.__dict__.get(_MODES_BOUND)
+        if bound is not None:
+            self._refuse_modes_not_traced(bound[self.training])
         # A graph that swaps masked weights into kept modules changes them for the call: calls
         # from several threads take turns (the others, with no swap, share nothing mutable).
         if torch.compiler.is_compiling() or not self.graph.find_nodes(op="call_function", target=call_with_parameters):
             return super().__call__(*args, **kwargs)
         with swap_lock(self):
             return super().__call__(*args, **kwargs)
+
+    def _refuse_modes_not_traced(self, modes_read: dict[str, bool]) -> None:
+        """The graph holds the branches its modules' code took on ``self.training`` when traced:
+        a module switched to the other mode since (``out.get_submodule(name).eval()``) would not follow."""
+        for name, training in modes_read.items():
+            module: nn.Module = self
+            for part in name.split(".") if name else ():
+                module = module._modules[part]  # type: ignore[assignment]  # get_submodule's checks cost 10x
+            if module.training is not training:
+                now, then = ("train", "eval") if module.training else ("eval", "train")
+                raise EmitError(
+                    f"module {name!r} is in {now} mode, but the graph this model runs in "
+                    f"{'train' if self.training else 'eval'} mode was traced with it in {then} mode: its code "
+                    f"depends on the mode, and a traced graph keeps the branch it took. Set it back "
+                    f"(out.get_submodule({name!r}).{'train' if then == 'train' else 'eval'}()), switch the "
+                    "whole model with out.train()/out.eval(), or transform the model with its modules in the "
+                    "modes you will run them in"
+                )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> MaskedGraphModule:
         copied = type(self).__new__(type(self))
@@ -160,6 +181,8 @@ class MaskedGraphModule(torch.fx.GraphModule):
 # MaskedGraphModule attributes: its graph for each mode where the modes trace differently, and their compiled code.
 _MODES = "_fxsparse_mode_graphs"
 _COMPILED = "_fxsparse_mode_code"
+# Where a graph depends on modes: for each mode of the root, the modes of the modules whose code it ran, by name.
+_MODES_BOUND = "_fxsparse_modes_bound"
 
 
 def mode_graphs(gm: torch.fx.GraphModule) -> dict[bool, torch.fx.Graph]:
@@ -176,13 +199,19 @@ def keep_mode_graphs(gm: torch.fx.GraphModule, modes: dict[bool, torch.fx.Graph]
 
 
 def graph_module(
-    root: nn.Module, graph: torch.fx.Graph, capture: str, modes: dict[bool, torch.fx.Graph] | None = None
+    root: nn.Module,
+    graph: torch.fx.Graph,
+    capture: str,
+    modes: dict[bool, torch.fx.Graph] | None = None,
+    modes_bound: dict[bool, dict[str, bool]] | None = None,
 ) -> MaskedGraphModule:
     """A ``MaskedGraphModule`` running ``graph`` over ``root``'s whole module tree and state.
 
     ``out.meta["fxsparse"]["capture"]`` records which capture made the graph (``"fx"`` or ``"export"``).
     ``modes``, where the model traces differently in train and eval mode, holds the graph of
     each (``graph`` is the one of ``root.training``); the output switches with its mode.
+    ``modes_bound``, where the graphs depend on modes, holds for each mode of the root the
+    modes of the modules whose code its graph ran: a call with any other refuses.
     """
     if not isinstance(getattr(root, "meta", {}), dict):
         raise EmitError(
@@ -193,6 +222,9 @@ def graph_module(
     state = _module_state(root)
     if graph.find_nodes(op="get_attr", target=KEPT_ROOT):
         state.setdefault(_ROOT_CLASS, type(root))  # a plain attribute: copies and pickles keep it
+    state.pop(_MODES_BOUND, None)  # of an output transformed again: this graph's are below
+    if modes_bound is not None:
+        state[_MODES_BOUND] = {mode: {k: bool(v) for k, v in read.items()} for mode, read in modes_bound.items()}
     out = _assemble(state, graph, type(root).__name__, modes=modes)
     out.meta[META_KEY] = {"capture": capture}
     checks = [key for key, hook in out._forward_pre_hooks.items() if hook is check_input_structure]

@@ -91,14 +91,16 @@ def transform(
         return _emit.parametrized(root, the_plan)
     exported = None
     modes: dict[bool, torch.fx.Graph] | None = None
+    modes_bound: dict[bool, dict[str, bool]] | None = None
     traced_through: list[type[torch.autograd.Function]] = []  # custom Functions whose backward is lost
     if capture == "export":
         exported = _export(root, args or (), kwargs, dynamic_shapes, traced_through)
     else:
         try:
             with _functions.autograd_functions(keep=True) as traced_through:
-                graph, the_plan = _capture.trace(root, the_plan, concrete_args)
-                modes, the_plan = _trace_other_mode(root, graph, the_plan, concrete_args)
+                modes_read: dict[str, bool] = {}
+                graph, the_plan = _capture.trace(root, the_plan, concrete_args, modes_read)
+                modes, modes_bound, the_plan = _trace_other_mode(root, graph, the_plan, concrete_args, modes_read)
         except TraceError as fx_failure:
             if capture == "fx":
                 raise
@@ -107,7 +109,8 @@ def transform(
                 model, masks, fx_failure, args, kwargs, dynamic_shapes, traced_through
             )
     if exported is not None:
-        graph, the_plan, modes = exported.graph, dataclasses.replace(the_plan, kept={}), None  # hooks are in it
+        graph, the_plan = exported.graph, dataclasses.replace(the_plan, kept={})  # hooks are in it
+        modes = modes_bound = None
     # An fxsparse output transformed again: its masks, as its own graph's tags record them
     # (the new capture traced its code again and lost them).
     registry = mask_registry(model.graph) if isinstance(model, torch.fx.GraphModule) else {}
@@ -119,7 +122,8 @@ def transform(
         _rewrite.rewrite(root, modes[not root.training], the_plan, None, registry)  # the same buffers again
     # An fxsparse output captured by torch.export and traced again by FX is still an ATen graph.
     was_exported = isinstance(model, torch.fx.GraphModule) and _emit.captured_by(model) == "export"
-    out = _emit.graph_module(root, graph, "export" if exported is not None or was_exported else "fx", modes)
+    capture_used = "export" if exported is not None or was_exported else "fx"
+    out = _emit.graph_module(root, graph, capture_used, modes, modes_bound)
     for function in traced_through:
         how = (
             "torch.export inlines every custom autograd.Function"
@@ -154,26 +158,39 @@ def _export(
 
 
 def _trace_other_mode(
-    root: nn.Module, graph: torch.fx.Graph, plan: Plan, concrete_args: dict[str, Any] | None
-) -> tuple[dict[bool, torch.fx.Graph] | None, Plan]:
+    root: nn.Module,
+    graph: torch.fx.Graph,
+    plan: Plan,
+    concrete_args: dict[str, Any] | None,
+    modes_read: dict[str, bool],
+) -> tuple[dict[bool, torch.fx.Graph] | None, dict[bool, dict[str, bool]] | None, Plan]:
     """Trace ``root`` again in the other mode (``train``/``eval``): a graph per mode where they differ.
 
     FX runs Python branches on ``self.training`` once and keeps the branch taken (timm's
     DropPath, ``F.dropout(x, p, self.training)``): such a graph would keep the mode it
-    was traced in after ``out.train()``/``out.eval()``. ``None`` where both modes trace
-    the same code; the modules' own modes are left as found.
+    was traced in after ``out.train()``/``out.eval()``. Returns the graphs (``None`` where
+    both modes trace the same code), the modes of the modules whose code each mode's graph
+    ran (``None`` where nothing depends on them: one graph, traced with every module in
+    the root's mode), and the plan. The modules' own modes are left as found.
     """
+    if not modes_read:  # no code the trace ran read a training flag: the other mode traces the same
+        return None, None, plan
     modes = [(module, module.training) for module in root.modules()]
     other = not root.training
+    other_modes_read: dict[str, bool] = {}
     root.train(other)
     try:
-        other_graph, plan = _capture.trace(root, plan, concrete_args)
+        other_graph, plan = _capture.trace(root, plan, concrete_args, other_modes_read)
     finally:
         for module, training in modes:
             module.training = training
+    bound = {root.training: modes_read, other: other_modes_read}
     if _same_nodes(graph, other_graph):
-        return None, plan
-    return {root.training: graph, other: other_graph}, plan
+        # One graph for both modes, as traced with every module in one mode or the other; a module
+        # in the other mode than the root's (a frozen block) may have traced a branch of its own.
+        mixed = any(training is not root.training for training in modes_read.values())
+        return None, bound if mixed else None, plan
+    return {root.training: graph, other: other_graph}, bound, plan
 
 
 def _same_nodes(first: torch.fx.Graph, second: torch.fx.Graph) -> bool:

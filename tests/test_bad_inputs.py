@@ -71,6 +71,21 @@ class ThroughAGlobal(Untraceable):
         return REGISTRY["fc"](x)
 
 
+class DoublesInTraining(Untraceable):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * 2 if self.training else self.fc(x)
+
+
+def one_block_switched_alone() -> nn.Module:
+    out = fxsparse.transform(nn.Sequential(DoublesInTraining()).train(), {"0.fc": ONES4})
+    out.get_submodule("0").eval()
+    return out  # type: ignore[no-any-return]
+
+
+def onnx_program() -> Any:
+    return fxsparse.transform(small().eval(), {"0": ONES}, emit="onnx", example_inputs=(torch.randn(2, 4),))
+
+
 def tied() -> nn.Module:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight
@@ -323,6 +338,18 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         lambda m, _: fxsparse.transform(m, {"0": ONES}, capture="export", example_inputs=(torch.randn(2, 4),))(),
         (TypeError, "missing input 'input': the model was captured with torch.export with 'input' given"),
     ),
+    (
+        "update_masks, check or from_parametrized given an ONNX program",
+        small,
+        lambda m, _: fxsparse.update_masks(onnx_program(), {"0.weight": ONES}),
+        (fxsparse.MaskError, "takes fxsparse's output as a torch.nn.Module (emit='graph' or 'parametrize'), got"),
+    ),
+    (
+        "submodule switched alone to the mode its traced code was not traced in",
+        one_block_switched_alone,
+        lambda m, _: m(torch.randn(2, 4)),
+        (fxsparse.EmitError, "module '0' is in eval mode, but the graph this model runs in train mode was traced"),
+    ),
 ]
 
 
@@ -373,3 +400,19 @@ def test_the_docs_table_every_case() -> None:
     table = DOCS.read_text()
     missing = [name for name, *_ in CASES if f"| {name} |" not in table]
     assert missing == []
+
+
+def test_update_masks_check_and_from_parametrized_refuse_an_onnx_program_naming_it() -> None:
+    program = onnx_program()
+    calls: dict[str, Callable[[Any], Any]] = {
+        "update_masks": lambda p: fxsparse.update_masks(p, {"0.weight": ONES}),
+        "check": lambda p: fxsparse.check(p, {"0.weight": ONES}),
+        "check without masks": fxsparse.check,
+        "from_parametrized": fxsparse.masks.from_parametrized,
+    }
+    for name, call in calls.items():
+        function = name.split()[0]
+        with pytest.raises(
+            fxsparse.MaskError, match=rf"^{function} takes fxsparse's output as a torch.nn.Module .*ONNXProgram"
+        ):
+            call(program)

@@ -254,3 +254,57 @@ def test_a_custom_autograd_function_traced_through_is_named_in_a_warning() -> No
         fxsparse.transform(WithCustomFunction(), masks, capture="export", example_inputs=(x,))
     with pytest.warns(UserWarning, match=r"autograd.Function .*Scaled is not kept as a call \(torch.fx traced"):
         fxsparse.transform(WithCustomFunction("scaled"), masks, capture="fx")
+
+
+class DoublesInTraining(nn.Module):
+    """Deterministic code that reads self.training: twice its output in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        return x * 2 if self.training else x
+
+
+def test_a_per_mode_graph_refuses_a_submodule_switched_to_the_other_mode_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(DoublesInTraining(), DoublesInTraining()).train()
+    masks = {"0.fc.weight": torch.rand(4, 4) > 0.5, "1.fc.weight": torch.rand(4, 4) > 0.5}
+    reference = fake_sparsity(model, masks)
+    out = fxsparse.transform(model, masks, capture="fx")
+    x = torch.randn(2, 4)
+    out.get_submodule("0").eval()  # the graph of train mode baked module 0's training branch
+    for kept in (out, copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
+        with pytest.raises(fxsparse.EmitError, match=r"module '0' is in eval mode"):
+            kept(x)
+    out.get_submodule("0").train()
+    assert torch.equal(out(x), reference(x))
+
+
+def test_a_model_transformed_with_mixed_modes_refuses_the_modes_it_was_not_traced_in() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(DoublesInTraining(), DoublesInTraining()).train()
+    model[0].eval()  # as a frozen block is: its code ran in eval mode while the rest trains
+    masks = {"0.fc.weight": torch.rand(4, 4) > 0.5}
+    reference = fake_sparsity(model, masks)
+    out = fxsparse.transform(model, masks, capture="fx")
+    x = torch.randn(2, 4)
+    assert torch.equal(out(x), reference(x))
+    out.eval()
+    reference.eval()
+    assert torch.equal(out(x), reference(x))
+    out.train()  # module 0 trains now, but the graph of train mode ran its code in eval mode
+    with pytest.raises(fxsparse.EmitError, match=r"module '0' is in train mode"):
+        out(x)
+    out.get_submodule("0").eval()
+    reference.train()
+    reference[0].eval()
+    assert torch.equal(out(x), reference(x))
+    both_blocks_frozen = nn.Sequential(DoublesInTraining(), DoublesInTraining()).train()
+    both_blocks_frozen[0].eval()
+    both_blocks_frozen[1].eval()  # eval code in both modes of the root: one graph, still bound to these modes
+    out = fxsparse.transform(both_blocks_frozen, {"0.fc.weight": torch.ones(4, 4)}, capture="fx").train()
+    with pytest.raises(fxsparse.EmitError, match=r"module '0' is in train mode"):
+        out(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 
 import pytest
@@ -13,7 +14,7 @@ from torch.nn.utils import parametrize
 
 import fxsparse
 
-from reference import eager, fake_sparsity, torchscript
+from reference import eager, fake_sparsity, fake_sparsity_on_every_name, torchscript
 from zoo import MASK_KINDS, ZOO, build, inputs, make_masks, parameter_name
 
 DTYPES = [torch.float32, torch.float64]
@@ -462,6 +463,35 @@ def test_functions_stored_on_modules_run_the_copy_with_its_masks(capture: str, f
     assert torch.equal(y, expected)
     readers = {n.meta["fxsparse"]["param"] for n in out.graph.nodes if n.meta.get("fxsparse", {}).get("role") == "mask"}
     assert readers == set(masks)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()  # the output must not share anything with the model
+    assert torch.equal(out(x), y)
+
+
+def _hooked_by_a_closure(as_partial: bool) -> nn.Module:
+    """A forward hook closing over the module it hooks, reading its (masked) weight: a lambda, or
+    a functools.partial of a closure, kept in the module's hook registry, not as an attribute."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    fc = model[0]
+
+    def shift(scale: float, module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        return output + scale * fc.weight.sum()
+
+    fc.register_forward_hook(functools.partial(shift, 2.0) if as_partial else lambda m, i, o: shift(2.0, m, i, o))
+    return model
+
+
+@pytest.mark.parametrize("as_partial", [False, True], ids=["lambda", "partial"])
+def test_hooks_closing_over_the_models_modules_run_the_copys(as_partial: bool) -> None:
+    masks = {"0.weight": (torch.rand(4, 4) > 0.5).float()}
+    x = torch.randn(2, 4)
+    reference = fake_sparsity_on_every_name(_hooked_by_a_closure(as_partial), masks, in_place=True)
+    model = _hooked_by_a_closure(as_partial)
+    out = fxsparse.transform(model, masks)
+    y = out(x)
+    assert torch.equal(y, reference(x))  # the hook reads the weight swapped in: masked, as FakeSparsity's does
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.zero_()  # the output must not share anything with the model

@@ -18,7 +18,7 @@ from torch import nn
 from .._errors import MaskError
 from .._plan import MaskedParameter, NameIndex, build_plan, check_buffer_names, normalize_mask, resolve_key
 from .._sparsity import density_of, holder_types, input_axis_of, pattern_of, uniform_blocks
-from ._importers import mask_buffers
+from ._importers import mask_buffers, require_module
 
 __all__ = ["CheckReport", "MaskCheck", "check", "printable"]
 
@@ -99,6 +99,7 @@ def check(
     """
     if isinstance(model, torch.export.ExportedProgram):
         raise MaskError("check takes the model, or fxsparse's emit='graph' output; for an exported program, check that")
+    require_module(model, "check")
     expected = _pattern(pattern) if pattern is not None else None
     own = masks is None  # the masks a transformed model applies: already accepted by transform
     if masks is None:

@@ -17,7 +17,7 @@ from torch import nn
 from .._errors import MaskError
 from .._tags import Role, recorded_masks, tag_of
 
-__all__ = ["from_parametrized", "from_prune", "from_sparsifier", "mask_buffers", "to_sparsifier"]
+__all__ = ["from_parametrized", "from_prune", "from_sparsifier", "mask_buffers", "require_module", "to_sparsifier"]
 
 
 def from_sparsifier(sparsifier: Any) -> dict[str, torch.Tensor]:
@@ -83,9 +83,20 @@ def _is_structured_sparsity(kind: type) -> bool:
     )
 
 
+def require_module(model: object, function: str) -> None:
+    """Refuse, naming ``function``, what is not a module (an ONNX program): its masks are no buffers to use."""
+    if not isinstance(model, nn.Module):
+        raise MaskError(
+            f"{function} takes fxsparse's output as a torch.nn.Module (emit='graph' or 'parametrize'), got "
+            f"{type(model).__name__}: the masks of an ONNX, exported or compiled form are constants inside it. "
+            "Work on the emit='graph' output (or the model), then emit that form again"
+        )
+
+
 def from_parametrized(model: nn.Module) -> dict[str, torch.Tensor]:
     """The masks of every ``FakeSparsity``-like parametrization (one with a ``mask``) in ``model``
     (or of fxsparse's output), copied."""
+    require_module(model, "from_parametrized")
     masks, seen = {}, set()
     for name, (parameter, buffer) in mask_buffers(model).items():
         if id(parameter) not in seen:  # a tied parameter: one mask, under its first name

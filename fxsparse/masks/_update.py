@@ -15,7 +15,7 @@ from torch import nn
 
 from .._errors import MaskError
 from .._plan import normalize_mask
-from ._importers import mask_buffers
+from ._importers import mask_buffers, require_module
 
 __all__ = ["update_masks"]
 
@@ -46,6 +46,7 @@ def update_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
             "an exported program's masks are constants of the program; update the masks of the "
             "emit='graph' output (fxsparse.update_masks) and export it again"
         )
+    require_module(model, "update_masks")
     buffers = mask_buffers(model)
     if not buffers:
         raise MaskError(f"{type(model).__name__} has no masks to update: pass fxsparse.transform's output")
