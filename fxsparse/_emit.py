@@ -135,7 +135,8 @@ class MaskedGraphModule(torch.fx.GraphModule):
             raise EmitError(
                 f"this model runs in {'train' if kept else 'eval'} mode only: its code depends on the mode "
                 f"(it reads self.training) and it keeps the graph of that mode alone (fxsparse.freeze with a "
-                f"sparse layout keeps one); cannot switch it to {'train' if mode else 'eval'} mode"
+                f"sparse layout keeps one, and so does transform where torch.fx cannot trace the model in the "
+                f"other mode); cannot switch it to {'train' if mode else 'eval'} mode"
             )
         super().train(mode)
         if modes is not None and modes[mode] is not self.graph:

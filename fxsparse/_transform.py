@@ -112,11 +112,12 @@ def transform(
     # (the new capture traced its code again and lost them).
     registry = mask_registry(model.graph) if isinstance(model, torch.fx.GraphModule) else {}
     _capture.refuse_reads_of_the_original(model, root, graph, exported)
-    if modes is not None:
-        _capture.refuse_reads_of_the_original(model, root, modes[not root.training], None)
+    other_mode = None if modes is None else modes.get(not root.training)
+    if other_mode is not None:
+        _capture.refuse_reads_of_the_original(model, root, other_mode, None)
     _rewrite.rewrite(root, graph, the_plan, exported, registry)
-    if modes is not None:
-        _rewrite.rewrite(root, modes[not root.training], the_plan, None, registry)  # the same buffers again
+    if other_mode is not None:
+        _rewrite.rewrite(root, other_mode, the_plan, None, registry)  # the same buffers again
     # An fxsparse output captured by torch.export and traced again by FX is still an ATen graph.
     was_exported = isinstance(model, torch.fx.GraphModule) and _emit.captured_by(model) == "export"
     out = _emit.graph_module(root, graph, "export" if exported is not None or was_exported else "fx", modes)
@@ -161,19 +162,25 @@ def _trace_other_mode(
     FX runs Python branches on ``self.training`` once and keeps the branch taken (timm's
     DropPath, ``F.dropout(x, p, self.training)``): such a graph would keep the mode it
     was traced in after ``out.train()``/``out.eval()``. ``None`` where both modes trace
-    the same code; the modules' own modes are left as found.
+    the same code; the given mode's graph alone where the other mode cannot be traced (the
+    output then refuses to switch); the modules' own modes are left as found.
     """
     modes = [(module, module.training) for module in root.modules()]
-    other = not root.training
-    root.train(other)
+    given = root.training
     try:
+        root.train(not given)
         other_graph, plan = _capture.trace(root, plan, concrete_args)
+    except (TraceError, EmitError):
+        # The model's code traces in the mode it was given only (`torch.rand(x.shape[0], 1)` on a
+        # train-mode branch), or it is an fxsparse output that runs in one mode (EmitError on the
+        # switch): keep that mode's graph alone, and refuse a switch rather than run it wrongly.
+        return {given: graph}, plan
     finally:
         for module, training in modes:
             module.training = training
     if _same_nodes(graph, other_graph):
         return None, plan
-    return {root.training: graph, other: other_graph}, plan
+    return {given: graph, not given: other_graph}, plan
 
 
 def _same_nodes(first: torch.fx.Graph, second: torch.fx.Graph) -> bool:
