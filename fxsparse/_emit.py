@@ -99,7 +99,7 @@ class MaskedGraphModule(torch.fx.GraphModule):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         bound: dict[bool, dict[str, bool]] | None = self.__dict__.get(_MODES_BOUND)
         if bound is not None:
-            self._refuse_modes_not_traced(bound[self.training])
+            self._refuse_modes_not_traced(bound.get(self.training, {}))
         # A graph that swaps masked weights into kept modules changes them for the call: calls
         # from several threads take turns (the others, with no swap, share nothing mutable).
         if torch.compiler.is_compiling() or not self.graph.find_nodes(op="call_function", target=call_with_parameters):
@@ -156,7 +156,8 @@ class MaskedGraphModule(torch.fx.GraphModule):
             raise EmitError(
                 f"this model runs in {'train' if kept else 'eval'} mode only: its code depends on the mode "
                 f"(it reads self.training) and it keeps the graph of that mode alone (fxsparse.freeze with a "
-                f"sparse layout keeps one); cannot switch it to {'train' if mode else 'eval'} mode"
+                f"sparse layout keeps one, and so does transform where torch.fx cannot trace the model in the "
+                f"other mode); cannot switch it to {'train' if mode else 'eval'} mode"
             )
         super().train(mode)
         if modes is not None and modes[mode] is not self.graph:

@@ -115,11 +115,12 @@ def transform(
     # (the new capture traced its code again and lost them).
     registry = mask_registry(model.graph) if isinstance(model, torch.fx.GraphModule) else {}
     _capture.refuse_reads_of_the_original(model, root, graph, exported)
-    if modes is not None:
-        _capture.refuse_reads_of_the_original(model, root, modes[not root.training], None)
+    other_mode = None if modes is None else modes.get(not root.training)
+    if other_mode is not None:
+        _capture.refuse_reads_of_the_original(model, root, other_mode, None)
     _rewrite.rewrite(root, graph, the_plan, exported, registry)
-    if modes is not None:
-        _rewrite.rewrite(root, modes[not root.training], the_plan, None, registry)  # the same buffers again
+    if other_mode is not None:
+        _rewrite.rewrite(root, other_mode, the_plan, None, registry)  # the same buffers again
     # An fxsparse output captured by torch.export and traced again by FX is still an ATen graph.
     was_exported = isinstance(model, torch.fx.GraphModule) and _emit.captured_by(model) == "export"
     capture_used = "export" if exported is not None or was_exported else "fx"
@@ -169,22 +170,29 @@ def _trace_other_mode(
     FX runs Python branches on ``self.training`` once and keeps the branch taken (timm's
     DropPath, ``F.dropout(x, p, self.training)``): such a graph would keep the mode it
     was traced in after ``out.train()``/``out.eval()``. Returns the graphs (``None`` where
-    both modes trace the same code), the modes of the modules whose code each mode's graph
-    ran (``None`` where nothing depends on them: one graph, traced with every module in
-    the root's mode), and the plan. The modules' own modes are left as found.
+    both modes trace the same code; the given mode's graph alone where the other mode cannot
+    be traced, and the output then refuses to switch), the modes of the modules whose
+    ``training`` each mode's graph read (``None`` where nothing depends on them), and the
+    plan. The modules' own modes are left as found.
     """
     if not modes_read:  # no code the trace ran read a training flag: the other mode traces the same
         return None, None, plan
     modes = [(module, module.training) for module in root.modules()]
-    other = not root.training
+    given = root.training
+    other = not given
     other_modes_read: dict[str, bool] = {}
-    root.train(other)
     try:
+        root.train(other)
         other_graph, plan = _capture.trace(root, plan, concrete_args, other_modes_read)
+    except (TraceError, EmitError):
+        # The model's code traces in the mode it was given only (`torch.rand(x.shape[0], 1)` on a
+        # train-mode branch), or it is an fxsparse output that runs in one mode (EmitError on the
+        # switch): keep that mode's graph alone, and refuse a switch rather than run it wrongly.
+        return {given: graph}, {given: modes_read}, plan
     finally:
         for module, training in modes:
             module.training = training
-    bound = {root.training: modes_read, other: other_modes_read}
+    bound = {given: modes_read, other: other_modes_read}
     if _same_nodes(graph, other_graph):
         # One graph for both modes, as traced with every module in one mode or the other; a module
         # in the other mode than the root's (a frozen block) may have traced a branch of its own.

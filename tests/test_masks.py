@@ -352,6 +352,16 @@ def test_check_reports_every_problem_at_once() -> None:
     assert fxsparse.check(fxsparse.transform(model, {"head": torch.ones(12, 16)})).ok
 
 
+def test_check_table_shows_each_mask_under_the_header() -> None:
+    model = Net()
+    report = fxsparse.check(model, {"head": torch.ones(12, 16)})
+    header, row = str(report).splitlines()[:2]
+    expected = {"parameter": "head.weight", "shape": "12×16", "dtype": "float32", "device": "cpu", "density": "1.000"}
+    assert header.split()[:5] == list(expected) and row.split()[:5] == list(expected.values())
+    for column in ("dtype", "device"):  # each value starts under its column's title
+        assert row[header.index(column) :].startswith(expected[column])
+
+
 # -- command line -------------------------------------------------------------------------------
 
 

@@ -166,6 +166,34 @@ def test_fx_capture_follows_the_mode_code_reads_from_self_training(model_class: 
             assert torch.equal(seeded(kept, training, x), seeded(reference, training, x))
 
 
+class TracesInEvalModeOnly(nn.Module):
+    """Train mode draws a mask from a traced size (``torch.rand`` refuses a proxy): FX traces eval mode only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc(x)
+        if self.training:
+            hidden = hidden * (torch.rand(x.shape[0], 1) > 0.5)
+        return hidden
+
+
+def test_a_model_fx_traces_in_its_own_mode_only_is_captured_and_refuses_the_switch() -> None:
+    torch.manual_seed(0)
+    model = TracesInEvalModeOnly().eval()
+    masks = {"fc.weight": torch.rand(8, 8) > 0.5}
+    reference = fake_sparsity(model, masks).eval()
+    out = fxsparse.transform(model, masks)  # symbolic_trace(model) traces it: so must fxsparse
+    x = torch.randn(16, 8)
+    assert torch.equal(out(x), reference(x))
+    for kept in (out, copy.deepcopy(out), fxsparse.transform(out, {"fc.bias": torch.ones(8)}), fxsparse.freeze(out)):
+        with pytest.raises(fxsparse.EmitError, match=r"eval mode only.*cannot switch it to train mode"):
+            kept.train()
+        assert not kept.training and torch.equal(kept(x), reference(x))
+
+
 @pytest.mark.parametrize("layout", ["dense", "csr"])
 def test_freeze_keeps_the_graph_of_each_mode(layout: str) -> None:
     torch.manual_seed(0)
