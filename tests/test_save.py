@@ -198,3 +198,19 @@ def test_the_temporary_matches_no_glob_of_the_suffix_and_a_stale_one_is_removed(
         save(path)
     assert seen_while_writing == [[f".m.abcd1234{suffix}"]]  # a user's own file; no temporary
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, in_use.name, *(p.name for p in not_ours)])
+
+
+def test_concurrent_saves_never_remove_each_others_temporary(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "m.safetensors"
+    versions = {i: torch.full((256, 256), i % 2 == 0) for i in range(48)}
+
+    def save(i: int) -> Path:  # each save also removes the stale temporaries it finds: never one in use
+        return fxsparse.save_masks({"w": versions[i], "i": torch.tensor(i)}, path)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(save, versions)) == [path] * len(versions)
+    loaded = fxsparse.load_masks(path)
+    assert torch.equal(loaded["w"], versions[int(loaded["i"])])  # one whole save, not a mix
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
