@@ -3,6 +3,7 @@ documented; the input model untouched. docs/errors.md tables the same rows."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -135,6 +136,21 @@ def mask_file(tmp_path: Path, kind: str) -> Path:
 
     torch.save({"0.weight": RunsCode()}, path)
     return path
+
+
+def not_a_place_to_save(tmp_path: Path, kind: str) -> Path:
+    """A path a save must not rename a new file over: a FIFO, a read-only file, or below a dangling symlink."""
+    if kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this system")
+        os.mkfifo(tmp_path / "pipe.pt")
+        return tmp_path / "pipe.pt"
+    if kind == "read-only":
+        (tmp_path / "kept.pt").write_bytes(b"someone's data")
+        (tmp_path / "kept.pt").chmod(0o444)
+        return tmp_path / "kept.pt"
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere" / "missing")
+    return tmp_path / "link" / "sub" / "m.pt"
 
 
 ONES = torch.ones(3, 4)
@@ -301,6 +317,24 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         small,
         lambda m, tmp: fxsparse.load_masks(mask_file(tmp, "code")),
         (fxsparse.MaskError, "torch.load(weights_only=True) refused it"),
+    ),
+    (
+        "save onto a FIFO, a device or a socket",
+        small,
+        lambda m, tmp: fxsparse.save(m.state_dict(), not_a_place_to_save(tmp, "fifo")),
+        (fxsparse.EmitError, "is a FIFO (named pipe), not a regular file; saving renames a new file over the path"),
+    ),
+    (
+        "save onto a read-only file",
+        small,
+        lambda m, tmp: fxsparse.save_masks({"0.weight": ONES}, not_a_place_to_save(tmp, "read-only")),
+        (fxsparse.MaskError, "is read-only (mode -r--r--r--), and open() would refuse to write it"),
+    ),
+    (
+        "save through a dangling symbolic link",
+        small,
+        lambda m, tmp: fxsparse.save(m.state_dict(), not_a_place_to_save(tmp, "dangling")),
+        (fxsparse.EmitError, "which does not exist; fxsparse does not make folders through a symbolic link"),
     ),
     (
         "data sparsifier given to from_sparsifier",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -282,10 +285,12 @@ def test_corrupt_and_truncated_files(tmp_path: Path) -> None:
 def test_an_interrupted_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = fxsparse.save_masks({"w": torch.ones(2, 2, dtype=torch.bool)}, tmp_path / "m.safetensors")
 
-    def fail(*args: object, **kwargs: object) -> None:
+    def torn(self: Path, data: bytes) -> int:
+        with self.open("wb") as file:
+            file.write(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", fail)
+    monkeypatch.setattr(Path, "write_bytes", torn)
     with pytest.raises(OSError, match="disk full"):
         fxsparse.save_masks({"w": torch.zeros(2, 2, dtype=torch.bool)}, path)
     assert fxsparse.load_masks(path)["w"].all() and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
@@ -796,3 +801,111 @@ def test_update_masks_refuses_different_masks_for_tied_aliases(emit: str) -> Non
         fxsparse.update_masks(out, {"b.weight": new})  # either alias: one mask, at both uses
         with torch.no_grad():
             assert torch.equal(out(x), fxsparse.transform(model, {"a.weight": new}, emit="parametrize")(x))
+
+
+# -- issue 14: mask files --------------------------------------------------------------------------
+
+
+def run_child(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh Python with this fxsparse: what a crash or a signal does, it does there."""
+    root = Path(fxsparse.__file__).parent.parent
+    environment = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=environment, timeout=300
+    )
+
+
+EDITS_THEN_TRUNCATES = """
+import os, sys
+import fxsparse
+path = sys.argv[1]
+masks = fxsparse.load_masks(path)
+size = os.path.getsize(path)
+with open(path, "r+b") as file:  # in place, as an editor or a second writer would: all-kept to all-pruned
+    file.seek(size - 4096)
+    file.write(bytes(4096))
+print(int(masks["w"].sum()), flush=True)
+os.truncate(path, 0)  # a memory-mapped mask now dies of SIGBUS on its next read
+print(int(masks["w"].sum()), flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a file cannot be truncated while Windows maps it")
+def test_loaded_masks_own_their_memory_whatever_happens_to_the_file(tmp_path: Path) -> None:
+    path = fxsparse.save_masks({"w": torch.ones(64, 64, dtype=torch.bool)}, tmp_path / "m.safetensors")
+    child = run_child(EDITS_THEN_TRUNCATES, str(path))
+    assert (child.returncode, child.stdout.split()) == (0, ["4096", "4096"]), child.stderr
+
+
+def test_packed_masks_unpack_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fxsparse.masks._files as files
+
+    monkeypatch.setattr(files, "_UNPACK_CHUNK", 3)  # 24 bits a chunk: 13 chunks, the last one cut short
+    mask = torch.rand(5, 61) > 0.5  # 305 bits: not a whole number of bytes
+    path = fxsparse.save_masks({"w": mask}, tmp_path / "p.safetensors", packed=True)
+    assert torch.equal(fxsparse.load_masks(path)["w"], mask)
+
+
+PEAK_OF_A_LOAD = """
+import json, sys
+from pathlib import Path
+import fxsparse
+
+def peak_kib(reset=False):
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")  # the peak is now what is resident
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+fxsparse.load_masks(sys.argv[2])  # torch's first operations allocate what they keep
+before = peak_kib(reset=True)
+masks = fxsparse.load_masks(sys.argv[1])
+print(json.dumps({"peak": (peak_kib() - before) * 1024, "masks": masks["w"].numel()}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures Linux's peak resident memory")
+def test_a_packed_mask_file_loads_within_its_masks_and_a_few_times_its_size(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    size = 32 << 20  # 32 MiB of bits, 256 MiB of bool masks; unpacking at once peaked at 9 times the file above them
+    bits = torch.randint(0, 256, (size,), dtype=torch.uint8)
+    save_file({"w": bits}, str(tmp_path / "p.safetensors"), metadata={"fxsparse.packed": json.dumps({"w": [size * 8]})})
+    small = fxsparse.save_masks({"w": torch.ones(100, dtype=torch.bool)}, tmp_path / "s.safetensors", packed=True)
+    child = run_child(PEAK_OF_A_LOAD, str(tmp_path / "p.safetensors"), str(small))
+    assert child.returncode == 0, child.stderr
+    measured = json.loads(child.stdout)
+    assert measured["masks"] == size * 8
+    assert measured["peak"] - size * 8 < 4 * size  # the masks, plus the file read and its tensor (about 2x)
+
+
+KILLED_WHILE_SAVING = """
+import os, resource, signal, sys
+import torch
+import fxsparse
+path, when = sys.argv[1], sys.argv[2]
+if when == "while writing":  # the kernel kills it halfway through the file, as kill -9 would
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores SIGXFSZ; its default action kills
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+else:  # the file written, not yet renamed into place
+    os.replace = lambda source, target: os.kill(os.getpid(), signal.SIGKILL)
+fxsparse.save_masks({"w": torch.zeros(8 << 20, dtype=torch.bool)}, path)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals and resource limits")
+@pytest.mark.parametrize("when", ["while writing", "before the rename"])
+def test_a_killed_save_leaves_the_old_file_and_nothing_a_glob_or_load_would_take(when: str, tmp_path: Path) -> None:
+    path = fxsparse.save_masks({"w": torch.ones(4, dtype=torch.bool)}, tmp_path / "m.safetensors")
+    before = path.read_bytes()
+    child = run_child(KILLED_WHILE_SAVING, str(path), when)
+    assert child.returncode < 0, (child.returncode, child.stderr)  # killed by a signal, cleaning up nothing
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["m.safetensors"]
+    left = [p.name for p in tmp_path.iterdir() if p != path]
+    assert len(left) == 1 and left[0].startswith(".m.safetensors.fxsparse-tmp-"), left  # fxsparse's only
+    fxsparse.save_masks({"w": torch.zeros(4, dtype=torch.bool)}, path)  # the next save removes it
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    assert not fxsparse.load_masks(path)["w"].any()

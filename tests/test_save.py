@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,116 @@ def test_saved_files_get_ordinary_permissions_and_follow_links(tmp_path: Path) -
     for bad in ("", f"{tmp_path}/folder/", str(tmp_path)):
         with pytest.raises((ValueError, IsADirectoryError), match="save needs a file path"):
             fxsparse.save(out.state_dict(), bad)
+
+
+# -- issue 14: a save never destroys what is not its own -------------------------------------------
+
+
+def saving(kind: str) -> tuple[Callable[[Path], Path], type[fxsparse.FxsparseError]]:
+    """A save of each kind, and the error it refuses with: fxsparse.save an EmitError, save_masks a MaskError."""
+    if kind == "save":
+        return lambda path: fxsparse.save(fxsparse.transform(model(), masks()).state_dict(), path), fxsparse.EmitError
+    return lambda path: fxsparse.save_masks(masks(), path), fxsparse.MaskError
+
+
+KINDS = ["save", "save_masks"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_save_refuses_a_fifo_and_leaves_it_a_fifo(kind: str, tmp_path: Path) -> None:
+    save, error = saving(kind)
+    fifo, link = tmp_path / "pipe.safetensors", tmp_path / "link.safetensors"
+    os.mkfifo(fifo)
+    link.symlink_to(fifo)
+    for target in (fifo, link):
+        with pytest.raises(error, match=r"is a FIFO \(named pipe\), not a regular file"):
+            save(target)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == [link.name, fifo.name]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_save_refuses_a_device_node(kind: str, tmp_path: Path) -> None:
+    save, error = saving(kind)
+    node = tmp_path / "null.pt"
+    try:
+        os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's, made in a temporary folder
+    except (AttributeError, OSError):
+        pytest.skip("cannot make a device node here (needs root, a POSIX system)")
+    with pytest.raises(error, match="is a character device, not a regular file"):
+        save(node)
+    assert stat.S_ISCHR(node.stat().st_mode)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_save_refuses_a_read_only_file_even_as_root(kind: str, tmp_path: Path) -> None:
+    save, error = saving(kind)
+    path = tmp_path / "kept.pt"
+    path.write_bytes(b"someone's data")
+    path.chmod(0o444)  # root's open() writes it anyway; a user's refuses: the mode bits decide
+    with pytest.raises(error, match=r"is read-only \(mode -r--r--r--\)"):
+        save(path)
+    assert path.read_bytes() == b"someone's data" and [p.name for p in tmp_path.iterdir()] == ["kept.pt"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_save_makes_no_folder_through_a_dangling_symlink(kind: str, tmp_path: Path) -> None:
+    save, error = saving(kind)
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / "folder").symlink_to(elsewhere / "missing")  # dangling
+    with pytest.raises(error, match=r"is a symbolic link to .*, which does not exist"):
+        save(tmp_path / "folder" / "sub" / "m.pt")
+    (tmp_path / "file.pt").symlink_to(elsewhere / "m.pt")  # dangling, in a missing folder
+    with pytest.raises(error, match="whose folder does not exist"):
+        save(tmp_path / "file.pt")
+    assert not elsewhere.exists()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "to_real").symlink_to(tmp_path / "real")  # a link to a folder that exists works as ever
+    assert save(tmp_path / "to_real" / "new" / "m.pt") == tmp_path / "real" / "new" / "m.pt"
+    (tmp_path / "to_file.pt").symlink_to(tmp_path / "real" / "target.pt")  # so does one to a new file
+    assert save(tmp_path / "to_file.pt").is_file() and (tmp_path / "to_file.pt").is_symlink()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_temporary_matches_no_glob_of_the_suffix_and_a_stale_one_is_removed(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save, _ = saving(kind)
+    suffix = ".pt" if kind == "save" else ".safetensors"
+    path = tmp_path / f"m{suffix}"
+    stale = tmp_path / f".m{suffix}.fxsparse-tmp-abcd1234"  # left by a save killed earlier
+    stale.write_bytes(b"half a file")
+    in_use = tmp_path / f".m{suffix}.fxsparse-tmp-efgh5678"  # written by a save in progress: locked
+    not_ours = [tmp_path / f".m{suffix}.fxsparse-tmp-abcd1234.data", tmp_path / f".m.abcd1234{suffix}"]
+    for file in [in_use, *not_ours]:
+        file.write_bytes(b"")
+    seen_while_writing: list[list[str]] = []
+    replace = os.replace
+
+    def look_then_replace(source: str, target: str) -> None:
+        seen_while_writing.append(sorted(p.name for p in tmp_path.glob(f"*{suffix}")))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", look_then_replace)
+    with open(in_use, "rb") as held:
+        fcntl = pytest.importorskip("fcntl")
+        fcntl.flock(held, fcntl.LOCK_EX)
+        save(path)
+    assert seen_while_writing == [[f".m.abcd1234{suffix}"]]  # a user's own file; no temporary
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, in_use.name, *(p.name for p in not_ours)])
+
+
+def test_concurrent_saves_never_remove_each_others_temporary(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "m.safetensors"
+    versions = {i: torch.full((256, 256), i % 2 == 0) for i in range(48)}
+
+    def save(i: int) -> Path:  # each save also removes the stale temporaries it finds: never one in use
+        return fxsparse.save_masks({"w": versions[i], "i": torch.tensor(i)}, path)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(save, versions)) == [path] * len(versions)
+    loaded = fxsparse.load_masks(path)
+    assert torch.equal(loaded["w"], versions[int(loaded["i"])])  # one whole save, not a mix
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]

@@ -10,17 +10,27 @@ and ``fxsparse.masks.n_m`` (2:4), timed. Prints the time per shape and the total
 ``--scaling`` instead times what must stay linear in the number of masks: ``fxsparse.check``
 against ``fxsparse.transform`` on ``--layers`` Linear(16, 16) + ReLU layers (check should cost
 no more than transform), and ``fxsparse.save_masks`` of ``--small-masks`` 4×4 masks (under a
-second for 10,000). Usage::
+second for 10,000).
+
+``--memory`` instead measures the peak memory of ``fxsparse.load_masks`` on a ``--mib`` MiB
+file, plain and packed (``resource.getrusage``'s ``ru_maxrss`` in a fresh child process,
+before and after the load: tracemalloc does not see torch's allocations). The masks loaded
+own their memory, so the peak cannot fall below the masks themselves (for a packed file, 8
+times the file); the question is what the load costs above that. Usage::
 
     python tools/bench_masks.py [--blocks 32] [--json out.json]
     python tools/bench_masks.py --scaling [--layers 5000] [--small-masks 10000]
+    python tools/bench_masks.py --memory [--mib 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +85,54 @@ def scaling(layers: int, small_masks: int) -> dict[str, float]:
     return seconds
 
 
+def _peak_of_one_load(path: str) -> None:
+    """In a fresh process: the peak memory (MiB) of loading ``path``, above what it held before."""
+    fxsparse.load_masks(fxsparse.save_masks({"w": torch.ones(64, dtype=torch.bool)}, f"{path}.warm.safetensors"))
+    before = _resident_peak_kib(reset=True)
+    masks = fxsparse.load_masks(path)
+    held = sum(mask.numel() * mask.element_size() for mask in masks.values())
+    print(json.dumps({"peak_mib": (_resident_peak_kib() - before) / 1024, "masks_mib": held / 2**20}))
+
+
+def _resident_peak_kib(reset: bool = False) -> int:
+    """The process's peak resident memory (KiB). Linux's VmHWM, which ``reset`` sets to what is
+    resident now; ``ru_maxrss`` elsewhere (it counts what the parent held when it forked)."""
+    import resource
+
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def memory(mib: int) -> dict[str, dict[str, float]]:
+    """Peak memory of load_masks on a ``mib`` MiB file, plain (bool) and packed (bits)."""
+    rows: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for kind, elements in (("plain", mib << 20), ("packed", mib << 23)):
+            path = fxsparse.save_masks(
+                {"w": torch.rand(elements) > 0.5}, Path(folder) / f"{kind}.safetensors", packed=kind == "packed"
+            )
+            here = os.pathsep.join([str(Path(fxsparse.__file__).parent.parent), *sys.path])
+            child = subprocess.run(  # with the fxsparse this process imported
+                [sys.executable, __file__, "--peak-of-one-load", str(path)], capture_output=True, text=True, check=True,
+                env={**os.environ, "PYTHONPATH": here},
+            )  # fmt: skip
+            row = json.loads(child.stdout)
+            row["file_mib"] = path.stat().st_size / 2**20
+            rows[kind] = row
+    print(f"# load_masks peak memory on {platform.machine()}, torch {torch.__version__}")
+    print("| file | file (MiB) | masks (MiB) | peak (MiB) | peak / file | (peak - masks) / file |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for kind, row in rows.items():
+        file, masks, peak = row["file_mib"], row["masks_mib"], row["peak_mib"]
+        print(f"| {kind} | {file:.0f} | {masks:.0f} | {peak:.0f} | {peak / file:.2f} | {(peak - masks) / file:.2f} |")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=32, help="transformer blocks (default: 32, Llama-2-7B)")
@@ -82,7 +140,18 @@ def main() -> int:
     parser.add_argument("--scaling", action="store_true", help="time check and save_masks against the mask count")
     parser.add_argument("--layers", type=int, default=5000, help="--scaling: Linear layers (default: 5000)")
     parser.add_argument("--small-masks", type=int, default=10000, help="--scaling: masks saved (default: 10000)")
+    parser.add_argument("--memory", action="store_true", help="peak memory of load_masks, plain and packed")
+    parser.add_argument("--mib", type=int, default=64, help="--memory: the file's size in MiB (default: 64)")
+    parser.add_argument("--peak-of-one-load", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_of_one_load:
+        _peak_of_one_load(args.peak_of_one_load)
+        return 0
+    if args.memory:
+        peaks = memory(args.mib)
+        if args.json:
+            args.json.write_text(json.dumps(peaks, indent=2))
+        return 0
     if args.scaling:
         seconds = scaling(args.layers, args.small_masks)
         if args.json:

@@ -2,8 +2,11 @@
 
 A mask file never runs code: safetensors holds tensors and nothing else, and a ``.pt``
 file is read with ``torch.load(weights_only=True)``, which refuses pickled objects.
-Writes go to a temporary file that is renamed into place, so an interrupted save leaves
-the old file (or none), never a truncated one that loads as wrong masks.
+Writes go to fxsparse's own temporary file (never safetensors'), renamed into place, so an
+interrupted save leaves the old file (or none), never a truncated one that loads as wrong
+masks. Loads read the file into memory: the masks own their memory, so editing or truncating
+the file afterwards changes nothing (a memory-mapped mask would change with it, or crash the
+process with SIGBUS).
 """
 
 from __future__ import annotations
@@ -43,11 +46,26 @@ def _pack(mask: torch.Tensor) -> torch.Tensor:
     return (flat.view(-1, 8).to(torch.uint8) * _BITS).sum(dim=1, dtype=torch.uint8)
 
 
+_UNPACK_CHUNK = 1 << 20  # packed bytes unpacked at a time, through one 8 MiB scratch tensor
+
+
 def _unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     count = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.numel() != -(-count // 8):
         raise ValueError(f"a packed mask of shape {shape} needs {-(-count // 8)} bytes, found {packed.numel()}")
-    return ((packed[:, None] & _BITS) != 0).flatten()[:count].view(shape)
+    # Straight into the result, a chunk at a time: unpacking at once made 16 bytes of
+    # temporaries a packed byte (a 64 MiB file peaked at 17 times its size).
+    unpacked = torch.empty(count, dtype=torch.bool)
+    whole = count // 8  # bytes whose 8 bits all belong to the mask; the last may hold fewer
+    rows = unpacked[: whole * 8].view(whole, 8)
+    scratch = torch.empty(min(whole, _UNPACK_CHUNK), 8, dtype=torch.uint8)
+    for start in range(0, whole, _UNPACK_CHUNK):
+        stop = min(start + _UNPACK_CHUNK, whole)
+        bits = torch.bitwise_and(packed[start:stop, None], _BITS, out=scratch[: stop - start])
+        torch.ne(bits, 0, out=rows[start:stop])
+    if whole < packed.numel():
+        unpacked[whole * 8 :] = ((packed[whole] & _BITS) != 0)[: count - whole * 8]
+    return unpacked.view(shape)
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, packed: bool = False) -> Path:
@@ -87,10 +105,13 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], 
         tensors.update({name: _pack(tensors[name]) for name in shapes})
         metadata[_PACKED] = json.dumps(shapes)
     if path.suffix in (".pt", ".pth"):
-        return atomic_write(path, lambda temporary: torch.save(tensors, temporary))
-    from safetensors.torch import save_file
+        return atomic_write(path, lambda temporary: torch.save(tensors, temporary), error=MaskError)
+    from safetensors.torch import save
 
-    return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    # To bytes, then through atomic_write's temporary: safetensors' save_file writes its own
+    # temporary, which a killed save left behind, loadable as masks with wrong values.
+    data = save(tensors, metadata=metadata)
+    return atomic_write(path, lambda temporary: Path(temporary).write_bytes(data), error=MaskError)
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -115,12 +136,17 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             ) from None
     else:
         from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         try:
-            masks = load_file(path)
-            with safe_open(path, "pt") as opened:
-                packed = json.loads((opened.metadata() or {}).get(_PACKED, "{}"))
+            with safe_open(path, "pt"):
+                pass  # checks the header against the file's size before reading it all
+            # Read, not memory-mapped: a mapped mask would change with the file, or crash on its truncation.
+            data = path.read_bytes()
+            loaded = load(data)  # each tensor owns a copy; the file's bytes are freed next
+            masks = {name: loaded[name] for name in sorted(loaded)}  # in load_file's order: by name
+            packed = json.loads(_header_metadata(data).get(_PACKED, "{}"))
+            del data, loaded
             if not isinstance(packed, dict) or not all(
                 isinstance(shape, list) and all(isinstance(size, int) and size >= 0 for size in shape)
                 for shape in packed.values()
@@ -135,3 +161,13 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     ):
         raise MaskError(f"{path} must hold a dict of parameter name -> tensor, got {type(masks).__name__}")
     return masks
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (which ``load`` has checked), read
+    from the same bytes as its tensors: a second open could find another version of the file."""
+    length = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"its __metadata__ must be a JSON object, got {metadata!r}")
+    return metadata
