@@ -30,9 +30,10 @@ def fake_sparsity_on_every_name(
     Block.mlpf) would still call the unmasked original's."""
     reference = model if in_place else copy.deepcopy(model)
     names = dict(reference.named_parameters(remove_duplicate=False))
+    keys = {key: parameter_name(reference, key) for key in masks}  # before any parametrization renames them
     for key, mask in masks.items():
         for alias, parameter in names.items():
-            if parameter is names[key]:
+            if parameter is names[keys[key]]:
                 owner, _, attribute = alias.rpartition(".")
                 parametrize.register_parametrization(
                     reference.get_submodule(owner), attribute, FakeSparsity(mask.clone())

@@ -10,11 +10,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
-from torch.ao.pruning import FakeSparsity
-from torch.nn.utils import parametrize
 
 import fxsparse
 
+from reference import fake_sparsity_on_every_name
 from zoo import ZOO, build, make_masks
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
@@ -25,14 +24,8 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
 
 
 def fake_sparsity(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """The reference: FakeSparsity registered on every alias of each masked parameter."""
-    reference = copy.deepcopy(model)
-    plan = fxsparse.plan(model, masks)
-    for p in plan.parameters:
-        for alias in p.aliases:
-            owner, _, name = alias.rpartition(".")
-            parametrize.register_parametrization(reference.get_submodule(owner), name, FakeSparsity(p.mask))
-    return reference
+    """The reference: FakeSparsity registered on every alias of each masked parameter, built by torch alone."""
+    return fake_sparsity_on_every_name(model, masks)
 
 
 def original_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
