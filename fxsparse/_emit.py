@@ -102,7 +102,8 @@ class MaskedGraphModule(torch.fx.GraphModule):
             self._refuse_modes_not_traced(bound.get(self.training, {}))
         # A graph that swaps masked weights into kept modules changes them for the call: calls
         # from several threads take turns (the others, with no swap, share nothing mutable).
-        if torch.compiler.is_compiling() or not self.graph.find_nodes(op="call_function", target=call_with_parameters):
+        # Whether it swaps is decided when its code is made (recompile, a mode switch), not per call.
+        if not self.__dict__.get(_SWAPS, True) or torch.compiler.is_compiling():
             return super().__call__(*args, **kwargs)
         with swap_lock(self):
             return super().__call__(*args, **kwargs)
@@ -164,12 +165,14 @@ class MaskedGraphModule(torch.fx.GraphModule):
             compiled = self.__dict__.get(_COMPILED, {}).get(mode)
             if compiled is not None and compiled[0] is modes[mode]:
                 use_compiled_code(self, compiled)
+                self._note_swaps()
             else:
                 self.graph = modes[mode]  # compiles it
         return self
 
     def recompile(self) -> torch.fx.graph.PythonCode:
         python_code = super().recompile()
+        self._note_swaps()
         # The current graph is the current mode's (a graph set or edited by hand too); its code, kept for switching.
         modes = self.__dict__.get(_MODES)
         if modes is not None:
@@ -178,10 +181,16 @@ class MaskedGraphModule(torch.fx.GraphModule):
             compiled[self.training] = compiled_code(self)
         return python_code
 
+    def _note_swaps(self) -> None:
+        """Note whether the code now run swaps masked weights into kept modules (so a call takes the lock)."""
+        self.__dict__[_SWAPS] = bool(self.graph.find_nodes(op="call_function", target=call_with_parameters))
+
 
 # MaskedGraphModule attributes: its graph for each mode where the modes trace differently, and their compiled code.
 _MODES = "_fxsparse_mode_graphs"
 _COMPILED = "_fxsparse_mode_code"
+# Whether the current graph calls call_with_parameters (set with its code; unknown: taken as yes).
+_SWAPS = "_fxsparse_swaps"
 # Where a graph depends on modes: for each mode of the root, the modes of the modules whose code it ran, by name.
 _MODES_BOUND = "_fxsparse_modes_bound"
 
@@ -267,7 +276,7 @@ def captured_by(gm: torch.fx.GraphModule) -> str:
 
 def _module_state(module: nn.Module) -> dict[str, Any]:
     graph_module_only = _graph_module_only() - {"meta"}  # GraphModule.meta is state worth keeping
-    graph_module_only |= {_MODES, _COMPILED}  # graphs and code, handled as such
+    graph_module_only |= {_MODES, _COMPILED, _SWAPS}  # graphs and code, handled as such
     state = vars(module)
     root_class = state.get(_ROOT_CLASS)
     if root_class is not None:  # the model's root lives in this state: it says what of it to copy
