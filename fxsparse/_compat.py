@@ -79,8 +79,7 @@ __all__ = [
     "semi_structured_shape_constraints",
     "set_codegen",
     "set_tracer_class",
-    "sparse_bsr_tensor_unsafe",
-    "sparse_csr_tensor_unsafe",
+    "sparse_compressed_tensor_unsafe",
     "sympy_interp",
     "tree_leaves",
     "tree_structure",
@@ -218,24 +217,20 @@ def keystr(path: Sequence[Any]) -> str:
     return _pytree.keystr(tuple(path))
 
 
-def sparse_csr_tensor_unsafe(
-    crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, size: list[int]
+def sparse_compressed_tensor_unsafe(
+    crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, size: list[int], blocked: bool
 ) -> torch.Tensor:
-    """A CSR tensor from its parts, unchecked (fast); in the values' dtype and device, not the default ones."""
+    """A CSR tensor (``blocked``: BSR, ``values`` holding the blocks) from its parts, unchecked (fast);
+    in the values' dtype and device, not the default ones (a trace records them as constants)."""
+    if blocked:
+        bsr: torch.Tensor = torch.ops.aten._sparse_bsr_tensor_unsafe(
+            crow_indices, col_indices, values, size, dtype=values.dtype, device=values.device
+        )
+        return bsr
     csr: torch.Tensor = torch.ops.aten._sparse_csr_tensor_unsafe(
         crow_indices, col_indices, values, size, dtype=values.dtype, device=values.device
     )
     return csr
-
-
-def sparse_bsr_tensor_unsafe(
-    crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, size: list[int]
-) -> torch.Tensor:
-    """A BSR tensor from its parts (``values`` holds the blocks), unchecked, like :func:`sparse_csr_tensor_unsafe`."""
-    bsr: torch.Tensor = torch.ops.aten._sparse_bsr_tensor_unsafe(
-        crow_indices, col_indices, values, size, dtype=values.dtype, device=values.device
-    )
-    return bsr
 
 
 def semi_structured_shape_constraints(semi_structured_class: Any, dtype: torch.dtype) -> Any:

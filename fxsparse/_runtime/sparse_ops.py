@@ -13,25 +13,12 @@ from typing import Any
 import torch
 import torch.fx
 
-from .._compat import sparse_bsr_tensor_unsafe, sparse_csr_tensor_unsafe
+from .._compat import sparse_compressed_tensor_unsafe
 
 __all__ = ["bsr_linear", "csr_linear", "sparse_linear_op"]
 
 _is_tracing: Callable[[], bool] = torch.jit.is_tracing  # type: ignore[attr-defined]
 _is_scripting: Callable[[], bool] = torch.jit.is_scripting  # type: ignore[attr-defined]
-
-
-def _sparse_weight(
-    crow_indices: torch.Tensor,
-    col_indices: torch.Tensor,
-    values: torch.Tensor,
-    size: list[int],
-    blocked: bool,
-) -> torch.Tensor:
-    # A trace records the values' dtype and device as constants (documented).
-    if blocked:
-        return sparse_bsr_tensor_unsafe(crow_indices, col_indices, values, size)
-    return sparse_csr_tensor_unsafe(crow_indices, col_indices, values, size)
 
 
 def _sparse_times(
@@ -49,7 +36,7 @@ def _sparse_times(
     The product is computed as ``weight @ rows.T`` (what torch's sparse kernels run fast) and
     returned transposed, without a copy: a ``[rows, out]`` tensor laid out column by column.
     """
-    weight = _sparse_weight(crow_indices, col_indices, values, [out_features, rows.shape[1]], blocked)
+    weight = sparse_compressed_tensor_unsafe(crow_indices, col_indices, values, [out_features, rows.shape[1]], blocked)
     if one_row_mv and not blocked and rows.shape[0] == 1:
         if bias is None:
             return torch.mv(weight, rows[0]).unsqueeze(1).t()
@@ -102,7 +89,7 @@ def sparse_linear_backward(
     blocked: bool,
 ) -> torch.Tensor:
     """``grad @ weight``: the gradient of :func:`sparse_linear_op` in its rows (an operator too, for torch.compile)."""
-    weight = _sparse_weight(crow_indices, col_indices, values, [grad.shape[1], in_features], blocked)
+    weight = sparse_compressed_tensor_unsafe(crow_indices, col_indices, values, [grad.shape[1], in_features], blocked)
     # A CSR weight transposes to CSC, which mm takes; torch has no CPU kernel for a transposed BSR.
     return torch.mm(grad, weight.to_dense()) if blocked else torch.mm(weight.t(), grad.t()).t().contiguous()
 
