@@ -299,6 +299,10 @@ def _own_class(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
+# What proxies raise in torch.nn code that cannot be traced.
+_UNTRACEABLE = (torch.fx.proxy.TraceError, RuntimeError, TypeError)
+
+
 class Tracer(torch.fx.Tracer):
     """``torch.fx.Tracer`` that traces into the modules holding masked parameters, finding names in O(1).
 
@@ -368,7 +372,7 @@ class Tracer(torch.fx.Tracer):
         module_stack, num_calls = self.module_stack.copy(), dict(self.num_calls)
         try:
             return super().call_module(m, forward, args, kwargs)
-        except (torch.fx.proxy.TraceError, RuntimeError, TypeError) as exc:  # what proxies raise in torch.nn code
+        except _UNTRACEABLE as exc:
             if isinstance(exc, FxsparseError) or _raised_by_fxsparse(exc):
                 raise
             self._roll_back(last)
@@ -436,7 +440,7 @@ def trace(
     except Exception as exc:
         if isinstance(exc, FxsparseError) or _raised_by_fxsparse(exc):
             raise  # fxsparse's own: not a model that cannot be traced (capture="auto" would export instead)
-        if _untraceable(exc) and torch.fx.Tracer().is_leaf_module(model, "") and plan.parameters:
+        if isinstance(exc, _UNTRACEABLE) and torch.fx.Tracer().is_leaf_module(model, "") and plan.parameters:
             # A torch.nn module given as the model itself (nn.LSTM): kept as a call, as inside a container.
             reason = f"its forward cannot be traced: {type(exc).__name__}: {exc}".splitlines()[0]
             return _root_call(model), dataclasses.replace(plan, kept={**plan.kept, KEPT_ROOT: reason})
@@ -530,11 +534,6 @@ def _training_reads_recorded(model: nn.Module, read: set[int], assumed: set[int]
         for module, cls in swapped:
             module.__class__ = cls
         _TRAINING_READS.reads = outer
-
-
-def _untraceable(exc: BaseException) -> bool:
-    """What proxies raise in torch.nn code that cannot be traced (see ``Tracer.call_module``)."""
-    return isinstance(exc, torch.fx.proxy.TraceError | RuntimeError | TypeError)
 
 
 def _root_call(model: nn.Module) -> torch.fx.Graph:
