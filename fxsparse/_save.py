@@ -180,9 +180,25 @@ def _remove_stale_temporaries(folder: Path, prefix: str) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process's umask, read without setting it: ``os.umask`` can only set it, and setting it,
+    even back at once, gives a file another thread makes meanwhile the wrong permissions."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # No /proc (macOS, Windows): the permissions a new file gets, seen on one made for the purpose.
+    handle, probe = tempfile.mkstemp(prefix=_TEMPORARY)
+    os.close(handle)
+    try:
+        os.unlink(probe)
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        return 0o666 & ~os.stat(probe).st_mode & 0o777
+    finally:
+        if os.path.lexists(probe):
+            os.unlink(probe)
 
 
 def _export_save(program: torch.export.ExportedProgram, temporary: str) -> None:

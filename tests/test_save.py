@@ -214,3 +214,18 @@ def test_concurrent_saves_never_remove_each_others_temporary(tmp_path: Path) -> 
     loaded = fxsparse.load_masks(path)
     assert torch.equal(loaded["w"], versions[int(loaded["i"])])  # one whole save, not a mix
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_saving_never_sets_the_process_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``os.umask`` can only set the mask: setting it, even back at once, reaches files other threads make."""
+    calls: list[int] = []
+    monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or 0o022)
+    fxsparse.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")
+    assert calls == []
+    if os.path.exists("/proc/self/status"):  # the mode a plain open() gives, read where the system shows it
+        assert (tmp_path / "model.pt").stat().st_mode & 0o777 == 0o666 & ~_process_umask()
+
+
+def _process_umask() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
