@@ -9,7 +9,11 @@ none changes the model it reads:
   equal to its masks for the same configuration;
 - :func:`select`: which weights (globs over module names, or a ``filter_fn``);
 - :func:`from_sparsifier`, :func:`from_parametrized`, :func:`from_prune` and
-  :func:`to_sparsifier`: to and from torch's pruning tools.
+  :func:`to_sparsifier`: to and from torch's pruning tools;
+- :func:`of`: the masks an fxsparse output applies;
+- :func:`save_pretrained` and :func:`from_pretrained`: masks beside a Hugging Face checkpoint;
+  :func:`from_zeros` and :func:`from_compressed_tensors`: the masks of checkpoints other tools
+  pruned (dense weights with zeros; compressed-tensors' ``sparse-bitmask`` formats).
 
 Example:
     >>> import torch, fxsparse
@@ -20,16 +24,22 @@ Example:
     >>> out = fxsparse.transform(model, masks)
 """
 
-from ._importers import from_parametrized, from_prune, from_sparsifier, to_sparsifier
-from ._makers import block, magnitude, n_m, select, weight_norm
+from ._checkpoints import from_compressed_tensors, from_pretrained, save_pretrained
+from ._importers import from_parametrized, from_prune, from_sparsifier, of, to_sparsifier
+from ._makers import block, from_zeros, magnitude, n_m, select, weight_norm
 
 __all__ = [
     "block",
+    "from_compressed_tensors",
     "from_parametrized",
+    "from_pretrained",
     "from_prune",
     "from_sparsifier",
+    "from_zeros",
     "magnitude",
     "n_m",
+    "of",
+    "save_pretrained",
     "select",
     "to_sparsifier",
     "weight_norm",

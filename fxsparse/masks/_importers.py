@@ -11,13 +11,61 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.export
 import torch.fx
 from torch import nn
 
 from .._errors import MaskError
-from .._tags import Role, recorded_masks, tag_of
+from .._tags import Role, mask_registry, recorded_masks, tag_of
 
-__all__ = ["from_parametrized", "from_prune", "from_sparsifier", "mask_buffers", "require_module", "to_sparsifier"]
+__all__ = [
+    "from_parametrized",
+    "from_prune",
+    "from_sparsifier",
+    "mask_buffers",
+    "of",
+    "require_module",
+    "to_sparsifier",
+]
+
+
+def of(out: nn.Module | torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """The masks ``out`` applies, by parameter name: the mask tensors themselves, not copies
+    (a language model's masks are gigabytes; ``clone()`` one before changing it, or change
+    them in place with :func:`fxsparse.update_masks`).
+
+    ``out`` is fxsparse's output in any form a mask stays a tensor in: ``emit="graph"`` and
+    ``"export"`` (its tagged ``mask * weight`` nodes, saved and loaded again too),
+    ``"script"`` and ``"trace"`` (the record of its masks), ``"parametrize"``, or any module
+    with ``FakeSparsity`` parametrizations (``torch.ao.pruning``'s own). A buffer is a mask
+    because fxsparse recorded it as one, never by its name. A module that applies none gives
+    ``{}``; anything else (an ONNX program, whose masks are constants inside it) a ``MaskError``.
+
+    Example:
+        >>> import torch, fxsparse
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> out = fxsparse.transform(model, {"0.weight": torch.eye(4, dtype=torch.bool)})
+        >>> fxsparse.masks.of(out)["0.weight"].sum().item()
+        4
+    """
+    if isinstance(out, torch.export.ExportedProgram):
+        found = {}
+        for mask, param in mask_registry(out.graph).items():
+            tensor = out.state_dict.get(mask, out.constants.get(mask))
+            if not isinstance(tensor, torch.Tensor):
+                raise MaskError(
+                    f"the exported program masks {param!r} with {mask!r}, which is neither in its state_dict "
+                    "nor in its constants: it was edited after fxsparse made it"
+                )
+            found[param] = tensor
+        return found
+    if not isinstance(out, nn.Module):
+        raise MaskError(
+            "masks.of takes fxsparse's output (emit='graph', 'parametrize', 'script', 'trace' or 'export') or a "
+            f"module with FakeSparsity parametrizations, got {type(out).__name__}: the masks of an ONNX program "
+            "are constants inside it. Read them from the emit='graph' output (or the model) instead"
+        )
+    return {name: buffer for name, (_, buffer) in mask_buffers(out).items()}
 
 
 def from_sparsifier(sparsifier: Any) -> dict[str, torch.Tensor]:

@@ -30,9 +30,11 @@ from torch.nn.utils import parametrize
 
 from .._errors import MaskError
 from .._sparsity import input_axis_of, is_transformers_conv1d
+from ._check import check
 
 __all__ = [
     "block",
+    "from_zeros",
     "is_linear_like",
     "magnitude",
     "n_m",
@@ -85,6 +87,43 @@ def select(
             seen.add(id(weight))
             names.append(f"{name}.weight" if name else "weight")
     return names
+
+
+def from_zeros(
+    model: nn.Module,
+    *,
+    pattern: str | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    filter_fn: FilterFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """The masks of a model pruned into its weights: ``weight != 0`` for each selected weight.
+
+    For a checkpoint that is dense weights with zeros and no mask (what llm-compressor and
+    compressed-tensors write since they dropped sparse storage). ``-0.0`` is zero (pruned);
+    ``NaN`` is not (kept). A weight that was kept but is exactly zero cannot be told from a
+    pruned one, so it is pruned too: the masked model computes the same, and fine-tuning
+    keeps it at zero. ``pattern`` (``"2:4"``, ``"block 4x4"``, as :func:`fxsparse.check`
+    reads them) checks every mask follows it, read along the weight's input dimension (an
+    N:M group may hold more than M - N zeros), and raises a ``MaskError`` naming every
+    weight that does not.
+
+    Example:
+        >>> import torch, fxsparse
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[0.5, 0.0, -0.0, 2.0], [0.0, 1.0, 3.0, 0.0]]))
+        >>> fxsparse.masks.from_zeros(model, pattern="2:4")["weight"].int()
+        tensor([[1, 0, 0, 1],
+                [0, 1, 1, 0]], dtype=torch.int32)
+    """
+    selected = select(model, include=include, exclude=exclude, filter_fn=filter_fn)
+    masks = {name: _weight(model, name) != 0 for name in selected}
+    if pattern is not None:
+        problems = check(model, masks, pattern=pattern).problems
+        if problems:
+            raise MaskError(f"the zeros of {len(problems)} weight(s) do not follow {pattern}: " + "; ".join(problems))
+    return masks
 
 
 def magnitude(

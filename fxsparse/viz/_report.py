@@ -18,8 +18,7 @@ import torch.fx
 
 from .._kernels import LayoutChoice, layouts_in
 from .._sparsity import summarize
-from .._tags import mask_registry
-from ..masks._importers import mask_buffers
+from ..masks._importers import of
 from ._diff import Drawable, GraphDiff, diff, graph_of
 from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, kind_of, render_bytes
 
@@ -55,19 +54,9 @@ pre { background: #f7f7f7; padding: .75rem; overflow: auto; font-size: 12px; }
 
 
 def masks_of(model: torch.fx.GraphModule | torch.export.ExportedProgram | torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The masks a model applies, by parameter name (the buffers themselves, not copies).
-
-    Reads fxsparse's output (``emit="graph"`` and ``emit="export"``, saved and loaded again
-    too: its tagged ``mask * weight`` nodes; TorchScript: the record of its masks) or a module
-    carrying ``FakeSparsity`` parametrizations (``emit="parametrize"``, or ``torch.ao.pruning``'s
-    own). A buffer is a mask because fxsparse recorded it as one, never by its name.
-    """
-    if isinstance(model, torch.export.ExportedProgram):
-        state = model.state_dict
-        return {param: state[mask] for mask, param in mask_registry(model.graph).items() if mask in state}
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"masks_of takes fxsparse's output or a torch.nn.Module, got {type(model).__name__}")
-    return {name: buffer for name, (_, buffer) in mask_buffers(model).items()}
+    """The masks a model applies, by parameter name (the buffers themselves, not copies):
+    :func:`fxsparse.masks.of`, kept here under its first name."""
+    return of(model)
 
 
 def report(
