@@ -7,6 +7,8 @@ none changes the model it reads:
 - :func:`n_m`: N of every M along the input dimension (2:4 by default);
 - :func:`block` and :func:`weight_norm`: whole blocks, and ``WeightNormSparsifier``'s rule,
   equal to its masks for the same configuration;
+- :func:`wanda` and :func:`sparsegpt`: calibrated on model inputs, the masks (and, for
+  SparseGPT, the weights) that keep a language model's accuracy;
 - :func:`select`: which weights (globs over module names, or a ``filter_fn``);
 - :func:`from_sparsifier`, :func:`from_parametrized`, :func:`from_prune` and
   :func:`to_sparsifier`: to and from torch's pruning tools.
@@ -20,10 +22,12 @@ Example:
     >>> out = fxsparse.transform(model, masks)
 """
 
+from ._calibrated import SparseGPTResult, sparsegpt, wanda
 from ._importers import from_parametrized, from_prune, from_sparsifier, to_sparsifier
 from ._makers import block, magnitude, n_m, select, weight_norm
 
 __all__ = [
+    "SparseGPTResult",
     "block",
     "from_parametrized",
     "from_prune",
@@ -31,6 +35,8 @@ __all__ = [
     "magnitude",
     "n_m",
     "select",
+    "sparsegpt",
     "to_sparsifier",
+    "wanda",
     "weight_norm",
 ]
