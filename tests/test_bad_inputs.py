@@ -384,6 +384,18 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         lambda m, _: m(torch.randn(2, 4)),
         (fxsparse.EmitError, "module '0' is in eval mode, but the graph this model runs in train mode was traced"),
     ),
+    (
+        "calibrated masks for a weight no linear reads",
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2)),
+        lambda m, _: fxsparse.masks.wanda(m, [torch.randn(2, 3, 4, 4)], include="*"),
+        (fxsparse.MaskError, "0.weight: calibrated masks (wanda, sparsegpt) rank the inputs of a Linear"),
+    ),
+    (
+        "empty calibration",
+        small,
+        lambda m, _: fxsparse.masks.wanda(m, []),
+        (fxsparse.MaskError, "calibration is empty: pass at least one batch of model inputs"),
+    ),
 ]
 
 

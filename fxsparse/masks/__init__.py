@@ -7,6 +7,8 @@ none changes the model it reads:
 - :func:`n_m`: N of every M along the input dimension (2:4 by default);
 - :func:`block` and :func:`weight_norm`: whole blocks, and ``WeightNormSparsifier``'s rule,
   equal to its masks for the same configuration;
+- :func:`wanda` and :func:`sparsegpt`: calibrated on model inputs, the masks (and, for
+  SparseGPT, the weights) that keep a language model's accuracy;
 - :func:`select`: which weights (globs over module names, or a ``filter_fn``);
 - :func:`from_sparsifier`, :func:`from_parametrized`, :func:`from_prune` and
   :func:`to_sparsifier`: to and from torch's pruning tools;
@@ -24,11 +26,13 @@ Example:
     >>> out = fxsparse.transform(model, masks)
 """
 
+from ._calibrated import SparseGPTResult, sparsegpt, wanda
 from ._checkpoints import from_compressed_tensors, from_pretrained, save_pretrained
 from ._importers import from_parametrized, from_prune, from_sparsifier, of, to_sparsifier
 from ._makers import block, from_zeros, magnitude, n_m, select, weight_norm
 
 __all__ = [
+    "SparseGPTResult",
     "block",
     "from_compressed_tensors",
     "from_parametrized",
@@ -41,6 +45,8 @@ __all__ = [
     "of",
     "save_pretrained",
     "select",
+    "sparsegpt",
     "to_sparsifier",
+    "wanda",
     "weight_norm",
 ]

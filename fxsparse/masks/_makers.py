@@ -39,6 +39,7 @@ __all__ = [
     "magnitude",
     "n_m",
     "select",
+    "sparsity_levels",
     "weight_norm",
 ]
 
@@ -155,7 +156,7 @@ def magnitude(
     """
     if scope not in ("layer", "global"):
         raise MaskError(f"scope must be 'layer' or 'global', got {scope!r}")
-    levels = _levels(model, sparsity, include, exclude, filter_fn)
+    levels = sparsity_levels(model, sparsity, include, exclude, filter_fn)
     if scope == "layer":
         return {name: _prune_smallest(_scores(model, name), level) for name, level in levels.items()}
     if isinstance(sparsity, Mapping):
@@ -260,7 +261,7 @@ def weight_norm(
     if norm not in (1, 2):
         raise MaskError(f"norm must be 1 or 2, got {norm}")
     masks = {}
-    for name, level in _levels(model, sparsity_level, include, exclude, filter_fn, _sparsifier_level).items():
+    for name, level in sparsity_levels(model, sparsity_level, include, exclude, filter_fn, _sparsifier_level).items():
         weight = _weight(model, name)
         if weight.dim() != 2:
             raise MaskError(f"{name}: WeightNormSparsifier's rule is for 2-D weights, got shape {tuple(weight.shape)}")
@@ -286,7 +287,7 @@ def block(
     (a convolution's) is blocked as the matrix ``[out, in * kernel]``."""
     block_shape = _block_shape(block_shape)
     masks = {}
-    for name, level in _levels(model, sparsity, include, exclude, filter_fn).items():
+    for name, level in sparsity_levels(model, sparsity, include, exclude, filter_fn).items():
         weight = _weight(model, name)
         if weight.numel() == 0:
             masks[name] = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
@@ -350,7 +351,7 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_transformers_conv1d(type(module))
 
 
-def _levels(
+def sparsity_levels(
     model: nn.Module,
     sparsity: Sparsity,
     include: str | Sequence[str] | None,
