@@ -42,6 +42,7 @@ Example:
 """
 
 from . import masks, viz
+from ._deploy import to_model
 from ._emit import EMITS, MaskedGraphModule
 from ._errors import EmitError, FxsparseError, MaskError, TraceError
 from ._freeze import freeze, layouts
@@ -82,6 +83,7 @@ __all__ = [
     "save",
     "save_masks",
     "tag_of",
+    "to_model",
     "transform",
     "update_masks",
     "viz",

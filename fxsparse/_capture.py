@@ -29,8 +29,8 @@ from torch.nn.utils import parametrize
 
 from ._compat import FAKE_TENSOR_LOGGER, FakeTensor, export_input_guards, is_erased, keystr
 from ._errors import FxsparseError, MaskError, TraceError, describe
-from ._plan import KEPT_ROOT, Plan, must_be_called
-from ._runtime.guards import InputGuards
+from ._plan import KEPT_ROOT, ROOT_HOOKS_TRACED, Plan, must_be_called
+from ._runtime.guards import InputGuards, check_input_structure
 
 __all__ = [
     "EXPORT_LOCK",
@@ -639,6 +639,9 @@ def export(
         ) from exc
     finally:
         _restore_traced_attributes(before)
+    own_hooks = [*model._forward_hooks.values(), *model._forward_pre_hooks.values()]
+    if any(hook is not check_input_structure for hook in own_hooks):  # the model's own, now in the graph
+        model.__dict__[ROOT_HOOKS_TRACED] = True
     for hooks in (model._forward_hooks, model._forward_pre_hooks):
         hooks.clear()
     for name, child in list(model.named_children()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -28,7 +29,7 @@ from ._compat import (
     use_compiled_code,
 )
 from ._errors import EmitError, describe
-from ._plan import KEPT_ROOT, MASK_SUFFIX, Plan
+from ._plan import KEPT_ROOT, MASK_SUFFIX, MODEL_CLASS, Plan
 from ._runtime.guards import check_input_structure
 from ._runtime.swap import call_with_parameters, root_view, swap_lock
 from ._tags import (
@@ -50,6 +51,7 @@ __all__ = [
     "MaskedGraphModule",
     "emit_as",
     "graph_module",
+    "model_state",
     "parametrized",
     "to_export",
     "to_onnx",
@@ -139,10 +141,13 @@ class MaskedGraphModule(torch.fx.GraphModule):
         # cannot rebuild a graph of ATen operators (torch.export's) and renames nodes,
         # dropping their tags. The nodes themselves pickle as plain data.
         modes = self.__dict__.get(_MODES)
+        state = _module_state(self)
+        if not _importable(state.get(MODEL_CLASS)):  # a class defined in a function: pickled without it
+            state.pop(MODEL_CLASS, None)
         if modes is None:
-            return (_unpickle_graph, (_module_state(self), _graph_as_data(self.graph), type(self).__name__))
+            return (_unpickle_graph, (state, _graph_as_data(self.graph), type(self).__name__))
         graphs = {mode: _graph_as_data(graph) for mode, graph in modes.items()}
-        return (_unpickle_graph, (_module_state(self), None, type(self).__name__, graphs))
+        return (_unpickle_graph, (state, None, type(self).__name__, graphs))
 
     def train(self, mode: bool = True) -> MaskedGraphModule:
         """Set the mode, as ``nn.Module.train`` does, and run the graph traced in that mode.
@@ -230,6 +235,8 @@ def graph_module(
         )
     _adopt_subgraphs(root, graph)
     state = _module_state(root)
+    if not isinstance(root, torch.fx.GraphModule):  # an output transformed again keeps its model's class
+        state[MODEL_CLASS] = type(root)
     if graph.find_nodes(op="get_attr", target=KEPT_ROOT):
         state.setdefault(_ROOT_CLASS, type(root))  # a plain attribute: copies and pickles keep it
     state.pop(_MODES_BOUND, None)  # of an output transformed again: this graph's are below
@@ -272,6 +279,25 @@ def _adopt_subgraphs(root: nn.Module, graph: torch.fx.Graph) -> None:
 def captured_by(gm: torch.fx.GraphModule) -> str:
     """``"export"`` for a graph captured by ``torch.export``, else ``"fx"``."""
     return str(gm.meta.get(META_KEY, {}).get("capture", "fx"))
+
+
+def model_state(out: torch.fx.GraphModule) -> dict[str, Any]:
+    """The model's own state in ``out`` (a shallow copy of its ``__dict__``): what the graph module adds left out."""
+    state = _module_state(out)
+    if _captured_with_pytree(out.graph):  # compiling such a graph sets these on its module
+        state.pop("_in_spec", None)
+        state.pop("_out_spec", None)
+    return state
+
+
+def _importable(cls: type | None) -> bool:
+    """Whether pickle can store ``cls`` by reference (its module and qualified name lead back to it)."""
+    if cls is None:
+        return False
+    found: Any = sys.modules.get(cls.__module__)
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is cls
 
 
 def _module_state(module: nn.Module) -> dict[str, Any]:

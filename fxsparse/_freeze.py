@@ -16,9 +16,9 @@ import torch
 import torch.fx
 from torch.overrides import TorchFunctionMode
 
-from . import _capture, _emit, _kernels, _rewrite
+from . import _capture, _deploy, _emit, _kernels, _rewrite
 from ._errors import EmitError, MaskError, describe
-from ._tags import Role, role_of
+from ._tags import Role, mask_registry, role_of
 from ._transform import check_arguments
 
 __all__ = ["freeze", "layouts"]
@@ -37,8 +37,15 @@ def freeze(
 
     Each masked parameter holds ``mask * weight`` (computed once, as the graph computes
     it), the masks are gone from the graph and the ``state_dict`` (which has the model's
-    own keys again), and outputs equal ``out``'s bit for bit, at the speed of the dense
-    model. ``out`` itself is not changed and stays the one to train.
+    own keys again), and outputs equal ``out``'s in eval mode bit for bit, at the speed of
+    the dense model. ``out`` itself is not changed and stays the one to train.
+
+    The frozen model is for inference: it is in eval mode, whatever mode ``out`` is in
+    (``emit="graph"`` of a model traced with torch.fx in both modes can still be switched
+    with ``.train()``). An output captured by torch.export in train mode (fine-tuned, say)
+    keeps that mode in its graph: ``freeze`` captures the model again, in eval mode, from
+    ``out``'s current weights and masks, and so needs ``example_inputs``/``example_kwargs``
+    (and the ``dynamic_shapes`` you transformed with) whatever ``emit`` is.
 
     Args:
         out: ``fxsparse.transform``'s output (``emit="graph"``).
@@ -64,7 +71,8 @@ def freeze(
             ``torch.export`` and ONNX cannot carry sparse tensors: with them a sparse
             ``layout`` falls back to ``"dense"`` with a warning.
         example_inputs: as for ``transform``: what ``emit="trace"``, ``"export"`` and ``"onnx"``
-            run the model on; ``layout="auto"`` measures each layer at the input sizes they give it.
+            run the model on, and what an output captured by torch.export in train mode is
+            captured again with; ``layout="auto"`` measures each layer at the input sizes they give it.
         example_kwargs: keyword inputs, the same way.
         dynamic_shapes: as for ``transform``, for ``emit="export"`` and ``"onnx"``.
 
@@ -89,16 +97,20 @@ def freeze(
             stacklevel=2,
         )
         layout = "dense"
-    frozen = copy.deepcopy(out)
+    if not mask_registry(out.graph):
+        already = any(role_of(n) is Role.FROZEN for n in out.graph.nodes)
+        hint = " (it is frozen already: freeze the masked graph itself, with the layout= you want)" if already else ""
+        raise MaskError(f"{type(out).__name__} has no mask * weight to fold{hint}: pass fxsparse.transform's output")
+    if _deploy.captured_in_train_mode(out):  # its graph keeps train mode: capture the eval mode's
+        frozen: torch.fx.GraphModule = _deploy.recaptured(out, args, kwargs, dynamic_shapes)
+    else:
+        frozen = copy.deepcopy(out)
+        _to_eval_mode(frozen)
     masks = _rewrite.fold_masks(frozen, frozen.graph)
     modes = _emit.mode_graphs(frozen)
     for graph in modes.values():
         if graph is not frozen.graph:
             _rewrite.fold_masks(frozen, graph, values=False)  # the other mode's graph, over the same weights
-    if not masks:
-        already = any(role_of(n) is Role.FROZEN for n in out.graph.nodes)
-        hint = " (it is frozen already: freeze the masked graph itself, with the layout= you want)" if already else ""
-        raise MaskError(f"{type(out).__name__} has no mask * weight to fold{hint}: pass fxsparse.transform's output")
     frozen.recompile()
     if layout != "dense":
         _store_in_layout(frozen, masks, layout, args, kwargs)
@@ -106,6 +118,17 @@ def freeze(
             _emit.keep_mode_graphs(frozen, {frozen.training: frozen.graph})
         frozen.recompile()
     return _emit.emit_as(frozen, emit, args, kwargs, dynamic_shapes)
+
+
+def _to_eval_mode(frozen: torch.fx.GraphModule) -> None:
+    try:
+        frozen.eval()
+    except EmitError as exc:  # an FX capture of a model that traces in train mode only
+        raise EmitError(
+            f"freeze makes an inference model, in eval mode, and this output cannot run in eval mode: {exc}. "
+            "fxsparse.transform(fxsparse.to_model(out, masks='parametrize').eval(), ...) captures the trained model "
+            "in eval mode: freeze that"
+        ) from exc
 
 
 def layouts(frozen: torch.fx.GraphModule) -> dict[str, _kernels.LayoutChoice]:

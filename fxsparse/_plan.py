@@ -32,7 +32,10 @@ from ._compat import global_module_hooks, overrides_call_impl
 from ._errors import MaskError
 
 __all__ = [
+    "ADDED_ATTRIBUTES",
+    "MODEL_CLASS",
     "OPENINGS",
+    "ROOT_HOOKS_TRACED",
     "MaskedParameter",
     "NameIndex",
     "OpenedModule",
@@ -49,6 +52,13 @@ MASK_SUFFIX = "_mask"
 # Where a root module whose forward cannot be traced (a bare nn.LSTM) is called from its own graph:
 # an attribute of the output giving the model's root, with the output's state (see MaskedGraphModule).
 KEPT_ROOT = "_fxsparse_root"
+# What an output records of the model it came from, for ``fxsparse.to_model`` and ``freeze`` to build
+# the model again over the output's state: the root's class; the dotted names of the attributes
+# fxsparse added to the module tree (besides masks, which the graph's tags name); and whether
+# the root's own forward hooks were run into the graph (torch.export) and removed from it.
+MODEL_CLASS = "_fxsparse_model_class"
+ADDED_ATTRIBUTES = "_fxsparse_added"
+ROOT_HOOKS_TRACED = "_fxsparse_root_hooks_traced"
 # What a mask may hold: torch converts each of these to any parameter dtype (not the complex,
 # quantized, bit and sub-byte dtypes, which it cannot convert or which hold no plain values).
 MASK_DTYPES = frozenset(

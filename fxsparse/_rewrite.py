@@ -30,7 +30,7 @@ from torch import nn
 from ._capture import MISSING, Exported, lookup
 from ._compat import linear_c
 from ._errors import TraceError
-from ._plan import KEPT_ROOT, MaskedParameter, Plan
+from ._plan import ADDED_ATTRIBUTES, KEPT_ROOT, MaskedParameter, Plan
 from ._runtime.sparse_ops import bsr_linear, csr_linear
 from ._runtime.swap import call_with_parameters
 from ._tags import Role, Tag, retag, set_tag, tag_of, tagged
@@ -185,13 +185,14 @@ def _adopt_exported(root: nn.Module, graph: torch.fx.Graph, exported: Exported) 
             continue
         # A constant export named after nothing in the model may still collide with an attribute.
         name = target if existing is MISSING else _free_name(root, target.replace(".", "_"))
-        _install(root, name, value)
+        _record_added(root, _install(root, name, value))
         renamed[target] = name
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module") and renamed.get(str(node.target), node.target) != node.target:
             node.target = renamed[str(node.target)]
     name = _free_name(root, "_input_guards")
     root.add_module(name, exported.guards)
+    _record_added(root, name)
     placeholders = graph.find_nodes(op="placeholder")
     where = graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None)
     with where:
@@ -207,17 +208,26 @@ def _free_name(root: nn.Module, name: str) -> str:
     return candidate
 
 
-def _install(root: nn.Module, dotted: str, value: Any) -> None:
+def _record_added(root: nn.Module, dotted: str) -> None:
+    """Note an attribute fxsparse added to the model's tree, which the model built again leaves out."""
+    root.__dict__.setdefault(ADDED_ATTRIBUTES, []).append(dotted)
+
+
+def _install(root: nn.Module, dotted: str, value: Any) -> str:
+    """Set ``dotted`` on ``root``, making missing containers; returns the outermost name it made."""
     owner = root
     *path, name = dotted.split(".")
-    for part in path:
+    made = None
+    for index, part in enumerate(path):
         if not isinstance(getattr(owner, part, None), nn.Module):
             owner.add_module(part, nn.Module())
+            made = made or ".".join(path[: index + 1])
         owner = getattr(owner, part)
     if isinstance(value, nn.Module):
         owner.add_module(name, value)
     else:
         setattr(owner, name, value)  # a plain attribute, not a buffer: state_dict keeps the model's keys
+    return made or dotted
 
 
 class _Rewriter:

@@ -83,6 +83,19 @@ def one_block_switched_alone() -> nn.Module:
     return out  # type: ignore[no-any-return]
 
 
+class TracesInTrainModeOnly(Untraceable):
+    """Eval mode draws from a traced size (``torch.rand`` refuses a proxy): FX traces train mode only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if self.training else self.fc(x) * (torch.rand(x.shape[0], 1) > 0.5)
+
+
+def with_root_hook() -> nn.Module:
+    model = small()
+    model.register_forward_hook(lambda module, args, output: output * 2)
+    return model
+
+
 def onnx_program() -> Any:
     return fxsparse.transform(small().eval(), {"0": ONES}, emit="onnx", example_inputs=(torch.randn(2, 4),))
 
@@ -395,6 +408,40 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         small,
         lambda m, _: fxsparse.masks.wanda(m, []),
         (fxsparse.MaskError, "calibration is empty: pass at least one batch of model inputs"),
+    ),
+    (
+        "freeze of an export capture made in train mode, without example inputs",
+        lambda: small().train(),
+        lambda m, _: fxsparse.freeze(
+            fxsparse.transform(m, {"0": ONES}, capture="export", example_inputs=(torch.randn(2, 4),))
+        ),
+        (fxsparse.EmitError, "freeze makes an eval-mode model, and this output was captured by torch.export in train"),
+    ),
+    (
+        "freeze of an output FX traced in train mode only",
+        lambda: TracesInTrainModeOnly().train(),
+        lambda m, _: fxsparse.freeze(fxsparse.transform(m, {"fc": ONES4})),
+        (fxsparse.EmitError, "freeze makes an inference model, in eval mode, and this output cannot run in eval"),
+    ),
+    (
+        "to_model with an unknown masks option",
+        small,
+        lambda m, _: fxsparse.to_model(fxsparse.transform(m, {"0": ONES}), masks="keep"),
+        (fxsparse.EmitError, "masks must be one of 'fold', 'parametrize', got 'keep'"),
+    ),
+    (
+        "to_model of an output transformed from a torch.fx.GraphModule",
+        small,
+        lambda m, _: fxsparse.to_model(fxsparse.transform(torch.fx.symbolic_trace(m), {"0": ONES})),
+        (fxsparse.EmitError, "to_model needs the model's own class, and GraphModule does not record it"),
+    ),
+    (
+        "to_model of an export capture whose root had forward hooks",
+        with_root_hook,
+        lambda m, _: fxsparse.to_model(
+            fxsparse.transform(m, {"0": ONES}, capture="export", example_inputs=(torch.randn(2, 4),))
+        ),
+        (fxsparse.EmitError, "to_model cannot rebuild Sequential: its root module had forward hooks"),
     ),
 ]
 

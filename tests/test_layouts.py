@@ -244,7 +244,8 @@ def test_huggingface_linear_layers_run_sparse() -> None:
     inputs = family.inputs(2, 8)
     masks = fxsparse.masks.magnitude(model, 0.9)
     out = fxsparse.transform(model, masks, example_kwargs=inputs)
-    frozen = fxsparse.freeze(out, layout="csr")
+    # Built in train mode, which the export capture keeps: freeze captures the eval mode, from the inputs.
+    frozen = fxsparse.freeze(out, layout="csr", example_kwargs=inputs)
     choices = fxsparse.layouts(frozen)
     assert sum(c.layout == "csr" for c in choices.values()) == len(masks)
     with torch.no_grad():
@@ -337,7 +338,7 @@ def test_measuring_leaves_the_model_as_it_was() -> None:
     model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 64)).train()
     out = fxsparse.transform(model, fxsparse.masks.magnitude(model, 0.95))
     frozen = fxsparse.freeze(out, layout="auto", example_inputs=(torch.randn(8, 64) * 5,))
-    assert frozen.training
+    assert out.training and not frozen.training  # a frozen model is in eval mode; out stays as it was
     assert torch.equal(frozen.get_buffer("1.running_mean"), out.get_buffer("1.running_mean"))
 
 
