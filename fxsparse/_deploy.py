@@ -119,7 +119,7 @@ def _model_without_masks(out: torch.fx.GraphModule, caller: str) -> tuple[nn.Mod
         raise EmitError(
             f"{caller} needs the model's own class, and {type(out).__name__} does not record it: it was transformed "
             "from a torch.fx.GraphModule, by an older fxsparse, or pickled with a model class defined inside a "
-            "function. Transform the model itself again, with fxsparse.viz.masks_of(out) as its masks"
+            "function. Transform the model itself again, with fxsparse.masks.of(out) as its masks"
         )
     if state.get(ROOT_HOOKS_TRACED):
         raise EmitError(

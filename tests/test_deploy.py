@@ -151,7 +151,7 @@ def test_to_model_parametrize_is_fake_sparsity_of_the_fine_tuned_weights(tuned: 
         assert modules[0].parametrizations.weight.original is modules[1].parametrizations.weight.original
     assert torch.equal(logits(family, back.eval()), logits(family, eval_reference(family, out)))
     again = fxsparse.transform(back, example_kwargs=family.inputs(2, 8))  # takes the FakeSparsity masks back
-    taken = fxsparse.viz.masks_of(again)
+    taken = fxsparse.masks.of(again)
     one_name = dict([family.tied[::-1]]) if family.tied else {}  # a tied weight goes by either name
     assert {one_name.get(name, name): mask for name, mask in taken.items()}.keys() == masks.keys()
     assert all(torch.equal(mask, masks[one_name.get(name, name)]) for name, mask in taken.items())
