@@ -131,8 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model with neither has nothing to check: the command then fails (exit status 2)",
     )
     checker.add_argument("--pattern", help="require this pattern of every mask: N:M such as 2:4, or 'block 4x4'")
+    prune = _add_prune(commands)
     args = parser.parse_args(argv)
-    command = {"demo": demo, "draw": draw, "diff": diff, "masks": make, "check": checker}[args.command]
+    command = {"demo": demo, "draw": draw, "diff": diff, "masks": make, "check": checker, "prune": prune}[args.command]
     try:
         with _working_folder_last() if _is_factory(getattr(args, "source", "")) else contextlib.nullcontext():
             return _run(parser, command, args)
@@ -148,6 +149,8 @@ def _run(parser: argparse.ArgumentParser, command: argparse.ArgumentParser, args
     loading = {"trust": getattr(args, "trust_source", False)}
     if args.command == "masks":
         return run_masks(command, args)
+    if args.command == "prune":
+        return run_prune(command, args)
     if args.command == "check":
         return run_check(command, args.source, args.masks, args.pattern, **loading)
     if args.command in ("draw", "diff") and args.out is not None:
@@ -455,6 +458,334 @@ def _warn_untiled(masks: dict[str, torch.Tensor], block: tuple[int, int], sparsi
                 "block that divides it, or leave it out with --exclude",
                 file=sys.stderr,
             )
+
+
+# -- fxsparse prune -------------------------------------------------------------------------------
+
+_METHODS = ("wanda", "sparsegpt", "magnitude")
+_TOKEN_FILES = (".safetensors", ".pt", ".pth")
+_DEFAULT_BATCH = 8
+_DEFAULT_SEQUENCE = 128
+CALIBRATION = (
+    "calibration inputs, token ids: a .safetensors file (its one tensor, or the one named input_ids) or a .pt file "
+    "(a tensor, read with torch.load(weights_only=True): data only, never code), of integer dtype, shaped "
+    "[samples, sequence] (grouped into batches of --batch-size) or [batches, batch size, sequence] (used as "
+    "stored); or a plain-text file, with --tokenizer. Needed by wanda and sparsegpt"
+)
+
+
+def _add_prune(commands: Any) -> argparse.ArgumentParser:
+    prune: argparse.ArgumentParser = commands.add_parser(
+        "prune",
+        help="prune a model with Wanda, SparseGPT or magnitude masks; write the pruned model and its masks",
+        description="Prune a model's Linear and Conv1D weights (Wanda and SparseGPT read calibration activations, "
+        "magnitude only the weights) and write the pruned model and its masks into --out: a transformers model "
+        "as save_pretrained writes it, any other as model.pt (its state_dict, weights only), beside "
+        "masks.safetensors and masks_config.json (fxsparse.masks.from_pretrained reads them back). Prints each "
+        "mask's density and pattern, as fxsparse check does.",
+    )
+    prune.add_argument("source", help=SOURCE)
+    prune.add_argument("--trust-source", action="store_true", help=TRUST_SOURCE)
+    prune.add_argument(
+        "--method",
+        choices=_METHODS,
+        default="wanda",
+        help="wanda: |weight| x the input's norm over the calibration tokens; sparsegpt: masks, and the kept weights "
+        "reconstructed; magnitude: |weight| alone (default: %(default)s)",
+    )
+    amount = prune.add_mutually_exclusive_group()
+    amount.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.5,
+        help="fraction to prune: of each output row (wanda), of each block of 128 input columns (sparsegpt), of "
+        "each weight (magnitude) (default: %(default)s)",
+    )
+    amount.add_argument("--pattern", help="N:M such as 2:4: keep N of every M consecutive inputs in each row")
+    prune.add_argument("--calibration", type=Path, metavar="FILE", help=CALIBRATION)
+    prune.add_argument(
+        "--tokenizer",
+        metavar="NAME",
+        help="for a text --calibration: a local directory holding a saved tokenizer (tokenizer.save_pretrained), "
+        "or a Hugging Face Hub name (needs the network), loaded with transformers.AutoTokenizer.from_pretrained. "
+        "The whole file is tokenized as one stream, without special tokens, and cut into samples of "
+        "--sequence-length tokens (a shorter tail is left out)",
+    )
+    prune.add_argument(
+        "--sequence-length", type=_positive, help=f"tokens per sample, text only (default: {_DEFAULT_SEQUENCE})"
+    )
+    prune.add_argument(
+        "--batch-size",
+        type=_positive,
+        help=f"samples per batch (default: {_DEFAULT_BATCH}, or a 3-D file's own). The last batch may be shorter; "
+        "a model captured with torch.export (transformers models) needs every batch the same shape",
+    )
+    prune.add_argument("--samples", type=_positive, help="use the first this many samples (default: all)")
+    prune.add_argument(
+        "--include", action="append", help="module-name glob to prune (repeatable; default: Linear, Conv1D)"
+    )
+    prune.add_argument("--exclude", action="append", help="module-name glob to leave out (repeatable), such as lm_head")
+    prune.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (made if missing)")
+    return prune
+
+
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more; got {text!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {number}")
+    return number
+
+
+def run_prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import fxsparse
+
+    from .masks._check import printable
+
+    if not 0.0 <= args.sparsity <= 1.0:
+        parser.error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
+    n_m = _n_m(parser, args.pattern) if args.pattern is not None else None
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out must be a folder, but {args.out} is a file")
+    batches: list[torch.Tensor] = []
+    if args.method == "magnitude":
+        if args.calibration is not None:
+            print("fxsparse prune: warning: --method magnitude reads only the weights; --calibration is not read",
+                  file=sys.stderr)  # fmt: skip
+    elif args.calibration is None:
+        parser.error(
+            f"--method {args.method} reads the activations that reach each weight: pass --calibration FILE (token "
+            "ids in a .safetensors or .pt file, or a text file with --tokenizer)"
+        )
+    else:
+        batches = _calibration(parser, args)
+    model = _load(parser, args.source, trust=args.trust_source)
+    if isinstance(model, torch.export.ExportedProgram):
+        parser.error(f"{args.source!r} is an exported program; prune needs the model: pass its factory")
+    chosen = {"include": args.include, "exclude": args.exclude}
+    pattern = None if n_m is None else f"{n_m[0]}:{n_m[1]}"
+    tokens = sum(batch.numel() for batch in batches)
+    if batches:
+        _say(
+            f"calibrating on {len(batches):,} batch{'es' * (len(batches) != 1)} ({tokens:,} tokens) with {args.method}"
+        )
+    started = time.perf_counter()
+    weights: dict[str, torch.Tensor] | None = None
+    try:
+        if args.method == "magnitude":
+            if n_m is None:
+                masks = fxsparse.masks.magnitude(model, args.sparsity, **chosen)
+            else:
+                masks = fxsparse.masks.n_m(model, *n_m, **chosen)
+        elif args.method == "wanda":
+            masks = fxsparse.masks.wanda(
+                model, batches, args.sparsity, pattern=pattern, progress=sys.stderr.isatty(), **chosen
+            )
+        else:
+            result = fxsparse.masks.sparsegpt(
+                model, batches, args.sparsity, pattern=pattern, progress=sys.stderr.isatty(), **chosen
+            )
+            masks, weights = result.masks, result.weights
+    except fxsparse.MaskError as error:
+        parser.error(_as_flags(str(error)) + _ragged_hint(batches))
+    except FxsparseError as error:
+        _fail(parser, f"cannot capture {args.source!r} to calibrate it: {error}")
+    except Exception as error:  # the model's own forward failed on the calibration: token ids past its vocabulary
+        _fail(parser, f"running {args.source!r} on the calibration batches failed: {type(error).__name__}: {error}")
+    if not masks:
+        parser.error(f"{args.source!r}: no weight selected (Linear and Conv1D by default; see --include)")
+    elapsed = time.perf_counter() - started
+    _pruned_in_place(model, masks, weights)
+    written = _write_pruned(parser, model, masks, args.out)
+    report = fxsparse.check(model, masks, pattern=pattern)
+    print(report)
+    kept = sum(int(mask.sum()) for mask in masks.values()) / sum(mask.numel() for mask in masks.values())
+    how = pattern if pattern is not None else f"sparsity {args.sparsity}"
+    print(
+        f"fxsparse prune: {_count(len(masks), 'mask')} ({args.method}, {how}, density {kept:.3f}) in {elapsed:.2f} s "
+        f"-> {printable(str(args.out))} ({', '.join(printable(name) for name in written)})"
+    )
+    return 0 if report.ok else 1
+
+
+def _ragged_hint(batches: list[torch.Tensor]) -> str:
+    """What to change when the last batch is shorter than the others (a torch.export capture runs one shape)."""
+    if len(batches) < 2 or batches[-1].shape == batches[0].shape:
+        return ""
+    samples = sum(len(batch) for batch in batches)
+    return (
+        f". Here the last batch holds {_count(len(batches[-1]), 'sample')} and the others {len(batches[0])}: pick a "
+        f"--batch-size that divides the {samples} samples, or --samples a multiple of --batch-size"
+    )
+
+
+def _n_m(parser: argparse.ArgumentParser, pattern: str) -> tuple[int, int]:
+    parts = pattern.split(":")
+    if len(parts) == 2 and all(part.isdigit() for part in parts):
+        n, m = int(parts[0]), int(parts[1])
+        if 0 <= n <= m and m > 0:
+            return n, m
+    parser.error(f"--pattern must be N:M with whole numbers 0 <= N <= M and M > 0, such as 2:4; got {pattern!r}")
+
+
+def _calibration(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[torch.Tensor]:
+    """The calibration batches, each ``[batch size, sequence]`` token ids (``torch.long``)."""
+    path: Path = args.calibration
+    if not path.is_file():
+        parser.error(f"--calibration {path}: no such file")
+    if path.suffix.lower() in _TOKEN_FILES:
+        for flag, value in (("--tokenizer", args.tokenizer), ("--sequence-length", args.sequence_length)):
+            if value is not None:
+                parser.error(f"{flag} is for a text --calibration file; {path} holds token ids already")
+        ids = _token_ids(parser, path)
+    elif args.tokenizer is None:
+        parser.error(
+            f"--calibration {path} is not a .safetensors or .pt file of token ids, so it is read as text, which needs "
+            "--tokenizer NAME (a local tokenizer directory, or a Hugging Face Hub name)"
+        )
+    else:
+        ids = _tokenized(parser, path, args.tokenizer, args.sequence_length or _DEFAULT_SEQUENCE)
+    samples = ids.reshape(-1, ids.shape[-1])
+    if args.samples is not None:
+        if args.samples > samples.shape[0]:
+            parser.error(
+                f"--samples {args.samples}, but --calibration {path} holds {_count(samples.shape[0], 'sample')}"
+            )
+        samples = samples[: args.samples]
+    per_batch = args.batch_size or (ids.shape[1] if ids.dim() == 3 else _DEFAULT_BATCH)
+    return list(torch.split(samples, per_batch))
+
+
+def _token_ids(parser: argparse.ArgumentParser, path: Path) -> torch.Tensor:
+    """The token-id tensor of a ``.safetensors`` or ``.pt`` file, read as data only, checked."""
+    where = f"--calibration {path}"
+    loaded: Any
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            loaded = load_file(path)
+        except Exception as error:
+            parser.error(f"{where} is not a safetensors file safetensors can read: {type(error).__name__}: {error}")
+    else:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle.UnpicklingError for anything but tensors and plain containers
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            parser.error(
+                f"{where} cannot be read as data only (torch.load with weights_only=True: {type(error).__name__}: "
+                f"{first_line}); fxsparse never loads a calibration file in a way that could run code. Save the "
+                "token ids as a tensor: torch.save(ids, FILE), or safetensors.torch.save_file({'input_ids': ids}, FILE)"
+            )
+    if isinstance(loaded, dict):
+        tensors = loaded
+        if "input_ids" in tensors:
+            loaded = tensors["input_ids"]
+        elif len(tensors) == 1:
+            (loaded,) = tensors.values()
+        else:
+            parser.error(
+                f"{where} holds {len(tensors)} entries ({', '.join(repr(k) for k in tensors)}) and none "
+                "named 'input_ids': store one tensor, or name the token ids input_ids"
+            )
+    if not isinstance(loaded, torch.Tensor):
+        parser.error(f"{where} holds a {type(loaded).__name__}, not a tensor of token ids")
+    return _checked_ids(parser, where, loaded)
+
+
+def _checked_ids(parser: argparse.ArgumentParser, where: str, ids: torch.Tensor) -> torch.Tensor:
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        parser.error(f"{where} holds {ids.dtype} values; token ids are integers (torch.long, torch.int32, ...)")
+    if ids.dim() not in (2, 3):
+        parser.error(
+            f"{where} holds a tensor of shape {tuple(ids.shape)}; token ids must be 2-D, [samples, sequence], or "
+            "3-D, [batches, batch size, sequence] (one sequence: ids.unsqueeze(0))"
+        )
+    if ids.numel() == 0:
+        parser.error(f"{where} holds no token ids (shape {tuple(ids.shape)})")
+    ids = ids.to(torch.long)
+    if int(ids.min()) < 0:
+        parser.error(f"{where} holds a negative token id ({int(ids.min())}); token ids are 0 or more")
+    return ids
+
+
+def _tokenized(parser: argparse.ArgumentParser, path: Path, name: str, sequence_length: int) -> torch.Tensor:
+    """A text file's tokens as ``[samples, sequence_length]``; the tail shorter than a sample left out."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        parser.error(f"--calibration {path} cannot be read as UTF-8 text: {type(error).__name__}: {error}")
+    if importlib.util.find_spec("transformers") is None:
+        parser.error("--tokenizer needs the transformers package: pip install transformers")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        parser.error(
+            f"--tokenizer {name!r}: transformers.AutoTokenizer.from_pretrained cannot load it ({type(error).__name__}: "
+            f"{first_line}); give a local directory a tokenizer was saved to (tokenizer.save_pretrained(DIR)), or a "
+            "Hugging Face Hub name where the network is reachable"
+        )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    count = len(ids) // sequence_length
+    if count == 0:
+        parser.error(
+            f"--calibration {path} gives {_count(len(ids), 'token')} with --tokenizer {name!r}, fewer than one "
+            f"sample of --sequence-length {sequence_length}"
+        )
+    return _checked_ids(
+        parser, f"--calibration {path}", torch.tensor(ids[: count * sequence_length]).reshape(count, sequence_length)
+    )
+
+
+def _pruned_in_place(
+    model: torch.nn.Module, masks: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None
+) -> None:
+    """The masks folded into the model the command loaded (its own: no one else holds it); SparseGPT's
+    reconstructed weights, already zero where pruned, written instead of the old ones."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            parameter = model.get_parameter(name)
+            parameter.copy_(weights[name] if weights is not None else torch.mul(mask, parameter))
+
+
+def _write_pruned(
+    parser: argparse.ArgumentParser, model: torch.nn.Module, masks: dict[str, torch.Tensor], out: Path
+) -> list[str]:
+    """The pruned model and its masks in ``out``: the names of what was written."""
+    import fxsparse
+
+    from ._save import atomic_write
+
+    before = _file_stamps(out)
+    transformers = sys.modules.get("transformers")  # a transformers model has imported it
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+            model.save_pretrained(out)
+        else:
+            state = model.state_dict()
+            atomic_write(out / "model.pt", lambda temporary: torch.save(state, temporary), error=FxsparseError)
+        fxsparse.masks.save_pretrained(masks, out)
+    except Exception as error:  # a full disk: OSError, safetensors' SafetensorError, torch.save's RuntimeError
+        _fail(parser, f"cannot write {out}: {type(error).__name__}: {error}")
+    return sorted(name for name, stamp in _file_stamps(out).items() if before.get(name) != stamp)
+
+
+def _file_stamps(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Each file's (inode, size, modification time): what changed between two calls is what was written."""
+    if not folder.is_dir():
+        return {}
+    stamps = {}
+    for path in folder.iterdir():
+        if path.is_file():
+            status = path.stat()
+            stamps[path.name] = (status.st_ino, status.st_size, status.st_mtime_ns)
+    return stamps
 
 
 def run_check(

@@ -146,7 +146,14 @@ class WritesAMarker:
 
 @pytest.mark.parametrize("file_name", ["model.pt", "model.pt2", "model.script.pt"])
 @pytest.mark.parametrize(
-    "command", [["check"], ["masks", "--out", "m.safetensors"], ["draw", "--out", "g.dot"], ["diff", "--out", "d.dot"]]
+    "command",
+    [
+        ["check"],
+        ["masks", "--out", "m.safetensors"],
+        ["draw", "--out", "g.dot"],
+        ["diff", "--out", "d.dot"],
+        ["prune", "--method", "magnitude", "--out", "pruned"],
+    ],
 )
 def test_model_files_load_only_with_trust_source(
     command: list[str], file_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -162,7 +169,7 @@ def test_model_files_load_only_with_trust_source(
     assert not (tmp_path / "ran").exists()  # the payload never ran
 
 
-@pytest.mark.parametrize("command", ["check", "masks", "draw", "diff"])
+@pytest.mark.parametrize("command", ["check", "masks", "draw", "diff", "prune"])
 def test_every_model_command_names_trust_source_and_why(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main([command, "--help"])
