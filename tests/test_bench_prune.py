@@ -60,8 +60,9 @@ def test_bench_prune_quick_writes_perplexities_target_and_reconstruction_errors(
     runs = {f"{method} {pattern}" for method in METHODS for pattern in PATTERNS}
     assert [row["weight"] for row in results["reconstruction_error"]] == WEIGHTS
     for row in results["reconstruction_error"]:
-        assert set(row) == {"weight", *runs}
+        assert set(row) == {"weight", "input_norm_max_to_median", *runs}
         assert all(0 < row[run] < math.inf for run in runs)
+        assert row["input_norm_max_to_median"] >= 1
 
     text = report.read_text()
     for heading in ("## Held-out perplexity", "## Target", "## Reconstruction error"):
