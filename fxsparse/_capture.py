@@ -49,8 +49,11 @@ _EMPTY_COPYABLE = (dict, OrderedDict, set, list)
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module, *, share_parameters: bool = False) -> nn.Module:
     """A copy of ``model`` that shares no parameter, buffer or submodule with it.
+
+    ``share_parameters=True``: the copy holds the model's own ``nn.Parameter`` objects
+    (every other thing, buffers included, is still copied), for ``transform(..., share_weights=True)``.
 
     Equivalent to ``copy.deepcopy`` (ties and shared submodules stay shared within the
     copy), but copies the module registries directly instead of through the generic
@@ -64,6 +67,10 @@ def copy_model(model: nn.Module) -> nn.Module:
     deepcopy shares functions, so the copy would run the original's weights.
     """
     memo: dict[int, Any] = {}
+    if share_parameters:
+        # A parameter found in the memo is "already copied" to itself: every copy path (module
+        # registries, parametrizations, closures) then keeps the very object, ties included.
+        memo.update((id(parameter), parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
     copied = _copy_module(model, memo, path="")
     _rebind_functions(copied, memo)
     return copied
@@ -677,14 +684,24 @@ MISSING = object()
 
 
 def refuse_reads_of_the_original(
-    model: nn.Module, copied: nn.Module, graph: torch.fx.Graph, exported: Exported | None
+    model: nn.Module,
+    copied: nn.Module,
+    graph: torch.fx.Graph,
+    exported: Exported | None,
+    shared_parameters: bool = False,
 ) -> None:
     """Raise ``TraceError`` if ``graph``, captured from ``copied``, reads a tensor of ``model`` itself.
 
     The copy shares nothing with the model, so such a read came through something the
     copy could not follow (a global, an object outside the module tree): the output
     would read the model's weights, unmasked, and change when the model does.
+    ``shared_parameters``: the copy holds the model's parameters by design
+    (``copy_model(..., share_parameters=True)``); a read of one of those very objects, as
+    a parameter of the copy, is the copy's own. Any other read of the model's memory (a
+    buffer, a view or constant made from a parameter) is still refused.
     """
+    shared = copied.named_parameters(remove_duplicate=False) if shared_parameters else ()
+    own = {id(parameter) for _, parameter in shared}
     originals: dict[int, str] = {}
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         storage = _storage_of(tensor)
@@ -696,6 +713,8 @@ def refuse_reads_of_the_original(
     for node in graph.find_nodes(op="get_attr"):
         target = str(node.target)
         value = attributes[target] if target in attributes else lookup(copied, target)
+        if id(value) in own and target not in attributes:
+            continue
         original = originals.get(_storage_of(value)) if isinstance(value, torch.Tensor) else None
         if original is not None:
             raise TraceError(

@@ -89,11 +89,15 @@ def recaptured(
     args: tuple[Any, ...] | None,
     kwargs: dict[str, Any] | None,
     dynamic_shapes: Any,
+    inplace: bool = False,
 ) -> _emit.MaskedGraphModule:
     """``out`` captured again by torch.export, in eval mode: the same weights and masks, a copy of them.
 
     What ``transform(model, masks, capture="export")`` makes from the model in eval mode,
-    built from ``out``'s own state (one copy of the weights, no second).
+    built from ``out``'s own state (one copy of the weights, no second). ``inplace``: over
+    ``out``'s own parameters and buffers instead of copies, and ``out`` gives up its masks
+    (it is consumed: a call of it then fails, rather than compute with weights that are
+    being folded).
     """
     if args is None and kwargs is None:
         raise EmitError(
@@ -101,16 +105,26 @@ def recaptured(
             "its graph keeps: freeze captures it again in eval mode, which runs the model. Pass example_inputs "
             "and/or example_kwargs (those you transformed it with; dynamic_shapes too, if you gave any)"
         )
-    root, by_parameter = _model_without_masks(out, "freeze")
+    root, by_parameter = _model_without_masks(out, "freeze", share=inplace)
     root.eval()
     plan = build_plan(root, by_parameter, {})
     exported = _capture.export(root, args or (), kwargs, dynamic_shapes)
+    if inplace:  # only now: a capture that failed leaves `out` whole
+        for name in mask_registry(out.graph):
+            owner, _, buffer = name.rpartition(".")
+            del out.get_submodule(owner)._buffers[buffer]
+        del by_parameter
     _rewrite.rewrite(root, exported.graph, plan, exported)
     return _emit.graph_module(root, exported.graph, "export")
 
 
-def _model_without_masks(out: torch.fx.GraphModule, caller: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A copy of the model ``out`` holds, without fxsparse's additions; and its masks, by parameter name."""
+def _model_without_masks(
+    out: torch.fx.GraphModule, caller: str, share: bool = False
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A copy of the model ``out`` holds, without fxsparse's additions; and its masks, by parameter name.
+
+    ``share``: the copy holds ``out``'s own parameters and buffers, and the masks are ``out``'s (not copies).
+    """
     if not isinstance(out, torch.fx.GraphModule):
         raise TypeError(f"{caller} takes fxsparse.transform's output (emit='graph'), got {type(out).__name__}")
     state = _emit.model_state(out)
@@ -133,6 +147,9 @@ def _model_without_masks(out: torch.fx.GraphModule, caller: str) -> tuple[nn.Mod
     # Masks are not copied (the memo maps them to nothing): the copy leaves them out, and they go
     # with the parameters below.
     memo: dict[int, Any] = {id(out): model, **{id(mask): None for mask in masks.values()}}
+    if share:
+        tensors = (*out.named_parameters(remove_duplicate=False), *out.named_buffers(remove_duplicate=False))
+        memo.update((id(tensor), tensor) for _, tensor in tensors if id(tensor) not in memo)
     model.__dict__.update(copy.deepcopy(state, memo))
     for key in [key for key in model.__dict__ if key.startswith("_fxsparse_")]:
         del model.__dict__[key]
@@ -153,7 +170,7 @@ def _model_without_masks(out: torch.fx.GraphModule, caller: str) -> tuple[nn.Mod
     for key in [key for key, hook in model._forward_pre_hooks.items() if hook is check_input_structure]:
         del model._forward_pre_hooks[key]
         model._forward_pre_hooks_with_kwargs.pop(key, None)
-    return model, {parameter: masks[name].clone() for name, parameter in registry.items()}
+    return model, {parameter: masks[name] if share else masks[name].clone() for name, parameter in registry.items()}
 
 
 def _existing(model: nn.Module, dotted: str) -> nn.Module | None:

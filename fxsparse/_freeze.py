@@ -32,6 +32,7 @@ def freeze(
     example_inputs: tuple[Any, ...] | torch.Tensor | None = None,
     example_kwargs: dict[str, Any] | None = None,
     dynamic_shapes: Any = None,
+    inplace: bool = False,
 ) -> Any:
     """A copy of fxsparse's output with every mask folded into its weight, for inference.
 
@@ -75,6 +76,15 @@ def freeze(
             captured again with; ``layout="auto"`` measures each layer at the input sizes they give it.
         example_kwargs: keyword inputs, the same way.
         dynamic_shapes: as for ``transform``, for ``emit="export"`` and ``"onnx"``.
+        inplace: ``False`` (default): ``out`` is not changed, and the frozen model is a copy
+            (for a moment, two copies of the weights are in memory). ``True``: the masks are
+            folded into ``out``'s own weights, one at a time, and no copy of the model is
+            made: ``out`` is consumed. Use the returned model, never ``out`` again (with
+            ``emit="graph"`` it is ``out`` itself, frozen; where ``out`` had to be captured
+            again in eval mode, ``out`` gives up its masks and a call of it fails). The
+            other emits (and a sparse ``layout``) make their artifact from the frozen
+            weights as usual. An output made with ``transform(..., share_weights=True)``
+            shares its weights with its model, which then holds the folded weights too.
 
     Example:
         >>> import torch, fxsparse
@@ -86,6 +96,8 @@ def freeze(
     if not isinstance(out, torch.fx.GraphModule):
         raise TypeError(f"freeze takes fxsparse.transform's output (emit='graph'), got {type(out).__name__}")
     _kernels.check_layout(layout)
+    if not isinstance(inplace, bool):
+        raise EmitError(f"inplace must be True or False, got {inplace!r}")
     if emit == "parametrize":
         raise EmitError("freeze cannot emit 'parametrize': a frozen model has no masks left to parametrize")
     args, kwargs = check_arguments("auto", emit, example_inputs, example_kwargs, dynamic_shapes)
@@ -102,10 +114,10 @@ def freeze(
         hint = " (it is frozen already: freeze the masked graph itself, with the layout= you want)" if already else ""
         raise MaskError(f"{type(out).__name__} has no mask * weight to fold{hint}: pass fxsparse.transform's output")
     if _deploy.captured_in_train_mode(out):  # its graph keeps train mode: capture the eval mode's
-        frozen: torch.fx.GraphModule = _deploy.recaptured(out, args, kwargs, dynamic_shapes)
+        frozen: torch.fx.GraphModule = _deploy.recaptured(out, args, kwargs, dynamic_shapes, inplace)
     else:
-        frozen = copy.deepcopy(out)
-        _to_eval_mode(frozen)
+        frozen = out if inplace else copy.deepcopy(out)
+        _to_eval_mode(frozen)  # before anything changes: a refusal leaves an in-place `out` as it was
     masks = _rewrite.fold_masks(frozen, frozen.graph)
     modes = _emit.mode_graphs(frozen)
     for graph in modes.values():

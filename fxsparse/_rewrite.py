@@ -61,8 +61,9 @@ def rewrite(
     when it was captured again.
     """
     for p in plan.parameters:
-        # A copy: the plan stays data of its own, not an alias of the output's state.
-        root.get_submodule(p.owner).register_buffer(p.mask_attribute, p.mask.clone(), persistent=True)
+        # The plan's own mask (normalize_mask made it, and every caller's plan is private to one
+        # rewrite): no second copy, which a language model's masks would make a gigabyte.
+        root.get_submodule(p.owner).register_buffer(p.mask_attribute, p.mask, persistent=True)
     if exported is not None:
         _adopt_exported(root, graph, exported)
     retag(graph, registry or {}, root)

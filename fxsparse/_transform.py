@@ -33,12 +33,13 @@ def transform(
     example_kwargs: dict[str, Any] | None = None,
     dynamic_shapes: Any = None,
     concrete_args: dict[str, Any] | None = None,
+    share_weights: bool = False,
 ) -> Any:
     """Mask weights of ``model`` as ``torch.ao.pruning.FakeSparsity`` would, as an explicit FX graph rewrite.
 
     Args:
         model: any ``nn.Module`` (a ``GraphModule`` too). It is never modified, and
-            the result shares no parameter or buffer storage with it.
+            the result shares no parameter or buffer storage with it (unless ``share_weights``).
         masks: maps a parameter's fully qualified name (``"seq.0.weight"``, any alias of
             a tied parameter) or a module's name (``"seq.0"``, meaning its ``weight``)
             to a mask of exactly the parameter's shape; bool, integer or floating, soft
@@ -63,6 +64,16 @@ def transform(
             every export fxsparse runs. Without it, every size is fixed at the example's.
         concrete_args: inputs of ``model.forward`` to fix while tracing with FX, as in
             ``torch.fx.symbolic_trace`` (e.g. ``{"use_cache": False}``).
+        share_weights: ``False`` (default): the output works on a copy of the model's
+            weights. ``True``: the output holds the model's own parameters (the same
+            ``nn.Parameter`` objects, weights and biases) instead of copies, so a model too
+            big for two copies in memory can be pruned: the output aliases the model's
+            weights, and training one trains the other (an optimizer over
+            ``out.parameters()`` updates ``model``'s, and ``fxsparse.freeze(out,
+            inplace=True)`` folds the masks into them). fxsparse itself still changes
+            neither the model's structure (modules, hooks, parametrizations) nor its values.
+            Buffers are copied even so (a few, small): batch-norm statistics the output
+            updates in train mode do not reach the model. Mask buffers are the output's own.
 
     Returns:
         For ``"graph"`` a ``torch.fx.GraphModule`` whose ``state_dict`` holds every key
@@ -86,7 +97,7 @@ def transform(
     args, kwargs = check_arguments(capture, emit, example_inputs, example_kwargs, dynamic_shapes)
     # Python's garbage collector stays as the caller has it: it is process-wide, and other threads
     # (and the model's own forward, which capture runs) must not find it switched off.
-    root, the_plan = _prepare(model, masks)
+    root, the_plan = _prepare(model, masks, share_weights)
     if emit == "parametrize":
         return _emit.parametrized(root, the_plan)
     exported = None
@@ -106,7 +117,7 @@ def transform(
                 raise
             traced_through = []
             root, the_plan, exported = _export_instead(
-                model, masks, fx_failure, args, kwargs, dynamic_shapes, traced_through
+                model, masks, fx_failure, args, kwargs, dynamic_shapes, traced_through, share_weights
             )
     if exported is not None:
         graph, the_plan = exported.graph, dataclasses.replace(the_plan, kept={})  # hooks are in it
@@ -114,10 +125,10 @@ def transform(
     # An fxsparse output transformed again: its masks, as its own graph's tags record them
     # (the new capture traced its code again and lost them).
     registry = mask_registry(model.graph) if isinstance(model, torch.fx.GraphModule) else {}
-    _capture.refuse_reads_of_the_original(model, root, graph, exported)
+    _capture.refuse_reads_of_the_original(model, root, graph, exported, share_weights)
     other_mode = None if modes is None else modes.get(not root.training)
     if other_mode is not None:
-        _capture.refuse_reads_of_the_original(model, root, other_mode, None)
+        _capture.refuse_reads_of_the_original(model, root, other_mode, None, share_weights)
     _rewrite.rewrite(root, graph, the_plan, exported, registry)
     if other_mode is not None:
         _rewrite.rewrite(root, other_mode, the_plan, None, registry)  # the same buffers again
@@ -221,6 +232,7 @@ def _export_instead(
     kwargs: dict[str, Any] | None,
     dynamic_shapes: Any,
     traced_through: list[type[torch.autograd.Function]],
+    share_weights: bool,
 ) -> tuple[nn.Module, Plan, _capture.Exported]:
     """``capture="auto"`` after FX failed: capture a fresh copy (tracing may have left attributes) with torch.export."""
     if args is None and kwargs is None:
@@ -228,7 +240,7 @@ def _export_instead(
             f"{fx_failure} -- or pass example_inputs and/or example_kwargs: with them, fxsparse captures "
             "models that torch.fx cannot trace with torch.export instead"
         ) from fx_failure
-    root, the_plan = _prepare(model, masks)
+    root, the_plan = _prepare(model, masks, share_weights)
     try:
         exported = _export(root, args or (), kwargs, dynamic_shapes, traced_through)
     except TraceError as export_failure:
@@ -255,10 +267,14 @@ def plan(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> P
     return _prepare(model, masks)[1]
 
 
-def _prepare(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> tuple[nn.Module, Plan]:
+def _prepare(
+    model: nn.Module, masks: Mapping[str, torch.Tensor] | None, share_weights: bool = False
+) -> tuple[nn.Module, Plan]:
     if not isinstance(model, nn.Module):
         raise MaskError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    root = _capture.copy_model(model)
+    if not isinstance(share_weights, bool):
+        raise MaskError(f"share_weights must be True or False, got {share_weights!r}")
+    root = _capture.copy_model(model, share_parameters=share_weights)
     inherited = _capture.lower_fake_sparsity(root)
     return root, build_plan(root, _require_masks(masks, inherited), inherited)
 

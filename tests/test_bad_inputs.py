@@ -302,6 +302,18 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         (fxsparse.MaskError, "corrupt or truncated"),
     ),
     (
+        "share_weights that is not a bool",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": ONES}, share_weights="yes"),
+        (fxsparse.MaskError, "share_weights must be True or False, got 'yes'"),
+    ),
+    (
+        "freeze inplace that is not a bool",
+        small,
+        lambda m, _: fxsparse.freeze(fxsparse.transform(m, {"0": ONES}), inplace="yes"),
+        (fxsparse.EmitError, "inplace must be True or False, got 'yes'"),
+    ),
+    (
         "unknown freeze layout",
         small,
         lambda m, _: fxsparse.freeze(fxsparse.transform(m, {"0": ONES}), layout="sparse"),
