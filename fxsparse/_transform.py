@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import traceback
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -116,6 +117,10 @@ def transform(
             if capture == "fx":
                 raise
             traced_through = []
+            # The failed trace's copy goes before the export makes another: the frames of its
+            # traceback hold it (a whole model's weights, unless shared).
+            _forget_the_frames_of(fx_failure)
+            del root, the_plan
             root, the_plan, exported = _export_instead(
                 model, masks, fx_failure, args, kwargs, dynamic_shapes, traced_through, share_weights
             )
@@ -153,6 +158,16 @@ def transform(
     # A module registered under two names holds its mask under both; ONNX may pick either.
     mask_names = {f"{alias}{MASK_SUFFIX}" for p in the_plan.parameters for alias in p.aliases}
     return _emit.emit_as(out, emit, args, kwargs, dynamic_shapes, mask_names)
+
+
+def _forget_the_frames_of(failure: BaseException) -> None:
+    """Clear the local variables of the finished frames ``failure`` and its causes passed through."""
+    seen: set[int] = set()
+    chained: BaseException | None = failure
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        traceback.clear_frames(chained.__traceback__)
+        chained = chained.__cause__ or chained.__context__
 
 
 def _export(

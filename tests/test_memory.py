@@ -195,3 +195,68 @@ def test_freeze_inplace_refusals_leave_out_whole() -> None:
     assert all(torch.equal(v, state[k]) for k, v in out.state_dict().items())
     assert out.training
     out(**inputs)  # still runs
+
+
+class _OnlyExportCaptures(nn.Module):
+    """A model torch.fx cannot trace (control flow on a size), so ``capture="auto"`` exports it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return y if x.shape[0] > 1 else -y
+
+
+@pytest.mark.parametrize("share_weights", [False, True])
+def test_transform_drops_the_failed_traces_copy_before_it_exports(
+    monkeypatch: pytest.MonkeyPatch, share_weights: bool
+) -> None:
+    import gc
+
+    from fxsparse import _capture
+
+    alive: list[int] = []
+    export = _capture.export
+
+    def counting_export(*args: Any, **kwargs: Any) -> Any:
+        gc.collect()
+        alive.append(sum(type(o) is _OnlyExportCaptures for o in gc.get_objects()))
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(_capture, "export", counting_export)
+    model = _OnlyExportCaptures().eval()
+    x = torch.randn(3, 8)
+    mask = torch.rand(8, 8) > 0.5
+    out = fxsparse.transform(model, {"fc.weight": mask}, example_inputs=(x,), share_weights=share_weights)
+    assert out.meta["fxsparse"]["capture"] == "export"
+    assert alive == [2]  # the model and the copy being exported: not the copy FX failed on
+    assert torch.equal(out(x), fake_sparsity(model, {"fc.weight": mask})(x))
+
+
+def test_calibration_reads_the_models_weights_and_never_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxsparse.masks import _calibrate
+
+    captures: list[torch.fx.GraphModule] = []
+    transform = _calibrate.transform
+
+    def recording_transform(*args: Any, **kwargs: Any) -> Any:
+        captures.append(transform(*args, **kwargs))
+        return captures[-1]
+
+    monkeypatch.setattr(_calibrate, "transform", recording_transform)
+    family = FAMILIES["llama"]
+    model = build(family).train()
+    versions = {name: p._version for name, p in model.named_parameters()}
+    values = {name: p.detach().clone() for name, p in model.named_parameters()}
+    calibration = [family.inputs(2, 8), family.inputs(2, 8)]
+    for sequential in (True, False):
+        fxsparse.masks.wanda(model, calibration, exclude="lm_head", sequential=sequential, progress=False)
+        fxsparse.masks.sparsegpt(model, calibration, exclude="lm_head", sequential=sequential, progress=False)
+    assert len(captures) == 4
+    for working in captures:  # no copy of the weights: the capture holds the model's own
+        assert all(working.get_parameter(name) is p for name, p in model.named_parameters())
+    assert {name: p._version for name, p in model.named_parameters()} == versions
+    assert all(torch.equal(p, values[name]) for name, p in model.named_parameters())
+    assert model.training

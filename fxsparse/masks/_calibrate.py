@@ -2,9 +2,11 @@
 hand each selected weight the inputs that reach it.
 
 The model is captured as :func:`fxsparse.transform` captures it (``torch.fx``, or
-``torch.export`` on the first batch for a model FX cannot trace), on fxsparse's copy, with an
-all-ones mask on each selected weight; the masks are then folded (``_rewrite.fold_masks``)
-so that every use of a selected weight reads the parameter itself. The graph is then run
+``torch.export`` on the first batch for a model FX cannot trace) with ``share_weights=True``
+(the capture holds the model's own parameters: no copy of the weights) and an all-ones mask
+on each selected weight, folded out of the graph again (``_rewrite.fold_masks`` with
+``values=False``: nothing is written) so that every use of a selected weight reads the
+parameter itself. The graph is then run
 node by node with ``torch.fx.Interpreter``, every calibration batch together (one
 environment per batch): no forward hooks, no assumption about the model's structure.
 
@@ -12,9 +14,12 @@ At each use of a selected weight (a ``linear`` call, or ``addmm``/``mm``/``matmu
 weight as the right operand, a transformers ``Conv1D``) the engine folds the activation
 that multiplies the weight into that weight's statistic. After a weight's last use has
 its statistic, ``decide`` turns it into the weight's new value, which (with
-``sequential=True``) is written into the working copy before the use runs, so every
-later layer sees the pruned earlier ones. Values are dropped once their last user ran,
-so at any moment the batches' live activations are those of one point of the graph.
+``sequential=True``) the capture reads from a tensor of its own (never written into the
+model's) from before that use runs until after it, so every later layer sees the pruned
+earlier ones, and then goes back to the model's weight, so that the pruned values held at
+once are those of the weights being decided (and what ``decide``'s caller keeps). Values
+are dropped once their last user ran, so at any moment the batches' live activations are
+those of one point of the graph.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from .._compat import PyTreeCodeGen, codegen_of, set_codegen, tree_leaves, tree_
 from .._errors import MaskError
 from .._rewrite import LINEAR_CALLS, fold_masks
 from .._runtime.guards import check_input_structure
-from .._tags import Role, tagged
+from .._tags import Role, mask_registry, tagged
 from .._transform import transform
 
 __all__ = ["Batch", "Statistic", "Use", "batches_of", "calibrate"]
@@ -107,13 +112,18 @@ def calibrate(
     *,
     sequential: bool,
     progress: bool | None,
+    weights: bool = True,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each weight in ``names`` decided from its inputs over ``batches``: ``{name: (mask, new
     weight)}``, in the weight's own shape and orientation, in graph order.
 
     ``decide(name, weight, statistic)`` sees the weight as ``[out, in]`` (a ``Conv1D`` weight
     transposed) as the working copy holds it, and returns its mask and new value, ``[out, in]``.
-    The model is not changed: the work happens on fxsparse's copy.
+    The model is not changed: the work happens on fxsparse's capture of it, which holds the
+    model's own parameters (no copy of the weights) and reads a pruned weight (``sequential``)
+    from a tensor of its own, from the weight's decision to its last use only.
+    ``weights=False``: the new values are not returned (an empty tensor stands in), so at most
+    one of them is held at a time.
     """
     if not names:
         return {}
@@ -125,6 +135,10 @@ def calibrate(
     use_of = {use.call: (name, use) for name in names for use in uses[name]}
     shared_by = _shared_statistics(uses)
     bar = _Progress(len(names), progress)
+    aliases: dict[int, list[str]] = {}
+    for alias, parameter in working.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(alias)
+    restore: dict[torch.fx.Node, tuple[list[str], nn.Parameter]] = {}
 
     interpreters = [torch.fx.Interpreter(working, garbage_collect_values=True) for _ in batches]
     reader = _input_reader(working)
@@ -153,17 +167,37 @@ def calibrate(
             else:
                 states[name] = _accumulate(statistic, states.get(name), interpreters, use)
             if last_use.get(node) == name:
-                decided[name] = _decide(working, name, use.input_axis, states.pop(name), decide, sequential)
+                original = working.get_parameter(name)
+                mask, new = _decide(original, name, use.input_axis, states.pop(name), decide)
+                if sequential:  # the uses from here on read the pruned weight, the model's stays as it is
+                    pruned = nn.Parameter(new.to(original.dtype), requires_grad=False)
+                    _put(working, aliases[id(original)], pruned)
+                    for interpreter in interpreters:
+                        interpreter.env.update((n, pruned) for n, v in interpreter.env.items() if v is original)
+                    restore[node] = (aliases[id(original)], original)
+                decided[name] = (mask, new if weights else _NOT_KEPT)
                 remaining -= 1
                 bar.step(name)
         for interpreter in interpreters:
             interpreter.env[node] = interpreter.run_node(node)
             for dead in interpreter.user_to_last_uses.get(node, []):
                 del interpreter.env[dead]
+        if node in restore:  # the weight's last use ran: its pruned value is needed no more
+            _put(working, *restore.pop(node))
         for dead in interpreters[0].user_to_last_uses.get(node, []):
             cached.pop(dead, None)
     bar.close()
     return {name: decided[name] for name in order}
+
+
+_NOT_KEPT = torch.empty(0)
+
+
+def _put(working: torch.fx.GraphModule, aliases: list[str], value: nn.Parameter) -> None:
+    """``value`` as the parameter of ``working`` under every name of a (possibly tied) weight."""
+    for alias in aliases:
+        owner, _, attribute = alias.rpartition(".")
+        working.get_submodule(owner)._parameters[attribute] = value
 
 
 def _same_shapes_as_the_first(index: int, batch: Batch, first: Batch) -> None:
@@ -185,11 +219,19 @@ def _working_copy(model: nn.Module, names: list[str], first: Batch) -> torch.fx.
     source = model
     if model.training:
         # Calibration runs the model as it is used (dropout off); the caller's own mode is left alone.
-        source = copy_model(model).eval()
+        source = copy_model(model, share_parameters=True).eval()
     ones = {name: torch.ones(source.get_parameter(name).shape, dtype=torch.bool) for name in names}
     args, kwargs = first
-    working: torch.fx.GraphModule = transform(source, ones, example_inputs=args or None, example_kwargs=kwargs or None)
-    fold_masks(working, working.graph)
+    # The model's own weights, not a copy: calibration only reads them (a pruned weight is a tensor of its own).
+    working: torch.fx.GraphModule = transform(
+        source, ones, example_inputs=args or None, example_kwargs=kwargs or None, share_weights=True
+    )
+    del ones
+    registry = mask_registry(working.graph)
+    fold_masks(working, working.graph, values=False)  # the graph alone: the model's weights are not written
+    for mask in registry:
+        owner, _, buffer = mask.rpartition(".")
+        del working.get_submodule(owner)._buffers[buffer]
     working.recompile()
     return working
 
@@ -261,18 +303,14 @@ def _accumulate(statistic: Statistic[Any], state: Any, interpreters: list[torch.
 
 
 def _decide(
-    working: torch.fx.GraphModule, name: str, input_axis: int, state: Any, decide: Decide, sequential: bool
+    parameter: nn.Parameter, name: str, input_axis: int, state: Any, decide: Decide
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    parameter = working.get_parameter(name)
     if parameter.dim() != 2:
         raise MaskError(f"{name}: calibrated masks need a 2-D weight, got shape {tuple(parameter.shape)}")
     weight = parameter.detach() if input_axis == 1 else parameter.detach().t()
     mask, new = decide(name, weight, state)
     if input_axis == 0:
         mask, new = mask.t(), new.t()
-    if sequential:
-        with torch.no_grad():
-            parameter.copy_(new)
     return mask.contiguous(), new.contiguous()
 
 

@@ -96,6 +96,7 @@ def wanda(
         decide,
         sequential=sequential,
         progress=progress,
+        weights=False,  # the masks are the result: no copy of the pruned weights is held
     )
     return {name: mask for name, (mask, _) in results.items()}
 
