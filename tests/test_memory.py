@@ -260,3 +260,26 @@ def test_calibration_reads_the_models_weights_and_never_writes_them(monkeypatch:
     assert {name: p._version for name, p in model.named_parameters()} == versions
     assert all(torch.equal(p, values[name]) for name, p in model.named_parameters())
     assert model.training
+
+
+def test_calibration_records_no_autograd_graph() -> None:
+    """A graph over the calibration batches would keep every layer's inputs (and pruned weights) alive."""
+    from fxsparse.masks import _calibrate
+
+    model = small().eval()
+    seen: list[bool] = []
+
+    def update(state: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.requires_grad)
+        return x.abs().sum(0) if state is None else state + x.abs().sum(0)
+
+    def decide(name: str, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(torch.is_grad_enabled())
+        mask = torch.ones_like(weight, dtype=torch.bool)
+        return mask, weight * mask
+
+    batches = _calibrate.batches_of([torch.randn(4, 8)])
+    _calibrate.calibrate(
+        model, ["0.weight", "3.weight"], batches, _calibrate.Statistic(update), decide, sequential=True, progress=False
+    )
+    assert seen and not any(seen)

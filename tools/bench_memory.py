@@ -7,6 +7,8 @@ the steps before it unmeasured, resets Linux's peak resident memory (``VmHWM``, 
 ``/proc/self/clear_refs``), runs the step and reports the peak. So a step's peak includes
 what the pipeline holds at that point (the model, the masks, the output), as a user's
 process would, and the Python + torch baseline the child started with (reported apart).
+The children run with ``MALLOC_MMAP_THRESHOLD_=65536`` (see ``_env``), so that resident
+memory follows what is alive (users at the edge of their memory may want the same).
 
 Steps: ``calibrate`` (``fxsparse.masks.wanda``, 50 %, the head left out; the masks are then
 saved for the later steps' children, which load them), ``transform`` (train mode, captured by
@@ -103,6 +105,9 @@ def child(args: argparse.Namespace) -> None:
         if step == "calibrate":
             if measured or not masks_path.exists():
                 masks = fxsparse.masks.wanda(model, calibration, 0.5, exclude="lm_head", progress=False)
+                if measured:  # saving the masks for the later steps is not calibration's
+                    peak, seconds = _resident_peak_kib() - before, time.perf_counter() - start
+                    measured = False
                 fxsparse.save_masks(masks, masks_path)
             else:
                 masks = fxsparse.load_masks(masks_path)
@@ -130,8 +135,8 @@ def child(args: argparse.Namespace) -> None:
         elif step == "save":
             fxsparse.save(held["frozen"], Path(args.folder) / f"frozen-{args.variant}.pt")
         if measured:
-            peak = _resident_peak_kib() - before
-            seconds = time.perf_counter() - start
+            peak, seconds = _resident_peak_kib() - before, time.perf_counter() - start
+        if step == args.step:
             resident_before = before
     masks_bytes = sum(m.numel() * m.element_size() for m in held["masks"].values())
     print(
@@ -147,6 +152,17 @@ def child(args: argparse.Namespace) -> None:
             }
         )
     )
+
+
+def _env(pythonpath: str) -> dict[str, str]:
+    """The children's environment: this fxsparse, one thread, and glibc's malloc returning what is freed.
+
+    glibc serves allocations below its mmap threshold (which grows to 32 MiB as large blocks are
+    freed, the size of a layer's weight) from its heap, and keeps what is freed there resident:
+    a later step's "held before" would count the earlier steps' garbage. A fixed threshold of
+    64 KiB maps every tensor of any size on its own, and unmaps it when it is freed.
+    """
+    return {"PYTHONPATH": pythonpath, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
 
 
 def main() -> int:
@@ -175,7 +191,7 @@ def main() -> int:
                     continue
                 command = [sys.executable, __file__, "--step", step, "--variant", variant, "--folder", folder]
                 command += [f"--{k}={getattr(args, k)}" for k in ("gib", "hidden", "tokens", "batches", "steps")]
-                done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": here})
+                done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **_env(here)})
                 if done.returncode:
                     sys.stderr.write(done.stderr[-3000:])
                     raise SystemExit(f"{variant}/{step} failed")

@@ -154,38 +154,41 @@ def calibrate(
     cached: dict[torch.fx.Node, Any] = {}  # a statistic of one activation, for every weight reading only it
     decided: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     remaining = len(names)
-    for node in working.graph.nodes:
-        if remaining == 0 or node.op == "output":
-            break
-        found = use_of.get(node)
-        if found is not None:
-            name, use = found
-            if shared_by.get(name) is not None:
-                if use.activation not in cached:
-                    cached[use.activation] = _accumulate(statistic, None, interpreters, use)
-                states[name] = cached[use.activation]
-            else:
-                states[name] = _accumulate(statistic, states.get(name), interpreters, use)
-            if last_use.get(node) == name:
-                original = working.get_parameter(name)
-                mask, new = _decide(original, name, use.input_axis, states.pop(name), decide)
-                if sequential:  # the uses from here on read the pruned weight, the model's stays as it is
-                    pruned = nn.Parameter(new.to(original.dtype), requires_grad=False)
-                    _put(working, aliases[id(original)], pruned)
-                    for interpreter in interpreters:
-                        interpreter.env.update((n, pruned) for n, v in interpreter.env.items() if v is original)
-                    restore[node] = (aliases[id(original)], original)
-                decided[name] = (mask, new if weights else _NOT_KEPT)
-                remaining -= 1
-                bar.step(name)
-        for interpreter in interpreters:
-            interpreter.env[node] = interpreter.run_node(node)
-            for dead in interpreter.user_to_last_uses.get(node, []):
-                del interpreter.env[dead]
-        if node in restore:  # the weight's last use ran: its pruned value is needed no more
-            _put(working, *restore.pop(node))
-        for dead in interpreters[0].user_to_last_uses.get(node, []):
-            cached.pop(dead, None)
+    # No autograd: the model's parameters require gradients, and a graph recorded over the batches
+    # would keep every layer's inputs, and every pruned weight, alive to the end.
+    with torch.no_grad():
+        for node in working.graph.nodes:
+            if remaining == 0 or node.op == "output":
+                break
+            found = use_of.get(node)
+            if found is not None:
+                name, use = found
+                if shared_by.get(name) is not None:
+                    if use.activation not in cached:
+                        cached[use.activation] = _accumulate(statistic, None, interpreters, use)
+                    states[name] = cached[use.activation]
+                else:
+                    states[name] = _accumulate(statistic, states.get(name), interpreters, use)
+                if last_use.get(node) == name:
+                    original = working.get_parameter(name)
+                    mask, new = _decide(original, name, use.input_axis, states.pop(name), decide)
+                    if sequential:  # the uses from here on read the pruned weight, the model's stays as it is
+                        pruned = nn.Parameter(new.to(original.dtype), requires_grad=False)
+                        _put(working, aliases[id(original)], pruned)
+                        for interpreter in interpreters:
+                            interpreter.env.update([(n, pruned) for n, v in interpreter.env.items() if v is original])
+                        restore[node] = (aliases[id(original)], original)
+                    decided[name] = (mask, new if weights else _NOT_KEPT)
+                    remaining -= 1
+                    bar.step(name)
+            for interpreter in interpreters:
+                interpreter.env[node] = interpreter.run_node(node)
+                for dead in interpreter.user_to_last_uses.get(node, []):
+                    del interpreter.env[dead]
+            if node in restore:  # the weight's last use ran: its pruned value is needed no more
+                _put(working, *restore.pop(node))
+            for dead in interpreters[0].user_to_last_uses.get(node, []):
+                cached.pop(dead, None)
     bar.close()
     return {name: decided[name] for name in order}
 
@@ -220,7 +223,9 @@ def _working_copy(model: nn.Module, names: list[str], first: Batch) -> torch.fx.
     if model.training:
         # Calibration runs the model as it is used (dropout off); the caller's own mode is left alone.
         source = copy_model(model, share_parameters=True).eval()
-    ones = {name: torch.ones(source.get_parameter(name).shape, dtype=torch.bool) for name in names}
+    # Views of one element: transform makes each mask its own (and they are dropped right after).
+    one = torch.ones((), dtype=torch.bool)
+    ones = {name: one.expand(source.get_parameter(name).shape) for name in names}
     args, kwargs = first
     # The model's own weights, not a copy: calibration only reads them (a pruned weight is a tensor of its own).
     working: torch.fx.GraphModule = transform(

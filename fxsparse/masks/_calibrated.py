@@ -4,16 +4,18 @@ Both take ``calibration``, an iterable of model inputs (each a tensor, a tuple o
 inputs, or a dict of keyword inputs such as a Hugging Face batch), run them through the
 graph :func:`fxsparse.transform` captures (``torch.fx``, or ``torch.export`` on the first
 batch), and rank each selected weight's inputs by what reaches them. Nothing here changes
-the model: the work happens on fxsparse's copy.
+the model: fxsparse's capture reads the model's own weights (no copy of them) and never
+writes them; a weight pruned on the way (``sequential``) is read from a tensor of its own.
 
 Cost. Each batch runs through the graph once. Time grows as the model's forward over the
 calibration tokens, plus per weight its statistic (Wanda: ``tokens × in``; SparseGPT: the
 Hessian, ``tokens × in²``, and the solver, ``out × in²``-ish); so linearly in layers and
-tokens, quadratically in width for SparseGPT. Memory: fxsparse's copy of the weights, the
-live activations of every calibration batch at one point of the graph (the residual stream
-and the current layer's intermediates: ``tokens × width`` a few times over, not per
-layer), and the statistics of the weights being decided (SparseGPT: one ``in × in``
-float32 Hessian per input shared by the weights that read it, q/k/v sharing one).
+tokens, quadratically in width for SparseGPT. Memory, besides the model's weights: the
+masks (and for SparseGPT the reconstructed weights) made so far, the live activations of
+every calibration batch at one point of the graph (the residual stream and the current
+layer's intermediates: ``tokens × width`` a few times over, not per layer), and the
+statistics of the weights being decided (SparseGPT: one ``in × in`` float32 Hessian per
+input shared by the weights that read it, q/k/v sharing one).
 """
 
 from __future__ import annotations
