@@ -107,7 +107,7 @@ def recaptured(
         )
     root, by_parameter = _model_without_masks(out, "freeze", share=inplace)
     root.eval()
-    plan = build_plan(root, by_parameter, {})
+    plan = build_plan(root, by_parameter, {}, copy_masks=False)  # copies already, or `out`'s, which it gives up
     exported = _capture.export(root, args or (), kwargs, dynamic_shapes)
     if inplace:  # only now: a capture that failed leaves `out` whole
         for name in mask_registry(out.graph):

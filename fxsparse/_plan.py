@@ -187,12 +187,16 @@ def build_plan(
     model: nn.Module,
     masks: Mapping[str, Any],
     inherited: Mapping[str, torch.Tensor] | None = None,
+    *,
+    copy_masks: bool = True,
 ) -> Plan:
     """Resolve ``masks`` against ``model`` and decide which modules to open or trace into.
 
     ``inherited`` holds masks already carried by the model (lowered ``FakeSparsity``
     parametrizations, keyed by parameter name); an explicit mask for the same
-    parameter replaces the inherited one.
+    parameter replaces the inherited one. ``copy_masks=False``: ``masks`` are the caller's
+    to give away (fxsparse's own), and the plan takes those already in the right dtype,
+    device and layout as they are instead of copying them.
     """
     if not isinstance(masks, Mapping):
         raise MaskError(
@@ -215,7 +219,7 @@ def build_plan(
                 f"mask keys {key_of[id(parameter)]!r} and {key!r} name the same parameter "
                 f"{aliases_of[id(parameter)][0]!r}; give one mask per parameter"
             )
-        mask = normalize_mask(key, value, name, parameter)
+        mask = normalize_mask(key, value, name, parameter, copy=copy_masks)
         chosen[id(parameter)] = MaskedParameter(name, tuple(aliases_of[id(parameter)]), mask)
         key_of[id(parameter)] = key
     for name, value in (inherited or {}).items():
@@ -334,9 +338,10 @@ def _own_parameters(module_name: str, parameter_by_name: Mapping[str, nn.Paramet
     return ", ".join(repr(n) for n in own)
 
 
-def normalize_mask(key: str, value: object, name: str, parameter: torch.Tensor) -> torch.Tensor:
+def normalize_mask(key: str, value: object, name: str, parameter: torch.Tensor, copy: bool = True) -> torch.Tensor:
     """``value`` checked as a mask for ``parameter`` (named ``name``, given under ``key``) and
-    made a contiguous copy on its device, ``bool`` or in its dtype (the module's mask rules)."""
+    made a contiguous copy on its device, ``bool`` or in its dtype (the module's mask rules);
+    ``copy=False``: ``value`` itself where it already is all that."""
     what = f"mask for {name!r}" if key == name else f"mask for {name!r} (key {key!r})"
     if not isinstance(value, torch.Tensor):
         raise MaskError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
@@ -365,7 +370,7 @@ def normalize_mask(key: str, value: object, name: str, parameter: torch.Tensor) 
         if value.is_floating_point() and not bool(torch.isfinite(value.to(torch.float64)).all()):
             raise MaskError(f"{what} holds NaN or infinite values")
         raise MaskError(f"{what} overflows {dtype}, the parameter's dtype it is cast to")
-    if mask.data_ptr() == value.data_ptr():
+    if copy and mask.data_ptr() == value.data_ptr():
         return mask.clone(memory_format=torch.contiguous_format)
     return mask.contiguous()
 

@@ -161,7 +161,19 @@ def test_freeze_inplace_of_a_shared_output_folds_into_the_models_weights() -> No
     assert all(torch.equal(p, expected[n]) for n, p in model.named_parameters())
 
 
-def test_freeze_inplace_of_an_export_capture_fine_tuned_in_train_mode_shares_the_weights() -> None:
+def test_freeze_inplace_of_an_export_capture_fine_tuned_in_train_mode_shares_the_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fxsparse import _deploy
+
+    planned: list[torch.Tensor] = []
+    rewrite = _deploy._rewrite.rewrite
+
+    def recording_rewrite(root: nn.Module, graph: torch.fx.Graph, plan: Any, *args: Any) -> None:
+        planned.extend(p.mask for p in plan.parameters)
+        rewrite(root, graph, plan, *args)
+
+    monkeypatch.setattr(_deploy._rewrite, "rewrite", recording_rewrite)
     family = FAMILIES["llama"]
     model = build(family).train()
     inputs = family.inputs(2, 8)
@@ -171,8 +183,11 @@ def test_freeze_inplace_of_an_export_capture_fine_tuned_in_train_mode_shares_the
     optimizer.step()
     ordinary = fxsparse.freeze(out, example_kwargs=inputs)
     held = storages(out)
+    masks = {buffer.data_ptr() for name, buffer in out.named_buffers() if name.endswith(MASK)}
+    planned.clear()
     frozen = fxsparse.freeze(out, inplace=True, example_kwargs=inputs)
     assert storages(frozen) == held
+    assert {mask.data_ptr() for mask in planned} == masks  # out's own masks' memory, not copies of them
     assert all(torch.equal(v, ordinary.state_dict()[k]) for k, v in frozen.state_dict().items())
     assert frozen.state_dict().keys() == ordinary.state_dict().keys()
     with torch.no_grad():
