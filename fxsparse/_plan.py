@@ -211,6 +211,7 @@ def build_plan(
 
     chosen: dict[int, MaskedParameter] = {}
     key_of: dict[int, str] = {}
+    taken: set[int] = set()  # copy_masks=False: memory a mask already holds, which a second one must not share
     for key, value in masks.items():
         name = resolve_key(key, parameter_by_name, modules, model)
         parameter = parameter_by_name[name]
@@ -220,6 +221,10 @@ def build_plan(
                 f"{aliases_of[id(parameter)][0]!r}; give one mask per parameter"
             )
         mask = normalize_mask(key, value, name, parameter, copy=copy_masks)
+        if not copy_masks and mask.numel():
+            if mask.data_ptr() in taken:  # one tensor given for two parameters: each gets its own
+                mask = mask.clone()
+            taken.add(mask.data_ptr())
         chosen[id(parameter)] = MaskedParameter(name, tuple(aliases_of[id(parameter)]), mask)
         key_of[id(parameter)] = key
     for name, value in (inherited or {}).items():

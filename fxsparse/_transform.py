@@ -74,7 +74,10 @@ def transform(
             inplace=True)`` folds the masks into them). fxsparse itself still changes
             neither the model's structure (modules, hooks, parametrizations) nor its values.
             Buffers are copied even so (a few, small): batch-norm statistics the output
-            updates in train mode do not reach the model. Mask buffers are the output's own.
+            updates in train mode do not reach the model. The masks given are not copied
+            either where they already are ``bool`` (or the weight's dtype) on the weight's
+            device: the output's mask buffers are those tensors, so change neither
+            afterwards (``fxsparse.update_masks`` replaces masks safely).
 
     Returns:
         For ``"graph"`` a ``torch.fx.GraphModule`` whose ``state_dict`` holds every key
@@ -291,7 +294,9 @@ def _prepare(
         raise MaskError(f"share_weights must be True or False, got {share_weights!r}")
     root = _capture.copy_model(model, share_parameters=share_weights)
     inherited = _capture.lower_fake_sparsity(root)
-    return root, build_plan(root, _require_masks(masks, inherited), inherited)
+    # Sharing, the masks given are taken as they are too (where already bool or in the weight's
+    # dtype, on its device): a language model's masks are half its bfloat16 weights' size.
+    return root, build_plan(root, _require_masks(masks, inherited), inherited, copy_masks=not share_weights)
 
 
 def _require_masks(

@@ -298,3 +298,22 @@ def test_calibration_records_no_autograd_graph() -> None:
         model, ["0.weight", "3.weight"], batches, _calibrate.Statistic(update), decide, sequential=True, progress=False
     )
     assert seen and not any(seen)
+
+
+def test_share_weights_takes_the_masks_given_and_one_tensor_for_two_parameters_is_split() -> None:
+    model = small().eval()
+    mask = torch.rand(8, 8) > 0.5
+    second = torch.rand(4, 8) > 0.5
+    out = fxsparse.transform(model, {"0.weight": mask, "3.weight": second}, share_weights=True)
+    assert out.get_buffer("0.weight_mask").data_ptr() == mask.data_ptr()  # no copy of the masks either
+    assert out.get_buffer("3.weight_mask").data_ptr() == second.data_ptr()
+    shared = torch.rand(8, 8) > 0.5
+    before = shared.clone()
+    twice = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    out = fxsparse.transform(twice, {"0.weight": shared, "1.weight": shared}, share_weights=True)
+    assert out.get_buffer("0.weight_mask").data_ptr() != out.get_buffer("1.weight_mask").data_ptr()
+    fxsparse.update_masks(out, {"0.weight": torch.ones(8, 8, dtype=torch.bool)})
+    x = torch.randn(2, 8)
+    expected = fake_sparsity(twice, {"0.weight": torch.ones(8, 8, dtype=torch.bool), "1.weight": before})
+    assert torch.equal(out(x), expected(x))  # 1.weight kept its mask: its buffer is not the one written
+    assert bool(shared.all())  # as documented: the output's mask buffers are the tensors given

@@ -21,7 +21,7 @@ SGD over every parameter: gradients take one more copy of the weights, whatever 
 Usage::
 
     python tools/bench_memory.py --gib 1.5                  # about 10 minutes on 2 cores
-    python tools/bench_memory.py --gib 13 --hidden 4096     # 7B widths: needs ~20 GiB free
+    python tools/bench_memory.py --gib 13 --hidden 4096 --train-last 2   # 7B widths: ~20 GiB free
 
 Target (issue 15): a step's peak, less the baseline, at most 1.3 × (weights + masks) + one
 layer group's activations (training: + the gradients).
@@ -118,7 +118,12 @@ def child(args: argparse.Namespace) -> None:
             )
         elif step == "train":
             out = held["out"]
-            optimizer = torch.optim.SGD(out.parameters(), lr=1e-4)
+            if args.train_last:  # the last layers alone: the gradients of all 7B weights would not fit
+                first = config.num_hidden_layers - args.train_last
+                for name, parameter in out.named_parameters():
+                    layer = name.split(".")[2] if name.startswith("model.layers.") else None
+                    parameter.requires_grad_(layer is not None and int(layer) >= first)
+            optimizer = torch.optim.SGD([p for p in out.parameters() if p.requires_grad], lr=1e-4)
             for batch in calibration[: args.steps]:
                 logits = out(**batch).logits
                 loss: Any = torch.nn.functional.cross_entropy(
@@ -172,6 +177,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per calibration batch (default: 128)")
     parser.add_argument("--batches", type=int, default=4, help="calibration batches (default: 4)")
     parser.add_argument("--steps", type=int, default=2, help="training steps (default: 2)")
+    parser.add_argument("--train-last", type=int, default=0, help="train the last N layers only (default: all)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--step", help=argparse.SUPPRESS)
@@ -191,6 +197,7 @@ def main() -> int:
                     continue
                 command = [sys.executable, __file__, "--step", step, "--variant", variant, "--folder", folder]
                 command += [f"--{k}={getattr(args, k)}" for k in ("gib", "hidden", "tokens", "batches", "steps")]
+                command += [f"--train-last={args.train_last}"]
                 done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **_env(here)})
                 if done.returncode:
                     sys.stderr.write(done.stderr[-3000:])
