@@ -12,7 +12,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -248,14 +248,23 @@ def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
 _FORMATS = ("svg", "png", "jpg", "jpeg", "json", "plain", "dot", "gv", "xdot", "pdf")
 
 
-def _depth(text: str) -> int:
-    try:
-        depth = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more; got {text!r}") from None
-    if depth < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {depth}")
-    return depth
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number, ``minimum`` or more."""
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, {minimum} or more; got {text!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {number}")
+        return number
+
+    return parse
+
+
+_depth = _whole_number(0)
+_positive = _whole_number(1)
 
 
 def _check_format(parser: argparse.ArgumentParser, out: Path) -> None:
@@ -527,16 +536,6 @@ def _add_prune(commands: Any) -> argparse.ArgumentParser:
     prune.add_argument("--exclude", action="append", help="module-name glob to leave out (repeatable), such as lm_head")
     prune.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (made if missing)")
     return prune
-
-
-def _positive(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more; got {text!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {number}")
-    return number
 
 
 def run_prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -40,12 +40,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import itertools
 import json
 import math
 import os
-import platform
 import sys
 import sysconfig
 import time
@@ -59,6 +57,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from bench_speed import machine_info  # noqa: E402  # tools/ is the script's folder
 from torch import nn  # noqa: E402
 
 import fxsparse  # noqa: E402
@@ -315,27 +314,6 @@ def reconstruction_errors(
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "fxsparse": fxsparse.__version__,
-        "load_average": list(os.getloadavg()),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def target(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
