@@ -114,7 +114,7 @@ def recaptured(
             owner, _, buffer = name.rpartition(".")
             del out.get_submodule(owner)._buffers[buffer]
         del by_parameter
-    _rewrite.rewrite(root, exported.graph, plan, exported)
+    _rewrite.rewrite(root, exported.graph, plan, exported, masks="adopt")  # copies made above, or out's own
     return _emit.graph_module(root, exported.graph, "export")
 
 

@@ -51,8 +51,15 @@ def rewrite(
     plan: Plan,
     exported: Exported | None = None,
     registry: Mapping[str, str] | None = None,
+    *,
+    masks: str = "copy",
 ) -> None:
     """Register the plan's mask buffers on ``root`` and mask every use in ``graph``, in place.
+
+    ``masks``: ``"copy"`` (default) registers copies, so the output shares no tensor with the
+    plan; ``"adopt"`` registers the plan's own tensors (the caller asked for shared memory:
+    ``transform(share_weights=True)``, or hands over masks it owns); ``"registered"`` leaves
+    the buffers a rewrite of another graph of the same root registered.
 
     For a graph captured by ``torch.export`` (``exported``, whose ``graph`` is ``graph``), also
     install on ``root`` what the graph reads besides the model's state, and call the input
@@ -60,10 +67,12 @@ def rewrite(
     again (mask buffer -> parameter, see ``_tags.mask_registry``), whose graph lost its tags
     when it was captured again.
     """
+    if masks not in ("copy", "adopt", "registered"):
+        raise ValueError(f"masks must be 'copy', 'adopt' or 'registered', got {masks!r}")
     for p in plan.parameters:
-        # The plan's own mask (normalize_mask made it, and every caller's plan is private to one
-        # rewrite): no second copy, which a language model's masks would make a gigabyte.
-        root.get_submodule(p.owner).register_buffer(p.mask_attribute, p.mask, persistent=True)
+        if masks != "registered":
+            mask = p.mask.clone() if masks == "copy" else p.mask
+            root.get_submodule(p.owner).register_buffer(p.mask_attribute, mask, persistent=True)
     if exported is not None:
         _adopt_exported(root, graph, exported)
     retag(graph, registry or {}, root)

@@ -137,9 +137,11 @@ def transform(
     other_mode = None if modes is None else modes.get(not root.training)
     if other_mode is not None:
         _capture.refuse_reads_of_the_original(model, root, other_mode, None, share_weights)
-    _rewrite.rewrite(root, graph, the_plan, exported, registry)
+    # Sharing weights, the masks given are shared too (documented); else the output owns copies.
+    masks_held = "adopt" if share_weights else "copy"
+    _rewrite.rewrite(root, graph, the_plan, exported, registry, masks=masks_held)
     if other_mode is not None:
-        _rewrite.rewrite(root, other_mode, the_plan, None, registry)  # the same buffers again
+        _rewrite.rewrite(root, other_mode, the_plan, None, registry, masks="registered")
     # An fxsparse output captured by torch.export and traced again by FX is still an ATen graph.
     was_exported = isinstance(model, torch.fx.GraphModule) and _emit.captured_by(model) == "export"
     capture_used = "export" if exported is not None or was_exported else "fx"

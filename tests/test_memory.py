@@ -169,9 +169,9 @@ def test_freeze_inplace_of_an_export_capture_fine_tuned_in_train_mode_shares_the
     planned: list[torch.Tensor] = []
     rewrite = _deploy._rewrite.rewrite
 
-    def recording_rewrite(root: nn.Module, graph: torch.fx.Graph, plan: Any, *args: Any) -> None:
+    def recording_rewrite(root: nn.Module, graph: torch.fx.Graph, plan: Any, *args: Any, **kwargs: Any) -> None:
         planned.extend(p.mask for p in plan.parameters)
-        rewrite(root, graph, plan, *args)
+        rewrite(root, graph, plan, *args, **kwargs)
 
     monkeypatch.setattr(_deploy._rewrite, "rewrite", recording_rewrite)
     family = FAMILIES["llama"]
