@@ -283,14 +283,18 @@ def test_corrupt_and_truncated_files(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = fxsparse.save_masks({"w": torch.ones(2, 2, dtype=torch.bool)}, tmp_path / "m.safetensors")
+    from fxsparse.masks import _files
 
-    def torn(self: Path, data: bytes) -> int:
-        with self.open("wb") as file:
-            file.write(data[: len(data) // 2])
+    path = fxsparse.save_masks({"w": torch.ones(2, 2, dtype=torch.bool)}, tmp_path / "m.safetensors")
+    write = _files._write_safetensors
+
+    def torn(tensors: dict[str, torch.Tensor], metadata: dict[str, str], temporary: str) -> None:
+        write(tensors, metadata, temporary)
+        data = Path(temporary).read_bytes()
+        Path(temporary).write_bytes(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(Path, "write_bytes", torn)
+    monkeypatch.setattr(_files, "_write_safetensors", torn)
     with pytest.raises(OSError, match="disk full"):
         fxsparse.save_masks({"w": torch.zeros(2, 2, dtype=torch.bool)}, path)
     assert fxsparse.load_masks(path)["w"].all() and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]

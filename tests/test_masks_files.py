@@ -359,3 +359,69 @@ def test_packed_bits_helper_follows_numpy_little_order() -> None:
     mask[0, 0] = mask[0, 9] = True
     assert packed_bits(mask).tolist() == [[1, 2]]
     assert math.ceil(10 / 8) == packed_bits(mask).shape[1]
+
+
+# ---------------------------------------------------------------- save_masks / load_masks stream
+
+
+def test_mask_files_are_read_and_written_by_safetensors_itself(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    generator = torch.Generator().manual_seed(0)
+    masks = {
+        "a.weight": torch.rand(5, 7, generator=generator) > 0.5,
+        "b.weight": torch.rand(3, 8, generator=generator).to(torch.bfloat16),
+        "c.weight": torch.rand(4, generator=generator),
+        "empty.weight": torch.zeros(0, 3, dtype=torch.bool),
+        "scalar": torch.tensor(2, dtype=torch.int64),
+    }
+    path = fxsparse.save_masks(masks, tmp_path / "ours.safetensors")
+    theirs = load_file(path)
+    assert theirs.keys() == masks.keys() and all(torch.equal(theirs[k], masks[k]) for k in masks)
+    save_file(masks, tmp_path / "theirs.safetensors", metadata={"format": "other"})
+    for name in ("ours", "theirs"):
+        loaded = fxsparse.load_masks(tmp_path / f"{name}.safetensors")
+        assert loaded.keys() == masks.keys() and all(torch.equal(loaded[k], masks[k]) for k in masks)
+        assert all(loaded[k].dtype == masks[k].dtype for k in masks)
+
+
+def test_mask_files_stream_and_never_hold_the_file_in_memory(tmp_path: Path) -> None:
+    """A 7B model's bool masks are 6.6 GB: saving or loading them must not hold them twice."""
+    import tracemalloc
+
+    masks = {"big.weight": torch.ones(4096, 8192, dtype=torch.bool)}  # 32 MiB
+    tracemalloc.start()
+    try:
+        path = fxsparse.save_masks(masks, tmp_path / "masks.safetensors")
+        saving = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        loaded = fxsparse.load_masks(path)
+        loading = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(loaded["big.weight"], masks["big.weight"])
+    assert saving < 4 * 2**20 and loading < 4 * 2**20, (saving, loading)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["header longer than the file", "tensor past the end", "gap between tensors", "unknown dtype", "shape mismatch"],
+)
+def test_malformed_mask_files_are_refused_before_any_tensor_is_made(tmp_path: Path, damage: str) -> None:
+    def write(header: dict[str, object], data: bytes, length: int | None = None) -> Path:
+        text = json.dumps(header).encode()
+        path = tmp_path / "bad.safetensors"
+        path.write_bytes((len(text) if length is None else length).to_bytes(8, "little") + text + data)
+        return path
+
+    entry = {"dtype": "BOOL", "shape": [2, 2], "data_offsets": [0, 4]}
+    cases = {
+        "header longer than the file": ({"w": entry}, b"\1" * 4, 2**40),
+        "tensor past the end": ({"w": {**entry, "shape": [2, 4], "data_offsets": [0, 8]}}, b"\1" * 4, None),
+        "gap between tensors": ({"w": {**entry, "data_offsets": [4, 8]}}, b"\1" * 8, None),
+        "unknown dtype": ({"w": {**entry, "dtype": "Q4"}}, b"\1" * 4, None),
+        "shape mismatch": ({"w": {**entry, "shape": [3, 2]}}, b"\1" * 4, None),
+    }
+    path = write(*cases[damage])
+    with pytest.raises(fxsparse.MaskError, match="corrupt or truncated"):
+        fxsparse.load_masks(path)

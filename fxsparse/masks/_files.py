@@ -6,11 +6,13 @@ Writes go to fxsparse's own temporary file (never safetensors'), renamed into pl
 interrupted save leaves the old file (or none), never a truncated one that loads as wrong
 masks. Loads read the file into memory: the masks own their memory, so editing or truncating
 the file afterwards changes nothing (a memory-mapped mask would change with it, or crash the
-process with SIGBUS).
+process with SIGBUS). Both directions stream one tensor at a time between the file and the
+tensors' own memory: a 7B model's masks (6.6 GB) never exist twice in memory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -29,6 +31,105 @@ __all__ = ["load_masks", "save_masks"]
 _FORMAT = {"format": "fxsparse-masks", "version": "1"}
 _PACKED = "fxsparse.packed"  # metadata: JSON {name: shape} of the masks stored as bits
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+# safetensors' dtype names (its format: an 8-byte little-endian header length, a JSON header of
+# dtype, shape and [start, end) byte offsets per tensor, then the tensors' bytes back to back).
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.uint16: "U16",
+    torch.int16: "I16",
+    torch.uint32: "U32",
+    torch.int32: "I32",
+    torch.uint64: "U64",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header's length
+
+
+def _memory_of(tensor: torch.Tensor) -> ctypes.Array[ctypes.c_ubyte]:
+    """A contiguous CPU tensor's bytes, in place (the buffer ``write``/``readinto`` take)."""
+    return (ctypes.c_ubyte * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
+
+
+def _write_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str) -> None:
+    """The safetensors file of ``tensors``, written a tensor at a time from its own memory."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned, as safetensors writes them
+    with open(path, "wb") as file:
+        file.write(len(text).to_bytes(8, "little"))
+        file.write(text)
+        for tensor in tensors.values():
+            if tensor.numel():
+                file.write(_memory_of(tensor))
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (by name) and metadata of a safetensors file, each read into its own memory.
+
+    Read from one open file, whose header is checked against that file's size before any
+    tensor is made, so no header can ask for more memory than the file holds.
+    """
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        length = int.from_bytes(file.read(8), "little")
+        if size < 8 or not 0 < length <= min(size - 8, _MAX_HEADER):
+            raise ValueError(f"its header length ({length}) does not fit the file's {size} bytes")
+        header = json.loads(file.read(length))
+        if not isinstance(header, dict):
+            raise ValueError(f"its header must be a JSON object, got {type(header).__name__}")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError(f"its __metadata__ must map names to strings, got {metadata!r}")
+        entries = []
+        for name, entry in header.items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"tensor {name!r} has a malformed entry {entry!r}")
+            dtype = _TORCH_DTYPES.get(str(entry.get("dtype")))
+            shape, offsets = entry.get("shape"), entry.get("data_offsets")
+            if (
+                dtype is None
+                or not isinstance(shape, list)
+                or not all(isinstance(n, int) and n >= 0 for n in shape)
+                or not isinstance(offsets, list)
+                or len(offsets) != 2
+                or not all(isinstance(n, int) for n in offsets)
+            ):
+                raise ValueError(f"tensor {name!r} has a malformed entry {entry!r}")
+            entries.append((offsets[0], offsets[1], name, dtype, shape))
+        position = 0
+        for start, end, name, dtype, shape in sorted(entries, key=lambda entry: entry[:2]):
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if start != position or end - start != math.prod(shape) * itemsize or end > size - 8 - length:
+                raise ValueError(f"tensor {name!r} of shape {shape} does not fit its bytes [{start}, {end})")
+            position = end
+        if position != size - 8 - length:
+            raise ValueError(f"its tensors take {position} bytes, the file holds {size - 8 - length} after the header")
+        tensors: dict[str, torch.Tensor] = {}
+        for _start, end, name, dtype, shape in sorted(entries, key=lambda entry: entry[:2]):
+            tensor = torch.empty(shape, dtype=dtype)
+            if tensor.numel() and file.readinto(_memory_of(tensor)) != end - _start:
+                raise ValueError(f"the file ended inside tensor {name!r}")
+            tensors[name] = tensor
+    return tensors, metadata
 
 
 def _refuse_compressed(path: Path) -> None:
@@ -106,12 +207,12 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], 
         metadata[_PACKED] = json.dumps(shapes)
     if path.suffix in (".pt", ".pth"):
         return atomic_write(path, lambda temporary: torch.save(tensors, temporary), error=MaskError)
-    from safetensors.torch import save
-
-    # To bytes, then through atomic_write's temporary: safetensors' save_file writes its own
-    # temporary, which a killed save left behind, loadable as masks with wrong values.
-    data = save(tensors, metadata=metadata)
-    return atomic_write(path, lambda temporary: Path(temporary).write_bytes(data), error=MaskError)
+    if any(tensor.dtype not in _SAFETENSORS_DTYPES for tensor in tensors.values()):
+        dtypes = sorted({str(t.dtype) for t in tensors.values() if t.dtype not in _SAFETENSORS_DTYPES})
+        raise MaskError(f"safetensors mask files hold {', '.join(map(str, _SAFETENSORS_DTYPES))}; got {dtypes}")
+    # Through atomic_write's temporary, not safetensors' save_file, whose own temporary a killed
+    # save left behind, loadable as masks with wrong values.
+    return atomic_write(path, lambda temporary: _write_safetensors(tensors, metadata, temporary), error=MaskError)
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -136,17 +237,14 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             ) from None
     else:
         from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load
 
         try:
             with safe_open(path, "pt"):
-                pass  # checks the header against the file's size before reading it all
+                pass  # safetensors' own checks of the header, before fxsparse's own read
             # Read, not memory-mapped: a mapped mask would change with the file, or crash on its truncation.
-            data = path.read_bytes()
-            loaded = load(data)  # each tensor owns a copy; the file's bytes are freed next
+            loaded, metadata = _read_safetensors(path)
             masks = {name: loaded[name] for name in sorted(loaded)}  # in load_file's order: by name
-            packed = json.loads(_header_metadata(data).get(_PACKED, "{}"))
-            del data, loaded
+            packed = json.loads(metadata.get(_PACKED, "{}"))
             if not isinstance(packed, dict) or not all(
                 isinstance(shape, list) and all(isinstance(size, int) and size >= 0 for size in shape)
                 for shape in packed.values()
@@ -161,13 +259,3 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     ):
         raise MaskError(f"{path} must hold a dict of parameter name -> tensor, got {type(masks).__name__}")
     return masks
-
-
-def _header_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file's header (which ``load`` has checked), read
-    from the same bytes as its tensors: a second open could find another version of the file."""
-    length = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
-    if not isinstance(metadata, dict):
-        raise ValueError(f"its __metadata__ must be a JSON object, got {metadata!r}")
-    return metadata
