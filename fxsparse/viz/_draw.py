@@ -77,9 +77,9 @@ def draw(
 
     - ``compact`` leaves out the parameter fetches and the plumbing (symbolic size queries,
       shape assertions, ``getitem`` of tuple outputs, which the drawing reads through, and
-      attention-mask or position arithmetic on the inputs alone: see
-      ``fxsparse.viz.plumbing``), and folds each ``mask * weight`` into the calls that read
-      it (their label names the masked parameter, its density and pattern);
+      attention-mask or position arithmetic on the inputs alone, as docs/concepts.md
+      details), and folds each ``mask * weight`` into the calls that read it (their label
+      names the masked parameter, its density and pattern);
     - ``fold`` draws a long run of numbered siblings (``layers.0`` ... ``layers.4999``) as
       its first two and last members and one box for the rest ("×4997");
     - ``depth`` draws that many levels of modules, each module below as one box

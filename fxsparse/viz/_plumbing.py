@@ -32,8 +32,10 @@ PlumbingKind = Literal["size", "assert", "getitem", "side"]
 - ``"assert"``: a shape, metadata or input check (``_assert_tensor_metadata``, export's input guards);
 - ``"getitem"``: one item of a node's tuple output (``split``, a module returning a tuple); a drawing
   reads through it, from the tuple's maker to the item's users;
-- ``"side"``: arithmetic on inputs and constants alone (no weight in it) that only feeds nodes
-  also reading a computed activation: attention masks, position ids, rotary tables.
+- ``"side"``: arithmetic on inputs, buffers and constants alone (no weight in it) that only
+  feeds nodes also reading a computed activation (attention masks, position ids, rotary
+  tables), or that nothing reads. An input used only that way (a model's second input added
+  to its output) is hidden with it: compact drawings show the model's main path.
 """
 
 # Targets (by their last name) that ask a tensor for its size.
