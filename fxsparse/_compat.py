@@ -32,7 +32,9 @@ What each is for:
 - ``torch.sparse`` semi-structured ``_DTYPE_SHAPE_CONSTRAINTS``: the shapes 2:4 kernels take;
 - ``ScriptModule._c._register_attribute`` with ``torch._C``'s ``DictType``/``StringType``: the
   record of a TorchScript output's masks, an attribute ``torch.jit.save`` writes (a Python
-  attribute set on a ``ScriptModule`` is lost there, and ``torch.jit.trace`` keeps none).
+  attribute set on a ``ScriptModule`` is lost there, and ``torch.jit.trace`` keeps none);
+- ``torch._export.passes._node_metadata_hook._EMPTY_NN_MODULE_STACK_KEY``: the module-stack
+  entry torch.export gives nodes its passes made outside any module (drawings skip it).
 
 Not counted as private, and used elsewhere: an ``nn.Module``'s own registries
 (:data:`MODULE_STATE_ATTRIBUTES`: ``_parameters``, ``_buffers``, ``_modules``,
@@ -57,6 +59,7 @@ import torch.fx
 from torch import nn
 
 __all__ = [
+    "EMPTY_MODULE_STACK_KEY",
     "FAKE_TENSOR_LOGGER",
     "MODULE_STATE_ATTRIBUTES",
     "ONNX_REGISTRATION_LOGGER",
@@ -119,8 +122,12 @@ PRIVATE_APIS: tuple[str, ...] = (
     "torch._C:ScriptModule._register_attribute",
     "torch._C:DictType",
     "torch._C:StringType.get",
+    "torch._export.passes._node_metadata_hook:_EMPTY_NN_MODULE_STACK_KEY",
 )
 
+from torch._export.passes._node_metadata_hook import (  # noqa: E402
+    _EMPTY_NN_MODULE_STACK_KEY as EMPTY_MODULE_STACK_KEY,
+)
 from torch._ops import HigherOrderOperator, OpOverload  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensor  # noqa: E402
 from torch.fx.graph import _PyTreeCodeGen as PyTreeCodeGen  # noqa: E402

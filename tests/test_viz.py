@@ -234,10 +234,10 @@ def test_golden_dot(what: str) -> None:
     masks = {"0": two_of_four(4, 4), "2": torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)}
     before, after = torch.fx.symbolic_trace(model), fxsparse.transform(model, masks)
     dot = {
-        "before": lambda: viz.draw(before, title="before"),
-        "after": lambda: viz.draw(after, title="after"),
-        "diff": lambda: viz.draw_diff(before, after),
-        "compact": lambda: viz.draw(after, compact=True),
+        "before": lambda: viz.draw(before, title="before", compact=False),
+        "after": lambda: viz.draw(after, title="after", compact=False),
+        "diff": lambda: viz.draw_diff(before, after, compact=False),
+        "compact": lambda: viz.draw(after),  # the default
     }[what]()
     path = GOLDEN / f"draw_{what}.dot.txt"
     if os.environ.get("FXSPARSE_UPDATE_GOLDEN"):
@@ -247,7 +247,7 @@ def test_golden_dot(what: str) -> None:
 
 def test_masked_nodes_are_labelled_with_density_and_pattern() -> None:
     model = nn.Sequential(nn.Linear(4, 4))
-    source = viz.draw(fxsparse.transform(model, {"0": two_of_four(4, 4)})).source
+    source = viz.draw(fxsparse.transform(model, {"0": two_of_four(4, 4)}), compact=False).source
     assert "mask * weight\n0.weight\n4×4  density 0.500  2:4" in source.replace("\\n", "\n")
 
 

@@ -69,11 +69,12 @@ def pictures() -> dict[str, Callable[[], Any]]:
     small = _small()
     gpt2 = _gpt2()
     return {
-        "before": lambda: viz.draw(small[0], title="before: the model traced"),
-        "after": lambda: viz.draw(small[1], title="after: fxsparse.transform"),
-        "diff": lambda: viz.draw_diff(*small),
-        "compact": lambda: viz.draw(small[1], compact=True, title="after, compact"),
-        "gpt2-diff": lambda: viz.draw_diff(*gpt2, compact=True),
+        # Every node: these explain the rewrite, mask fetches and products included.
+        "before": lambda: viz.draw(small[0], title="before: the model traced", compact=False),
+        "after": lambda: viz.draw(small[1], title="after: fxsparse.transform", compact=False),
+        "diff": lambda: viz.draw_diff(*small, compact=False),
+        "compact": lambda: viz.draw(small[1], title="after, compact"),
+        "gpt2-diff": lambda: viz.draw_diff(*gpt2),
         "big": lambda: viz.draw(_big(), title="400 blocks: first two, last, and a box for the rest"),
         "frozen-csr": lambda: viz.draw_diff(small[1], fxsparse.freeze(small[1], layout="csr")),
     }

@@ -19,6 +19,7 @@ Example:
 from .._sparsity import ParameterSparsity, pattern_of, summarize
 from ._diff import GraphDiff, diff, to_networkx
 from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, render, render_bytes
+from ._model_explorer import model_explorer_data
 from ._report import masks_of, report
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "draw",
     "draw_diff",
     "masks_of",
+    "model_explorer_data",
     "pattern_of",
     "render",
     "render_bytes",

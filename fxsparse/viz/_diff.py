@@ -17,7 +17,7 @@ from typing import Any
 import torch.export
 import torch.fx
 
-from .._compat import qualified_name
+from .._compat import EMPTY_MODULE_STACK_KEY, qualified_name
 from .._tags import Role, mask_registry, retag, tag_of
 from ._unified import unified_diff
 
@@ -153,6 +153,8 @@ def module_calls(node: torch.fx.Node) -> list[tuple[str, str]]:
     stack = node.meta.get("nn_module_stack") or {}
     calls = []
     for key, value in stack.items():
+        if key == EMPTY_MODULE_STACK_KEY:  # torch.export's stand-in for "no module": a node made by a pass
+            continue
         path = value[0] if isinstance(value, tuple) else value
         # torch.export writes paths as L['self'].seq[0]-style expressions in older releases.
         path = ".".join(part for part in str(path).replace("[", ".").replace("]", "").split(".") if part)

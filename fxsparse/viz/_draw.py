@@ -24,6 +24,7 @@ from .._errors import FxsparseError
 from .._sparsity import density_of, input_axis_of, pattern_of
 from .._tags import Role, role_of, tag_of
 from ._diff import Drawable, GraphDiff, diff, graph_of, module_calls
+from ._plumbing import plumbing
 
 __all__ = ["DIFF_MARKS", "KINDS", "RenderError", "draw", "draw_diff", "kind_of", "render", "render_bytes"]
 
@@ -61,8 +62,8 @@ def draw(
     *,
     title: str | None = None,
     depth: int | None = None,
-    compact: bool | None = None,
-    fold: bool | None = None,
+    compact: bool = True,
+    fold: bool = True,
     marks: Mapping[str, str] | None = None,
 ) -> Any:
     """A ``graphviz.Digraph`` of ``graph``: nodes coloured by kind (:data:`KINDS`), modules as clusters.
@@ -71,19 +72,22 @@ def draw(
     a ``torch.fx.Graph``, or a ``torch.export.ExportedProgram``. Masked parameters are
     labelled with name, shape, density and pattern (read from the module's mask buffers).
 
-    Big graphs stay quick to render and readable:
+    By default the drawing is compact and folded, so that a transformer reads at the scale
+    of a page:
 
-    - ``compact`` leaves out the parameter fetches (and torch.export's metadata asserts)
-      and folds each ``mask * weight`` into the calls that read it (their label names the
-      masked parameter, its density and pattern);
+    - ``compact`` leaves out the parameter fetches and the plumbing (symbolic size queries,
+      shape assertions, ``getitem`` of tuple outputs, which the drawing reads through, and
+      attention-mask or position arithmetic on the inputs alone, as docs/concepts.md
+      details), and folds each ``mask * weight`` into the calls that read it (their label
+      names the masked parameter, its density and pattern);
     - ``fold`` draws a long run of numbered siblings (``layers.0`` ... ``layers.4999``) as
       its first two and last members and one box for the rest ("×4997");
     - ``depth`` draws that many levels of modules, each module below as one box
-      (``depth=0``: every top-level module is a box).
+      (``depth=0``: every top-level module is a box). ``None`` (the default) draws every
+      level of a graph of up to 1,500 nodes, and of a bigger one the deepest that keeps it
+      under 1,500 drawn.
 
-    Each defaults (``None``) to what keeps a graph of over 1,500 nodes under 1,500 drawn:
-    compact, folded, and the deepest ``depth`` that fits. ``compact=False, fold=False,
-    depth=10**6`` draws every node. A box shows how many masked weights it holds, and in a
+    ``compact=False, fold=False, depth=10**6`` draws every node. A box shows how many masked weights it holds, and in a
     diff ``"added"`` if all it holds was added, else ``"changed"`` if anything in it was.
     ``marks`` maps node names to ``"added"``, ``"removed"`` or ``"changed"`` (as
     :func:`draw_diff` does).
@@ -123,8 +127,8 @@ def _draw(
     graph: Drawable,
     title: str | None,
     depth: int | None,
-    compact: bool | None,
-    fold: bool | None,
+    compact: bool,
+    fold: bool,
     marks: Mapping[str, str],
 ) -> tuple[Any, dict[str, str], _Ids]:
     """The drawing, for each node of ``graph`` the drawn node standing for it (none if folded away),
@@ -139,14 +143,15 @@ def _draw(
     module, fx_graph = graph_of(graph, "draw")
     nodes = list(fx_graph.nodes)
     big = len(nodes) > _AUTO_COLLAPSE
-    compact = big if compact is None else compact
+    hidden = plumbing(fx_graph, module) if compact else {}
     ids = _Ids({node.name for node in nodes})  # fx names are identifiers already: drawn as they are
     paths = {node: _module_path(node) for node in nodes}
     runs: dict[tuple[str, ...], int] = {}  # path standing for a folded run of numbered siblings -> members
-    if big if fold is None else fold:
+    if fold:
         paths, runs = _fold_runs(paths, {node: _leaf_of(node) for node in nodes})
     if depth is None and big:
-        depth = _depth_within_budget([path for node, path in paths.items() if not (compact and _folds(node))], runs)
+        left = [path for node, path in paths.items() if not (compact and (_folds(node) or node in hidden))]
+        depth = _depth_within_budget(left, runs)
     folded: dict[str, list[torch.fx.Node]] = {}  # user -> the mask * weight nodes folded into it
     boxes: dict[str, tuple[str, ...]] = {}  # collapsed box -> its module path
     held: dict[str, list[str | None]] = {}  # collapsed box -> the diff mark (or None) of each node inside
@@ -164,6 +169,8 @@ def _draw(
         box = ids(f"collapsed__{'.'.join(path[:cut])}") if cut <= len(path) else None
         if role_of(node) is Role.MASKED and box is not None:
             masked[box] = masked.get(box, 0) + 1
+        if node in hidden:
+            continue
         if compact and _folds(node):
             if role_of(node) is Role.MASKED:
                 for user in node.users:
@@ -196,6 +203,8 @@ def _draw(
     edges = set()
     for node in nodes:
         for source in node.all_input_nodes:
+            while hidden.get(source) == "getitem":  # read through: from the tuple's maker to the item's users
+                source = source.all_input_nodes[0]
             if source.name not in shown or node.name not in shown:
                 continue  # folded away
             edge = (shown[source.name], shown[node.name])
@@ -212,18 +221,20 @@ def draw_diff(
     graph_diff: GraphDiff | None = None,
     *,
     depth: int | None = None,
-    compact: bool | None = None,
-    fold: bool | None = None,
+    compact: bool = True,
+    fold: bool = True,
 ) -> Any:
     """One picture of ``after`` with what the diff found marked: added (green), changed (amber)
     and, drawn in ``before``'s place, removed (red, dashed) nodes with their old edges dashed.
+    ``depth``, ``compact`` and ``fold`` draw as :func:`draw` does (a compact diff leaves out
+    removed plumbing too).
 
     Example:
         >>> import torch, fxsparse
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> dot = fxsparse.viz.draw_diff(torch.fx.symbolic_trace(model), fxsparse.transform(model, {"0": torch.eye(4)}))
-        >>> green, solid = fxsparse.viz.DIFF_MARKS["added"]
-        >>> f'color="{green}"' in dot.source
+        >>> amber, solid = fxsparse.viz.DIFF_MARKS["changed"]  # the Linear now reads mask * weight
+        >>> f'color="{amber}"' in dot.source
         True
     """
     (before_module, before_graph), (after_module, after_graph) = graph_of(before, "diff"), graph_of(after, "diff")
@@ -233,7 +244,8 @@ def draw_diff(
     marks.update({new: "changed" for _, new in graph_diff.changed})
     dot, shown, ids = _draw(after, "diff", depth, compact, fold, marks)
     colour, style = DIFF_MARKS["removed"]
-    removed = {name: ids(f"removed__{name}") for name in graph_diff.removed}
+    hidden = {node.name for node in plumbing(before_graph, before_module)} if compact else set()
+    removed = {name: ids(f"removed__{name}") for name in graph_diff.removed if name not in hidden}
     for name, drawn in removed.items():
         dot.node(drawn, label=_dot_lines(f"{name}\n(removed)"), color=colour, style=f"rounded,{style}")
     ends = {old: shown[new] for old, new in graph_diff.matched.items() if new in shown} | removed
@@ -412,10 +424,8 @@ def _mark(attributes: dict[str, str], mark: str) -> None:
 
 
 def _folds(node: torch.fx.Node) -> bool:
-    """Whether a compact drawing leaves ``node`` out: parameter fetches, mask * weight, and
-    the asserts torch.export records on tensor metadata (a third of a transformer's nodes)."""
-    if node.op == "call_function" and not node.users and _short(node.target).startswith(("aten._assert", "_assert")):
-        return True
+    """Whether a compact drawing leaves ``node`` out as a parameter read: fetches and mask * weight
+    (the plumbing it leaves out is :func:`plumbing`'s)."""
     return node.op == "get_attr" or role_of(node) in (Role.WEIGHT, Role.MASK, Role.PARAM, Role.MASKED)
 
 

@@ -66,13 +66,16 @@ def report(
     *,
     title: str = "fxsparse report",
     graph_diff: GraphDiff | None = None,
+    depth: int | None = None,
+    compact: bool = True,
 ) -> Path:
     """Write one HTML file comparing ``before`` (the model traced) with ``after`` (fxsparse's output).
 
     The page holds a table of the masked parameters (shape, density, pattern, the
     multiply-adds a sparse kernel could skip, and their totals), the diff as text and as a
     picture, the generated code before and after, and the two graphs drawn. Pass
-    ``graph_diff`` when you already have ``diff(before, after)``.
+    ``graph_diff`` when you already have ``diff(before, after)``. ``depth`` and ``compact``
+    draw the pictures as :func:`draw_diff` does (compact by default: plumbing hidden).
 
     Example:
         >>> import tempfile, torch, fxsparse
@@ -120,13 +123,13 @@ def report(
         "or inputs differ (a Linear call now reading mask * weight). Rewired: inputs a kept node newly reads; "
         "dropped: inputs it no longer reads.</p>",
         _legend(before_graph, after_graph),
-        _figure(draw_diff(before, after, graph_diff), "diff"),
+        _figure(draw_diff(before, after, graph_diff, depth=depth, compact=compact), "diff"),
         f"<details><summary>Generated code, before and after</summary><pre>{_code_diff(graph_diff.unified())}</pre>"
         "</details>",
         "<h2 id='before'>Before</h2>",
-        _figure(draw(before, title="before"), "before"),
+        _figure(draw(before, title="before", depth=depth, compact=compact), "before"),
         "<h2 id='after'>After</h2>",
-        _figure(draw(after, title="after"), "after"),
+        _figure(draw(after, title="after", depth=depth, compact=compact), "after"),
     ]
     page = (
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
