@@ -75,11 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     draw.add_argument("--trust-source", action="store_true", help=TRUST_SOURCE)
     picture = "picture to write; its suffix picks the format: .svg, .png, .jpg, .json, .dot (the source only), "
     picture += "or .pdf (PDF needs Graphviz's dot: apt-get install graphviz)"
-    draw.add_argument("--out", type=Path, default=Path("graph.svg"), help=f"{picture} (default: %(default)s)")
+    draw.add_argument("--out", type=Path, help=f"{picture} (default: graph.svg, or none when --html is given)")
     depth = "draw this many levels of modules, each deeper one as a box (default: what fits 1,500 nodes)"
     full = "draw every node, even of a big graph (no compacting, folding or collapsing)"
     draw.add_argument("--depth", type=_depth, default=None, help=depth)
     draw.add_argument("--full", action="store_true", help=full)
+    viewer = "write the interactive viewer here (one HTML file, opens offline; needs no Graphviz)"
+    draw.add_argument("--html", type=Path, help=viewer)
     diff = commands.add_parser(
         "diff", help="transform a model and show what changed: text, a picture, and with --html a report"
     )
@@ -99,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff.add_argument("--out", type=Path, help=f"{picture} (default: diff.svg, or none when --html is given)")
     diff.add_argument("--depth", type=_depth, default=None, help=depth)
     diff.add_argument("--full", action="store_true", help=full)
-    diff.add_argument("--html", type=Path, help="write a standalone HTML report here")
+    diff.add_argument("--html", type=Path, help="write a standalone HTML report here, with the interactive viewer")
     make = commands.add_parser("masks", help="make a mask file for a model: magnitude, N:M or block masks")
     make.add_argument("source", help=SOURCE)
     make.add_argument("--trust-source", action="store_true", help=TRUST_SOURCE)
@@ -156,7 +158,8 @@ def _run(parser: argparse.ArgumentParser, command: argparse.ArgumentParser, args
     if args.command in ("draw", "diff") and args.out is not None:
         _check_format(command, args.out)
     if args.command == "draw":
-        return run_draw(command, args.source, args.out, args.depth, args.full, **loading)
+        out = args.out if args.out is not None or args.html is not None else Path("graph.svg")
+        return run_draw(command, args.source, out, args.depth, args.full, args.html, **loading)
     if not 0.0 <= args.sparsity <= 1.0:
         command.error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
     if args.command == "diff":
@@ -228,14 +231,13 @@ def run_demo(name: str, out_dir: Path, sparsity: float, seed: int) -> int:
     else:
         print("             no TorchScript: it cannot compile a graph captured with torch.export")
 
-    if importlib.util.find_spec("graphviz") is not None:
-        from . import viz
+    from . import viz
 
-        before = fxsparse.transform(model, {}, **options)  # the same capture, no masks
-        page = viz.report(before, out, out_dir / "report.html", title=f"fxsparse demo: {demo.description}")
-        print(f"             {page} (the graph before and after, what changed, how sparse: open it in a browser)")
-    else:
-        print("             no report: pip install 'fxsparse[viz]' to draw the graphs into report.html")
+    before = fxsparse.transform(model, {}, **options)  # the same capture, no masks
+    page = viz.report(before, out, out_dir / "report.html", title=f"fxsparse demo: {demo.description}")
+    print(f"             {page} (the graph before and after, what changed, how sparse: open it in a browser)")
+    if importlib.util.find_spec("graphviz") is None:
+        print("             (static pictures in the report too: pip install 'fxsparse[viz]')")
     if all(importlib.util.find_spec(package) for package in ("onnx", "onnxscript", "onnxruntime")):
         checks.append(_write_onnx(fxsparse.transform(model, masks, emit="onnx", **options), out_dir, demo, expected))
     else:
@@ -394,17 +396,31 @@ def _graph_of(parser: argparse.ArgumentParser, model: torch.nn.Module) -> torch.
 
 
 def run_draw(
-    parser: argparse.ArgumentParser, source: str, out: Path, depth: int | None, full: bool, *, trust: bool = False
+    parser: argparse.ArgumentParser,
+    source: str,
+    out: Path | None,
+    depth: int | None,
+    full: bool,
+    html: Path | None = None,
+    *,
+    trust: bool = False,
 ) -> int:
     from . import viz
 
     loaded = _load(parser, source, trust=trust)
     graph = loaded if isinstance(loaded, torch.export.ExportedProgram) else _graph_of(parser, loaded)
     nodes = len(graph.graph.nodes)
-    _say(f"drawing {_count(nodes, 'node')}")
-    dot = viz.draw(graph, title=source, **_drawing_options(depth, full))
-    path = _render(parser, viz, dot, out)
-    print(f"fxsparse draw: {_count(nodes, 'node')} -> {path}")
+    if out is not None:
+        _say(f"drawing {_count(nodes, 'node')}")
+        dot = viz.draw(graph, title=source, **_drawing_options(depth, full))
+        path = _render(parser, viz, dot, out)
+        print(f"fxsparse draw: {_count(nodes, 'node')} -> {path}")
+    if html is not None:
+        try:
+            written = viz.view(graph, path=html, title=source)
+        except OSError as error:
+            _fail(parser, f"cannot write the viewer {html}: {error}")
+        print(f"fxsparse draw: viewer -> {written}")
     return 0
 
 

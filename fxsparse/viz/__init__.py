@@ -21,6 +21,7 @@ from ._diff import GraphDiff, diff, to_networkx
 from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, render, render_bytes
 from ._model_explorer import model_explorer_data
 from ._report import masks_of, report
+from ._view import view
 
 __all__ = [
     "DIFF_MARKS",
@@ -39,4 +40,5 @@ __all__ = [
     "report",
     "summarize",
     "to_networkx",
+    "view",
 ]

@@ -1,13 +1,16 @@
-"""The report: one standalone HTML file with the before, after and diff pictures and the sparsity table.
+"""The report: one standalone HTML file with the sparsity table, the interactive viewer of the diff,
+and (where Graphviz's Python package is installed) the before, after and diff pictures.
 
-Everything is inline (SVG, styles); the file opens offline and can be mailed around. It runs
-no script: its Content-Security-Policy forbids script (inline, ``javascript:`` links, event
-handlers), remote loads and forms, so a model named to inject markup can at most show text.
+Everything is inline (SVG, styles, the viewer's scripts); the file opens offline and can be
+mailed around. Its Content-Security-Policy lets only the viewer's own inline scripts run (by
+their hashes) and forbids any other script (inline, ``javascript:`` links, event handlers),
+remote loads and forms, so a model named to inject markup can at most show text.
 """
 
 from __future__ import annotations
 
 import html
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -21,13 +24,11 @@ from .._sparsity import summarize
 from ..masks._importers import of
 from ._diff import Drawable, GraphDiff, diff, graph_of
 from ._draw import DIFF_MARKS, KINDS, RenderError, draw, draw_diff, kind_of, render_bytes
+from ._view_data import view_data
+from ._view_html import policy, viewer_parts
 
 __all__ = ["masks_of", "report"]
 
-# The page needs its inline styles and nothing else: no script of its own, no images, fonts or
-# anything fetched. A model's strings are escaped where they are written; this is the second
-# wall, should one ever slip through.
-_POLICY = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 # What Graphviz draws a picture with. Anything else in its SVG (a link, an image, a script)
 # could only come from a model's strings and is never put on the page.
 _SVG_ELEMENTS = frozenset(
@@ -48,6 +49,7 @@ figure svg { height: auto; }  /* natural size: a big graph scrolls rather than s
 .note { color: #555; font-size: 12px; max-width: 60rem; }
 pre { background: #f7f7f7; padding: .75rem; overflow: auto; font-size: 12px; }
 .add { color: #38761d; } .del { color: #cc0000; }
+.fxv-frame { height: 85vh; border: 1px solid #ddd; }
 .key { display: inline-block; padding: 0 .5rem; margin: .15rem; border: 1px solid #999; border-radius: .4rem;
        font-size: 12px; }
 """
@@ -72,8 +74,10 @@ def report(
     """Write one HTML file comparing ``before`` (the model traced) with ``after`` (fxsparse's output).
 
     The page holds a table of the masked parameters (shape, density, pattern, the
-    multiply-adds a sparse kernel could skip, and their totals), the diff as text and as a
-    picture, the generated code before and after, and the two graphs drawn. Pass
+    multiply-adds a sparse kernel could skip, and their totals), the diff as text, the
+    interactive viewer of ``after`` marked against ``before`` (:func:`~fxsparse.viz.view`),
+    the generated code before and after, and, where Graphviz's Python package is installed
+    (``pip install 'fxsparse[viz]'``), the diff and the two graphs drawn as pictures. Pass
     ``graph_diff`` when you already have ``diff(before, after)``. ``depth`` and ``compact``
     draw the pictures as :func:`draw_diff` does (compact by default: plumbing hidden).
 
@@ -90,6 +94,7 @@ def report(
     (before_module, before_graph), (after_module, after_graph) = graph_of(before, "report"), graph_of(after, "report")
     before, after = before_module or before_graph, after_module or after_graph
     graph_diff = graph_diff if graph_diff is not None else diff(before, after)
+    viewer = viewer_parts(view_data(after, before, title=title, graph_diff=graph_diff))
     masks = masks_of(after_module) if after_module is not None else {}
     summary = summarize(masks, after_module)
     rows = "".join(
@@ -122,19 +127,30 @@ def report(
         "<p class='note'>Added and removed: nodes only one graph has. Changed: a node both have whose operation "
         "or inputs differ (a Linear call now reading mask * weight). Rewired: inputs a kept node newly reads; "
         "dropped: inputs it no longer reads.</p>",
-        _legend(before_graph, after_graph),
-        _figure(draw_diff(before, after, graph_diff, depth=depth, compact=compact), "diff"),
+        "<h2 id='viewer'>The graph, interactive</h2>",
+        f"<div class='fxv-frame'>{viewer.body}</div>",
         f"<details><summary>Generated code, before and after</summary><pre>{_code_diff(graph_diff.unified())}</pre>"
         "</details>",
-        "<h2 id='before'>Before</h2>",
-        _figure(draw(before, title="before", depth=depth, compact=compact), "before"),
-        "<h2 id='after'>After</h2>",
-        _figure(draw(after, title="after", depth=depth, compact=compact), "after"),
     ]
+    if importlib.util.find_spec("graphviz") is not None:
+        sections += [
+            "<h2 id='pictures'>Pictures</h2>",
+            _legend(before_graph, after_graph),
+            _figure(draw_diff(before, after, graph_diff, depth=depth, compact=compact), "diff"),
+            "<h2 id='before'>Before</h2>",
+            _figure(draw(before, title="before", depth=depth, compact=compact), "before"),
+            "<h2 id='after'>After</h2>",
+            _figure(draw(after, title="after", depth=depth, compact=compact), "after"),
+        ]
+    else:
+        sections.append(
+            "<p class='note' id='no-pictures'>Static pictures of the graphs (SVG, for papers and slides) need "
+            "Graphviz's Python package: <code>pip install 'fxsparse[viz]'</code>. The viewer above needs nothing.</p>"
+        )
     page = (
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<meta http-equiv='Content-Security-Policy' content=\"{_POLICY}\">"
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
+        f"<meta http-equiv='Content-Security-Policy' content=\"{policy(viewer)}\">"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}{viewer.style}</style></head>\n<body>\n"
         + "\n".join(sections)
         + "\n</body></html>\n"
     )
