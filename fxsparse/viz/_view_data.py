@@ -42,6 +42,8 @@ RUN_LIMIT = 4  # numbered children a box shows one by one; more are folded into 
 RUN_HEAD = 2  # members shown before a folded run (the last one is shown after it)
 RUN_PIECES = 8  # what a folded run opens into: at most this many smaller runs or members
 _ROOT = 0
+# Roles of what fetches or prepares a weight (placed where the rewrite put them, not where it is used).
+_FETCHES = {role.value for role in (Role.WEIGHT, Role.MASK, Role.MASKED, Role.PARAM, Role.FROZEN, Role.SPARSE_WEIGHT)}
 
 # Calls that only look at or check metadata (sizes, strides, asserts), whatever they read.
 _SIZE_QUERIES = {"sym_size", "sym_size.int", "sym_numel", "sym_stride", "sym_stride.int", "sym_storage_offset"}
@@ -126,6 +128,8 @@ class _Builder:
         entry: dict[str, Any] = {"name": node.name, "op": node.op, "target": _target(node), "kind": kind_of(node)}
         entry["box"] = self.box(path)
         shape = _shape_of(node.meta.get("val", node.meta.get("tensor_meta")))
+        if not shape and node.op == "get_attr":  # a fetch fxsparse added: the tensor it fetches tells
+            shape = _shape_of(_attribute(self.module, str(node.target)))
         if shape:
             entry["shape"] = shape
         info: dict[str, str] = {}
@@ -218,9 +222,13 @@ class _Builder:
                     self._make_run(run, piece, inside, spans)
 
     def _spans(self) -> dict[int, tuple[float, float]]:
-        """Each box's first and last node in graph order, its sub-boxes' included."""
+        """Each box's first and last call in graph order, its sub-boxes' included (an exported graph
+        fetches every parameter at its top, and fxsparse computes ``mask * weight`` there: neither
+        says where a module runs)."""
         spans: dict[int, tuple[float, float]] = {}
         for number, node in enumerate(self.nodes):
+            if not str(node["op"]).startswith("call_") or node.get("role") in _FETCHES:
+                continue
             box = node["box"]
             while box >= 0:
                 low, high = spans.get(box, (math.inf, -math.inf))
@@ -317,6 +325,15 @@ def _shape_of(value: Any) -> str:
     if isinstance(value, torch.SymInt | torch.SymBool | torch.SymFloat | int | float | bool):
         return f"{type(value).__name__} {value}"
     return ""
+
+
+def _attribute(module: torch.fx.GraphModule | None, target: str) -> Any:
+    """The parameter or buffer at ``target`` in ``module`` (None where there is none)."""
+    owner, _, name = target.rpartition(".")
+    try:
+        return getattr(module.get_submodule(owner), name, None) if module is not None else None
+    except AttributeError:
+        return None
 
 
 def _sparsity_info(entry: ParameterSparsity) -> dict[str, str]:
@@ -417,9 +434,9 @@ def _plumbing(graph: torch.fx.Graph) -> set[torch.fx.Node]:
             data.add(node)
         else:
             plumbing.add(node)
-    # A buffer only plumbing reads (rotary embeddings' inverse frequencies) is plumbing too.
+    # A buffer only plumbing reads, or nothing (rotary embeddings' inverse frequencies), is plumbing too.
     for node in graph.find_nodes(op="get_attr"):
-        if node.users and all(user in plumbing for user in node.users) and node not in touches:
+        if all(user in plumbing for user in node.users) and not _is_weight(node, module):
             plumbing.add(node)
     return plumbing
 

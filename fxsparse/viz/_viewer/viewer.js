@@ -64,6 +64,15 @@
   const measure = document.createElement("canvas").getContext("2d");
   measure.font = `${FONT}px system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif`;
   const width = (lines) => Math.ceil(Math.max(...lines.map((l) => measure.measureText(l).width))) + 2 * PAD;
+  function fitted(text, room) {  // cut to fit the frame; the full path is the header's tooltip
+    if (measure.measureText(text).width <= room) return text;
+    let low = 0, high = text.length;
+    while (low < high) {
+      const middle = Math.ceil((low + high) / 2);
+      if (measure.measureText(text.slice(0, middle) + "…").width <= room) low = middle; else high = middle - 1;
+    }
+    return text.slice(0, low) + "…";
+  }
   function shortTarget(node) {
     const t = String(node.target);
     if (node.op === "get_attr" || node.op === "call_module") return t;
@@ -110,8 +119,7 @@
           const lines = boxLines(c).slice(0, 1);
           items.set("g" + c, { group: c, lines });
           elkChildren.push({ id: "g" + c, children: toElk(c), layoutOptions: {
-            "elk.padding": `[top=${LINE + 14},left=10,bottom=10,right=10]`,
-            "elk.nodeSize.constraints": "MINIMUM_SIZE", "elk.nodeSize.minimum": `(${width(lines) + 10}, 40)` } });
+            "elk.padding": `[top=${LINE + 14},left=10,bottom=10,right=10]` } });
         } else {
           const lines = boxLines(c);
           items.set("b" + c, { box: c, lines });
@@ -177,7 +185,7 @@
                                         height: LINE + 10 }, g);
           make("title", {}, header).textContent = "collapse " + boxes[item.group].path;
           const label = make("text", { class: "fxv-grouplabel", x: child.x + 8, y: child.y + LINE + 1 }, g);
-          label.textContent = "▾ " + boxLines(item.group)[0];
+          label.textContent = fitted("▾ " + boxLines(item.group)[0], child.width - 12);
           state.drawn.set(child.id, g);
           place(child);
         } else {
@@ -518,5 +526,6 @@
     });
   });
   // For tests and the benchmark: read-only facts about what is drawn.
-  facts.state = state; facts.boxes = boxes; facts.nodes = nodes;
+  facts.state = state; facts.boxes = boxes; facts.nodes = nodes; facts.changes = D.changes;
+  facts.centreOn = centreOn; facts.relayout = relayout;
 })();
