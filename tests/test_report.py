@@ -32,7 +32,7 @@ def seed_report(path: Path) -> Path:
 def test_report_is_one_offline_file(tmp_path: Path) -> None:
     page = seed_report(tmp_path / "report.html").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
-    assert page.count("<svg") == 3  # diff, before, after
+    assert page.count("<svg") == 4 and "id='fxv-data'" in page  # the viewer, and the diff, before, after pictures
     for figure in ("figure-diff", "figure-before", "figure-after"):
         assert f"id='{figure}'" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched from a network
@@ -63,7 +63,7 @@ def test_masks_of_reads_an_output() -> None:
 def test_report_without_a_renderer_keeps_the_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda name, path=None: None)
     page = seed_report(tmp_path / "report.html").read_text()
-    assert "<svg" not in page and "digraph" in page and "pip install graphviz-pure" in page
+    assert "</svg>\n</figure>" not in page and "digraph" in page and "pip install graphviz-pure" in page
 
 
 def test_draw_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -193,7 +193,7 @@ def test_demo_report_in_headless_chromium(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
     dom = result.stdout
-    assert dom.count("<svg") == 3 and "Masked parameters" in dom
+    assert dom.count("<svg") == 4 and "Masked parameters" in dom  # three pictures and the viewer
     console = [line for line in result.stderr.splitlines() if "CONSOLE" in line]
     assert console == [], json.dumps(console)
 
@@ -291,7 +291,8 @@ def test_report_policy_forbids_script_and_remote_loads(tmp_path: Path, chromium:
     """Should a model's string ever slip through the escaping, the page's own policy stops it."""
     chromium.open(seed_report(tmp_path / "report.html"))
     policy = chromium.evaluate("document.querySelector('meta[http-equiv=\"Content-Security-Policy\"]').content")
-    assert "default-src 'none'" in policy and "script-src" not in policy
+    script_src = next(part for part in policy.split(";") if "script-src" in part).split()[1:]
+    assert "default-src 'none'" in policy and all(source.startswith("'sha256-") for source in script_src)
     tries = {
         "img-src": "const i = document.createElement('img'); i.src = 'https://example.invalid/p.png'; "
         "document.body.append(i);",
@@ -324,8 +325,9 @@ def test_diff_command_draws_module_names_as_text(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     assert main(["diff", "test_report:script_link_model", "--out", "d.svg", "--html", "r.html"]) == 0
     page, picture = Path("r.html").read_text(), Path("d.svg").read_text()
-    assert page.count("<svg") == 3 and "<meta http-equiv='Content-Security-Policy'" in page
-    for text in (page, picture):
+    assert page.count("<svg") == 4 and "<meta http-equiv='Content-Security-Policy'" in page
+    markup = re.sub(r"<script>.*?</script>", "", page, flags=re.DOTALL)  # the viewer's own code: JavaScript, not markup
+    for text in (markup, picture):
         assert not re.search(r"<a\b|<image\b|href=", text)
 
 
@@ -341,5 +343,6 @@ def test_report_shows_no_picture_holding_links_images_or_handlers(
     for picture in pictures:
         monkeypatch.setattr("fxsparse.viz._report.render_bytes", lambda dot, svg=picture: svg.encode())
         page = seed_report(tmp_path / "report.html").read_text()
+        page = page.replace(page[page.index("<div class='fxv-frame'>") : page.rindex("</script>")], "")  # the viewer
         assert "alert" not in page and "/etc/passwd" not in page and "<svg" not in page, picture
         assert page.count("which a report never shows. The DOT source:") == 3

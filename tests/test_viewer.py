@@ -402,6 +402,8 @@ def test_diff_mode_marks_every_change(name: str, browser: Chromium, pages: dict[
         f"{viewer}.boxes.forEach((b, i) => {viewer}.state.expanded.add(i)), {viewer}.relayout(), 0"
     ))  # fmt: skip
     redrawn(browser, lambda: browser.click(".fxv-plumbing"))
+    browser.click(".fxv-fit")
+    time.sleep(0.2)
     browser.screenshot(tmp_path / f"{name}-diff-open.png")
     unmarked = browser.evaluate(
         f'{viewer}.changes.filter(i => {{ const g = document.querySelector(`.fxv-node[data-key="n${{i}}"]`);'
