@@ -103,7 +103,7 @@ class _Builder:
         if graph_diff is not None:
             marks = {name: "added" for name in graph_diff.added}
             marks.update({new: "changed" for _, new in graph_diff.changed})
-        plumbing = _plumbing(graph)
+        plumbing, passes = _plumbing(graph)
         for position, node in enumerate(graph.nodes):
             entry = self.entry(node, _view_path(node))
             if node in plumbing:
@@ -116,12 +116,11 @@ class _Builder:
         for node in graph.nodes:
             for source in node.all_input_nodes:
                 self.edges.append([self.index[source.name], self.index[node.name]])
-        # A hidden getitem passes its edges through to the node it reads.
-        for node in graph.nodes:
-            if node in plumbing and _is_tuple_getitem(node):
-                source = node.args[0]
-                assert isinstance(source, torch.fx.Node)
-                self.nodes[self.index[node.name]]["via"] = self.index[source.name]
+        # A hidden getitem, or a hidden op of one tensor input (``input_ids.view(...)`` before the
+        # embedding), passes its edges through to the node it reads.
+        for node in passes:
+            (source,) = node.all_input_nodes
+            self.nodes[self.index[node.name]]["via"] = self.index[source.name]
 
     def entry(self, node: torch.fx.Node, path: tuple[str, ...]) -> dict[str, Any]:
         tag = tag_of(node)
@@ -396,12 +395,15 @@ def _is_weight(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> bool
     return True
 
 
-def _plumbing(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """The nodes the page hides unless asked (see the module's docstring)."""
+def _plumbing(graph: torch.fx.Graph) -> tuple[set[torch.fx.Node], set[torch.fx.Node]]:
+    """The nodes the page hides unless asked (see the module's docstring), and those of them that
+    pass their edges through: a tuple's ``getitem``, and a tensor op of a single input (never a size
+    query, whose users are everywhere)."""
     module = graph.owning_module if isinstance(graph.owning_module, torch.fx.GraphModule) else None
     touches: set[torch.fx.Node] = set()  # reads a weight, directly or through what it reads
     data: set[torch.fx.Node] = set()  # carries a floating-point input, or what unknown inputs hold
     plumbing: set[torch.fx.Node] = set()
+    passes: set[torch.fx.Node] = set()
     for node in graph.nodes:
         inputs = node.all_input_nodes
         if node.op == "call_module" or _is_weight(node, module) or any(source in touches for source in inputs):
@@ -423,9 +425,12 @@ def _plumbing(graph: torch.fx.Graph) -> set[torch.fx.Node]:
             or target.rsplit(".", 1)[-1] in ("sym_size", "sym_numel", "sym_stride")
             or (short.startswith(_CHECKS) and not node.users)
             or (node.op == "call_method" and node.target in ("size", "dim") and not node.users.keys() & touches)
-            or _is_tuple_getitem(node)
         ):
             plumbing.add(node)
+            continue
+        if _is_tuple_getitem(node):
+            plumbing.add(node)
+            passes.add(node)
             continue
         if node in touches:
             continue
@@ -434,11 +439,13 @@ def _plumbing(graph: torch.fx.Graph) -> set[torch.fx.Node]:
             data.add(node)
         else:
             plumbing.add(node)
+            if len(inputs) == 1 and (value is None or isinstance(getattr(value, "dtype", None), torch.dtype)):
+                passes.add(node)
     # A buffer only plumbing reads, or nothing (rotary embeddings' inverse frequencies), is plumbing too.
     for node in graph.find_nodes(op="get_attr"):
         if all(user in plumbing for user in node.users) and not _is_weight(node, module):
             plumbing.add(node)
-    return plumbing
+    return plumbing, passes
 
 
 def _is_float(value: Any) -> bool:

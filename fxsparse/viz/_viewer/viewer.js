@@ -11,6 +11,7 @@
   const side = $(".fxv-detail"), search = $(".fxv-bar input[type=search]"), found = $(".fxv-found");
   const plumbingToggle = $(".fxv-plumbing"), diffToggle = $(".fxv-diff");
   const MASK_ROLES = new Set(["weight", "mask", "masked", "frozen"]);
+  const FETCH_ROLES = new Set(["weight", "mask", "masked", "param", "frozen", "sparse weight"]);
   const FONT = 12, LINE = 15, PAD = 8, MIN_SCALE_AT_FIT = 10.5 / FONT;  // no text under 10.5 CSS px at first
 
   const children = boxes.map(() => []);
@@ -136,6 +137,9 @@
       if (u < 0 || v < 0 || v !== v0) continue;
       const a = keyOf(u, stand), b = keyOf(v, stand);
       if (a === b || !items.has(a) || !items.has(b)) continue;
+      // A closed box sends out what it computes, not the weights it holds: a tied weight (GPT-2's
+      // lm_head and wte) would otherwise draw the head above the embedding. Open the box to see it.
+      if (a[0] === "b" && FETCH_ROLES.has(nodes[u].role || (nodes[u].op === "get_attr" ? "param" : ""))) continue;
       const id = a + ">" + b;
       if (seen.has(id)) continue;
       seen.add(id);
