@@ -29,16 +29,16 @@ def tiny_llama(seed: int) -> Demo:
         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=0,
         use_cache=False,
     )  # fmt: skip
-    model: nn.Module = LlamaForCausalLM(config).eval()
+    model: nn.Module = LlamaForCausalLM(config)
+    model.eval()
     ids = torch.randint(0, 256, (2, 8))
     return Demo("Llama (transformers, tiny config, random weights)", model, {"input_ids": ids}, {}, {}, lambda o: o)
 
 
 def write(name: str, demo: Demo) -> Path:
     masks = fxsparse.masks.magnitude(demo.model, 0.5)
-    options = {"example_kwargs": demo.inputs}
-    before = fxsparse.transform(demo.model, {}, **options)
-    out = fxsparse.transform(demo.model, masks, **options)
+    before = fxsparse.transform(demo.model, {}, example_kwargs=demo.inputs)
+    out = fxsparse.transform(demo.model, masks, example_kwargs=demo.inputs)
     return fxsparse.viz.view(out, before, DOCS / f"{name}.html", title=demo.description)
 
 
