@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import re
 import time
@@ -179,7 +180,7 @@ def test_view_page_escapes_names_and_allows_only_its_own_scripts(tmp_path: Path)
 
 
 def test_report_without_graphviz_holds_the_viewer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = __import__("importlib.util").util.find_spec
+    real = importlib.util.find_spec
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "graphviz" else real(name, *a))
     monkeypatch.setitem(__import__("sys").modules, "graphviz", None)  # import graphviz fails
     model = nn.Sequential(nn.Linear(4, 4))
@@ -219,7 +220,7 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     before = fxsparse.transform(demo.model, {}, example_kwargs=demo.inputs)
     out = fxsparse.transform(demo.model, masks, example_kwargs=demo.inputs)
     made["demo"] = fxsparse.viz.view(out, before, folder / "demo.html", title="demo")
-    if __import__("importlib.util").util.find_spec("transformers") is not None:
+    if importlib.util.find_spec("transformers") is not None:
         import hf_zoo
 
         for name in ("gpt2", "llama"):
@@ -447,3 +448,19 @@ def test_hostile_names_run_nothing(browser: Chromium, tmp_path: Path) -> None:
         " document.body.append(s); setTimeout(() => done('allowed'), 3000); })"
     )
     assert violated == "script-src-elem" and browser.evaluate("document.title") == HOSTILE[0]
+
+
+def test_docs_viewer_pages_are_up_to_date(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tools/make_viewer_pages.py writes each page again; it must equal the committed one."""
+    pytest.importorskip("transformers")
+    root = Path(__file__).parent.parent
+    spec = importlib.util.spec_from_file_location("make_viewer_pages", root / "tools" / "make_viewer_pages.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(tool, "DOCS", tmp_path)
+    stale = []
+    for name, make in (("gpt2-tiny", tool.tiny_gpt2), ("llama-tiny", tool.tiny_llama)):
+        if tool.write(name, make(0)).read_bytes() != (root / "docs" / "viewer" / f"{name}.html").read_bytes():
+            stale.append(name)
+    assert not stale, f"run python tools/make_viewer_pages.py: {stale} changed"
