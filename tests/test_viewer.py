@@ -88,6 +88,20 @@ def test_view_marks_what_a_diff_marks_and_boxes_with_changes_inside() -> None:
             assert box["mark"] == "changed"  # a Linear opened (changed) with its mask nodes (added) inside
 
 
+def test_view_shows_removed_nodes_with_their_old_edges() -> None:
+    model = nn.Sequential(nn.Linear(16, 16))
+    out = fxsparse.transform(model, {"0": torch.rand(16, 16) > 0.5})
+    frozen = fxsparse.freeze(out)  # masks folded in: the mask fetch and its product are gone
+    data = view_data(frozen, out)
+    graph_diff = fxsparse.viz.diff(out, frozen)
+    removed = [i for i, node in enumerate(data["nodes"]) if node.get("mark") == "removed"]
+    assert graph_diff.removed and sorted(data["nodes"][i]["name"] for i in removed) == sorted(graph_diff.removed)
+    old_edges = [edge for edge in data["edges"] if len(edge) == 3]
+    assert old_edges and all(edge[0] in removed or edge[1] in removed for edge in old_edges)
+    assert {data["nodes"][i]["box"] for i in removed} == {1}  # in the Linear's box, where they were
+    assert set(removed) <= set(data["changes"])
+
+
 def test_view_keeps_a_tied_weight_read_under_another_alias_unchanged() -> None:
     case = ZOO["tied_embedding_head"]
     model = build(case)
@@ -415,6 +429,18 @@ def test_diff_mode_marks_every_change(name: str, browser: Chromium, pages: dict[
     redrawn(browser, lambda: browser.click(".fxv-changes li:nth-child(3) button"))
     selected = browser.evaluate(f"{viewer}.state.selected")
     assert selected == browser.evaluate("document.querySelector('.fxv-changes li:nth-child(3) button').dataset.key")
+
+
+def test_keyboard_opens_a_box(browser: Chromium, pages: dict[str, Path]) -> None:
+    open_viewer(browser, page_of(pages, "demo"))
+    key = browser.evaluate(
+        "(() => { const g = [...document.querySelectorAll('.fxv-box')].find(g => g.getAttribute('aria-label')"
+        ".startsWith('blocks: ModuleList')); g.focus(); return g.getAttribute('data-key'); })()"
+    )
+    redrawn(browser, lambda: browser.call(
+        "Input.dispatchKeyEvent", type="keyDown", key="Enter", code="Enter", windowsVirtualKeyCode=13, text="\r"
+    ))  # fmt: skip
+    assert browser.evaluate(f"!!document.querySelector('.fxv-group[data-key=\"g{key[1:]}\"]')")
 
 
 def test_hostile_names_run_nothing(browser: Chromium, tmp_path: Path) -> None:

@@ -186,7 +186,8 @@
           const mark = markOf(child.id, item);
           if (mark) frame.setAttribute("style", `stroke:${D.marks[mark][0]};stroke-width:2.5`);
           const header = make("rect", { class: "fxv-header", x: child.x, y: child.y, width: child.width,
-                                        height: LINE + 10 }, g);
+                                        height: LINE + 10, tabindex: 0, role: "button" }, g);
+          header.setAttribute("aria-label", "close " + (boxes[item.group].path || "(model)"));
           make("title", {}, header).textContent = "collapse " + boxes[item.group].path;
           const label = make("text", { class: "fxv-grouplabel", x: child.x + 8, y: child.y + LINE + 1 }, g);
           label.textContent = fitted("▾ " + boxLines(item.group)[0], child.width - 12);
@@ -194,7 +195,8 @@
           place(child);
         } else {
           const g = make("g", { class: "fxv-item " + (item.box !== undefined ? "fxv-box" : "fxv-node"),
-                                "data-key": child.id }, leaves);
+                                "data-key": child.id, tabindex: 0, role: "button" }, leaves);
+          g.setAttribute("aria-label", item.lines.join(", "));
           if (item.box !== undefined && boxes[item.box].run) g.setAttribute("data-run", boxes[item.box].run);
           if (item.box !== undefined && boxes[item.box].stack) g.setAttribute("data-stack", boxes[item.box].stack);
           let fill = D.kinds.module, light = false;
@@ -316,6 +318,13 @@
     drag = null;
     canvas.classList.remove("fxv-dragging");
     if (!wasDrag) clicked(event.target);
+  });
+
+  // Keyboard: Tab reaches every box and node, Enter or Space does what a click does.
+  svg.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" && event.key !== " ") return;
+    event.preventDefault();
+    clicked(event.target);
   });
 
   // ---- clicks, selection, the side panel ----------------------------------------------------------------
