@@ -11,9 +11,10 @@ is visible. Nothing here knows about HTML.
   shows its first :data:`RUN_HEAD` and its last, and the rest as a folded run: a box that
   opens into at most :data:`RUN_PIECES` smaller runs, down to single members. What a loop's
   body computes between two members (``x = x + layer(x)``) belongs to the run it lies in.
-- **Plumbing**: symbolic size queries, shape assertions, ``getitem`` of a tuple output, and
-  arithmetic that touches no weight and no floating-point input (attention masks, position
-  ids). The page hides it unless asked; a hidden ``getitem`` passes its edges through.
+- **Plumbing** (:func:`fxsparse.viz._plumbing.plumbing`, as the compact drawings hide it):
+  symbolic size queries, shape assertions, ``getitem`` of a tuple output, and side arithmetic on
+  inputs and buffers alone (attention masks, position ids, rotary tables). The page hides it
+  unless asked (each node says which kind it is); a hidden ``getitem`` passes its edges through.
 - **Marks** (with ``before``): added, changed and removed nodes from :func:`~fxsparse.viz.diff`,
   a box's mark summing up what is inside it, and the removed nodes with their old edges.
 """
@@ -21,7 +22,6 @@ is visible. Nothing here knows about HTML.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +35,7 @@ from .._tags import ROLES, Role, tag_of
 from ..masks._importers import of
 from ._diff import Drawable, GraphDiff, diff, graph_of, module_calls
 from ._draw import DIFF_MARKS, KINDS, kind_of
+from ._plumbing import plumbing
 
 __all__ = ["RUN_HEAD", "RUN_LIMIT", "RUN_PIECES", "view_data"]
 
@@ -44,10 +45,6 @@ RUN_PIECES = 8  # what a folded run opens into: at most this many smaller runs o
 _ROOT = 0
 # Roles of what fetches or prepares a weight (placed where the rewrite put them, not where it is used).
 _FETCHES = {role.value for role in (Role.WEIGHT, Role.MASK, Role.MASKED, Role.PARAM, Role.FROZEN, Role.SPARSE_WEIGHT)}
-
-# Calls that only look at or check metadata (sizes, strides, asserts), whatever they read.
-_SIZE_QUERIES = {"sym_size", "sym_size.int", "sym_numel", "sym_stride", "sym_stride.int", "sym_storage_offset"}
-_CHECKS = ("_assert", "aten._assert", "sym_constrain_range", "aten.sym_constrain_range", "_check")
 
 
 def view_data(
@@ -103,11 +100,17 @@ class _Builder:
         if graph_diff is not None:
             marks = {name: "added" for name in graph_diff.added}
             marks.update({new: "changed" for _, new in graph_diff.changed})
-        plumbing, passes = _plumbing(graph)
+        module = self.module if self.module is not None and self.module.graph is graph else None
+        hidden: dict[torch.fx.Node, str] = dict(plumbing(graph, module))
+        # A buffer that only plumbing reads, or nothing (a rotary table's frequencies), goes with it:
+        # else the box holding it stays on the first screen with nothing to show.
+        for node in graph.find_nodes(op="get_attr"):
+            if tag_of(node) is None and all(user in hidden for user in node.users) and not _is_parameter(module, node):
+                hidden[node] = "side"
         for position, node in enumerate(graph.nodes):
             entry = self.entry(node, _view_path(node))
-            if node in plumbing:
-                entry["plumbing"] = 1
+            if node in hidden:
+                entry["plumbing"] = hidden[node]
             if node.name in marks:
                 entry["mark"] = marks[node.name]
             self.index[node.name] = len(self.nodes)
@@ -116,11 +119,10 @@ class _Builder:
         for node in graph.nodes:
             for source in node.all_input_nodes:
                 self.edges.append([self.index[source.name], self.index[node.name]])
-        # A hidden getitem, or a hidden op of one tensor input (``input_ids.view(...)`` before the
-        # embedding), passes its edges through to the node it reads.
-        for node in passes:
-            (source,) = node.all_input_nodes
-            self.nodes[self.index[node.name]]["via"] = self.index[source.name]
+        # A hidden getitem passes its edges through, from the tuple's maker to the item's users.
+        for node, kind in hidden.items():
+            if kind == "getitem":
+                self.nodes[self.index[node.name]]["via"] = self.index[node.all_input_nodes[0].name]
 
     def entry(self, node: torch.fx.Node, path: tuple[str, ...]) -> dict[str, Any]:
         tag = tag_of(node)
@@ -368,86 +370,11 @@ def _sparsity_of(module: torch.fx.GraphModule | None) -> dict[str, ParameterSpar
     return {entry.name: entry for entry in summarize({k: v for k, v in masks.items() if not v.is_meta}, module)}
 
 
-def _is_tuple_getitem(node: torch.fx.Node) -> bool:
-    """``getitem`` of a tuple a call returned (not the indexing of a tensor)."""
-    if node.op != "call_function" or node.target is not operator.getitem or not node.args:
-        return False
-    source = node.args[0]
-    if not isinstance(source, torch.fx.Node):
-        return False
-    value = source.meta.get("val", source.meta.get("tensor_meta"))
-    if value is not None:
-        return isinstance(value, list | tuple)
-    return isinstance(node.args[1], int)  # no metadata: a whole-number index reads a tuple's item
-
-
-def _is_weight(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> bool:
-    if node.op != "get_attr":
-        return False
-    if tag_of(node) is not None:
-        return True
+def _is_parameter(module: torch.fx.GraphModule | None, node: torch.fx.Node) -> bool:
     if module is None:
-        return True
+        return True  # cannot tell: keep it shown
     try:
         module.get_parameter(str(node.target))
     except AttributeError:
         return False
     return True
-
-
-def _plumbing(graph: torch.fx.Graph) -> tuple[set[torch.fx.Node], set[torch.fx.Node]]:
-    """The nodes the page hides unless asked (see the module's docstring), and those of them that
-    pass their edges through: a tuple's ``getitem``, and a tensor op of a single input (never a size
-    query, whose users are everywhere)."""
-    module = graph.owning_module if isinstance(graph.owning_module, torch.fx.GraphModule) else None
-    touches: set[torch.fx.Node] = set()  # reads a weight, directly or through what it reads
-    data: set[torch.fx.Node] = set()  # carries a floating-point input, or what unknown inputs hold
-    plumbing: set[torch.fx.Node] = set()
-    passes: set[torch.fx.Node] = set()
-    for node in graph.nodes:
-        inputs = node.all_input_nodes
-        if node.op == "call_module" or _is_weight(node, module) or any(source in touches for source in inputs):
-            touches.add(node)
-        value = node.meta.get("val", node.meta.get("tensor_meta"))
-        if node.op == "placeholder":
-            if value is None or _is_float(value):
-                data.add(node)
-            continue
-        if node.op in ("output", "get_attr"):
-            continue
-        if tag_of(node) is not None and tag_of(node).role is Role.GUARDS:  # type: ignore[union-attr]
-            plumbing.add(node)
-            continue
-        target = _target(node)
-        short = target.removeprefix("aten.").removeprefix("torch.ops.aten.")
-        if (
-            short in _SIZE_QUERIES
-            or target.rsplit(".", 1)[-1] in ("sym_size", "sym_numel", "sym_stride")
-            or (short.startswith(_CHECKS) and not node.users)
-            or (node.op == "call_method" and node.target in ("size", "dim") and not node.users.keys() & touches)
-        ):
-            plumbing.add(node)
-            continue
-        if _is_tuple_getitem(node):
-            plumbing.add(node)
-            passes.add(node)
-            continue
-        if node in touches:
-            continue
-        carries = any(source in data and source not in plumbing for source in inputs)
-        if carries and (value is None or _is_float(value)):
-            data.add(node)
-        else:
-            plumbing.add(node)
-            if len(inputs) == 1 and (value is None or isinstance(getattr(value, "dtype", None), torch.dtype)):
-                passes.add(node)
-    # A buffer only plumbing reads, or nothing (rotary embeddings' inverse frequencies), is plumbing too.
-    for node in graph.find_nodes(op="get_attr"):
-        if all(user in plumbing for user in node.users) and not _is_weight(node, module):
-            plumbing.add(node)
-    return plumbing, passes
-
-
-def _is_float(value: Any) -> bool:
-    dtype = getattr(value, "dtype", None)
-    return isinstance(dtype, torch.dtype) and dtype.is_floating_point

@@ -12,7 +12,7 @@
   const plumbingToggle = $(".fxv-plumbing"), diffToggle = $(".fxv-diff");
   const MASK_ROLES = new Set(["weight", "mask", "masked", "frozen"]);
   const FETCH_ROLES = new Set(["weight", "mask", "masked", "param", "frozen", "sparse weight"]);
-  const FONT = 12, LINE = 15, PAD = 8, MIN_SCALE_AT_FIT = 10.5 / FONT;  // no text under 10.5 CSS px at first
+  const FONT = 12, LINE = 14, PAD = 8, MIN_SCALE_AT_FIT = 10.5 / FONT;  // no text under 10.5 CSS px at first
 
   const children = boxes.map(() => []);
   boxes.forEach((box, i) => { if (box.parent >= 0) children[box.parent].push(i); });
@@ -148,7 +148,7 @@
     return { items, graph: { id: "root", children: graphChildren, edges: elkEdges, layoutOptions: {
       "elk.algorithm": "layered", "elk.direction": "DOWN", "elk.hierarchyHandling": "INCLUDE_CHILDREN",
       "elk.json.shapeCoords": "ROOT", "elk.json.edgeCoords": "ROOT", "elk.edgeRouting": "ORTHOGONAL",
-      "elk.layered.spacing.nodeNodeBetweenLayers": "28", "elk.spacing.nodeNode": "18",
+      "elk.layered.spacing.nodeNodeBetweenLayers": "20", "elk.spacing.nodeNode": "18",
       "elk.padding": "[top=12,left=12,bottom=12,right=12]" } } };
   }
 
