@@ -76,7 +76,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--screenshot", type=Path, help="save the first screen here (PNG)")
+    parser.add_argument(
+        "--screenshot", type=Path, help="save the first screen here (PNG), and beside it the run opened"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     model = Looped(args.layers)
@@ -109,6 +111,8 @@ def main() -> None:
                 # The stack of layers, then the folded run inside it.
                 expand.append(time_click(browser, ".fxv-box[data-stack]"))
                 expand.append(time_click(browser, ".fxv-box[data-run]"))
+                if args.screenshot is not None and len(expand) == 2:
+                    browser.screenshot(args.screenshot.with_name(f"{args.screenshot.stem}-open.png"))
             nodes = int(browser.evaluate("document.getElementById('fxv').fxv.nodes.length"))
         finally:
             browser.close()
