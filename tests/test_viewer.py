@@ -11,7 +11,10 @@ import base64
 import hashlib
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -490,3 +493,17 @@ def test_docs_viewer_pages_are_up_to_date(tmp_path: Path, monkeypatch: pytest.Mo
         if tool.write(name, make(0)).read_bytes() != (root / "docs" / "viewer" / f"{name}.html").read_bytes():
             stale.append(name)
     assert not stale, f"run python tools/make_viewer_pages.py: {stale} changed"
+
+
+def test_bench_viewer_runs(tmp_path: Path) -> None:
+    """tools/bench_viewer.py end to end on a small MLP (a smoke test: nothing timed is compared)."""
+    root = Path(__file__).parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "tools" / "bench_viewer.py"), "--layers", "30", "--repeat", "1",
+         "--json", str(tmp_path / "bench.json")],
+        cwd=root, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(root)},  # this checkout's fxsparse, whatever is installed
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    measured = json.loads((tmp_path / "bench.json").read_text())
+    assert measured["nodes"] > 150 and len(measured["expand_ms"]) == 2 and measured["file_mb"] < 10
