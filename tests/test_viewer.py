@@ -199,7 +199,7 @@ def test_view_page_escapes_names_and_allows_only_its_own_scripts(tmp_path: Path)
 def test_report_without_graphviz_holds_the_viewer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "graphviz" else real(name, *a))
-    monkeypatch.setitem(__import__("sys").modules, "graphviz", None)  # import graphviz fails
+    monkeypatch.setitem(sys.modules, "graphviz", None)  # import graphviz fails
     model = nn.Sequential(nn.Linear(4, 4))
     page = fxsparse.viz.report(torch.fx.symbolic_trace(model), fxsparse.transform(model, {"0": torch.eye(4)}),
                                tmp_path / "r.html")  # fmt: skip
@@ -507,3 +507,16 @@ def test_bench_viewer_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     measured = json.loads((tmp_path / "bench.json").read_text())
     assert measured["nodes"] > 150 and len(measured["expand_ms"]) == 2 and measured["file_mb"] < 10
+
+
+def test_demo_writes_the_report_without_graphviz(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's first command, without the [viz] extra: the report with the viewer, and how to get pictures."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "graphviz" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "graphviz", None)  # import graphviz fails
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "id='fxv-data'" in page and "<figure" not in page and "pip install 'fxsparse[viz]'" in page
+    assert "pip install 'fxsparse[viz]'" in capsys.readouterr().out
