@@ -434,6 +434,30 @@ def test_diff_mode_marks_every_change(name: str, browser: Chromium, pages: dict[
     assert selected == browser.evaluate("document.querySelector('.fxv-changes li:nth-child(3) button').dataset.key")
 
 
+def test_wheel_zooms_pinch_zooms_touchpad_pans_and_fit_fits(browser: Chromium, pages: dict[str, Path]) -> None:
+    open_viewer(browser, page_of(pages, "demo"))
+    view = "document.getElementById('fxv').fxv.state.view"
+
+    def wheel(dx: float, dy: float, ctrl: bool = False) -> dict[str, float]:
+        browser.call("Input.dispatchMouseEvent", type="mouseWheel", x=400, y=400, deltaX=dx, deltaY=dy,
+                     modifiers=2 if ctrl else 0)  # fmt: skip
+        time.sleep(0.1)
+        return dict(browser.evaluate(f"({{...{view}}})"))
+
+    start = dict(browser.evaluate(f"({{...{view}}})"))
+    zoomed = wheel(0, -100)  # a mouse wheel's step
+    assert zoomed["k"] > start["k"]
+    pinched = wheel(0, 20, ctrl=True)  # a touchpad's pinch arrives as ctrl + wheel
+    assert pinched["k"] < zoomed["k"]
+    panned = wheel(15, 12.5)  # a touchpad's two-finger scroll
+    assert panned["k"] == pinched["k"] and (panned["x"], panned["y"]) == (pinched["x"] - 15, pinched["y"] - 12.5)
+    for _ in range(3):
+        wheel(0, -100)
+    browser.click(".fxv-fit")
+    time.sleep(0.1)
+    assert all_on_screen(browser)
+
+
 def test_keyboard_opens_a_box(browser: Chromium, pages: dict[str, Path]) -> None:
     open_viewer(browser, page_of(pages, "demo"))
     key = browser.evaluate(
