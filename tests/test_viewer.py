@@ -355,9 +355,10 @@ def test_llama_layer_opens_down_to_its_q_proj_mask(browser: Chromium, pages: dic
     for box in ("layers: ModuleList", "0: LlamaDecoderLayer", "self_attn: LlamaAttention", "q_proj: Linear"):
         redrawn(browser, lambda box=box: click_item(browser, "fxv-box", box))
     browser.screenshot(tmp_path / "llama-q_proj.png")
-    key = click_item(browser, "fxv-node", "model_layers_0_self_attn_q_proj_weight_mask")
+    key = click_item(browser, "fxv-node", "weight_mask")  # inside q_proj's box, without its path
     node = browser.evaluate(f"document.getElementById('fxv').fxv.nodes[{key[1:]}]")
     assert node["role"] == "mask" and node["info"]["param"] == "model.layers.0.self_attn.q_proj.weight"
+    assert node["name"] == "model_layers_0_self_attn_q_proj_weight_mask"
     panel = browser.evaluate("document.querySelector('.fxv-detail').textContent")
     assert re.search(r"density0\.\d{3}patternunstructured", panel.replace(" ", "")), panel
     assert "multiply-adds skipped" in panel

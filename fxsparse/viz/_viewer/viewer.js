@@ -82,13 +82,20 @@
   }
   // A fetch's parameter is its target; any other node of fxsparse's names it in its info.
   const paramOf = (node) => (node.info && node.info.param) || (node.op === "get_attr" ? node.target : undefined);
+  // Inside its module's box a node needs no module path in its name: "weight_mask", not
+  // "model_layers_0_self_attn_q_proj_weight_mask" (the tooltip and the side panel have it all).
+  function shortName(node) {
+    const prefix = boxes[node.box].path.replace(/\./g, "_") + "_";
+    return boxes[node.box].path && node.name.startsWith(prefix) && node.name.length > prefix.length
+      ? node.name.slice(prefix.length) : node.name;
+  }
   function nodeLines(i) {
     const node = nodes[i], info = Object.assign({}, node.info || {}, D.sparsity[paramOf(node)] || {});
     if (node.kind === "masked") return ["mask * weight", (paramOf(node) || node.name) + (info.density ? `  ${info.density}` : "")];
-    if (node.kind === "mask") return [node.name, ["mask", info.density, info.pattern].filter(Boolean).join("  ")];
+    if (node.kind === "mask") return [shortName(node), ["mask", info.density, info.pattern].filter(Boolean).join("  ")];
     if (node.op === "placeholder" || node.op === "output") return [node.name];
     const second = info["kernel layout"] ? `${shortTarget(node)}  ${info["kernel layout"]}` : shortTarget(node);
-    return [node.name, second];
+    return [shortName(node), second];
   }
   function boxLines(b) {
     const box = boxes[b];
