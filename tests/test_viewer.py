@@ -105,6 +105,18 @@ def test_view_shows_removed_nodes_with_their_old_edges() -> None:
     assert set(removed) <= set(data["changes"])
 
 
+def test_view_of_exported_programs() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    example = {"example_inputs": (torch.randn(2, 4),)}
+    before = fxsparse.transform(model, {}, emit="export", **example)
+    after = fxsparse.transform(model, {"0": torch.eye(4)}, emit="export", **example)
+    data = view_data(after, before)
+    marks = {node["name"]: node.get("mark") for node in data["nodes"]}
+    assert marks["_0_weight_mask"] == "added" and marks["linear"] == "changed" and marks["relu"] is None
+    assert data["sparsity"]["0.weight"]["density"] == "0.250" and data["sparsity"]["0.weight"]["pattern"] == "1:4"
+    assert next(node for node in data["nodes"] if node["name"] == "linear")["shape"] == "float32[2, 4]"
+
+
 def test_view_keeps_a_tied_weight_read_under_another_alias_unchanged() -> None:
     case = ZOO["tied_embedding_head"]
     model = build(case)
