@@ -30,9 +30,9 @@ Example:
     def forward(self, input):
         input_1 = input
         _0_weight = getattr(self, "0").weight
+        _0_bias = getattr(self, "0").bias
         _0_weight_mask = getattr(self, "0").weight_mask
         _0_weight_masked = torch.mul(_0_weight_mask, _0_weight);  _0_weight_mask = _0_weight = None
-        _0_bias = getattr(self, "0").bias
         _0 = torch._C._nn.linear(input_1, _0_weight_masked, _0_bias);  input_1 = _0_weight_masked = _0_bias = None
         _1 = getattr(self, "1")(_0);  _0 = None
         return _1

@@ -24,9 +24,9 @@ Example:
     ...     if tag_of(node) is not None:
     ...         print(node.name, tag_of(node).role.value)
     _0_weight weight
+    _0_bias param
     _0_weight_mask mask
     _0_weight_masked masked
-    _0_bias param
     _0 opened
 """
 

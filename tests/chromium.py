@@ -115,7 +115,14 @@ class Chromium:
         return path
 
     def close(self) -> None:
-        os.close(self.commands)
-        os.close(self.replies)
-        self.process.kill()
-        self.process.wait()
+        """Ask Chromium to quit and wait for it: killed, its helper processes went on writing its
+        profile while the folder was being removed ("Directory not empty")."""
+        try:
+            os.write(self.commands, json.dumps({"id": self.count + 1, "method": "Browser.close"}).encode() + b"\0")
+            self.process.wait(timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
+        finally:
+            os.close(self.commands)
+            os.close(self.replies)

@@ -317,3 +317,23 @@ def test_share_weights_takes_the_masks_given_and_one_tensor_for_two_parameters_i
     expected = fake_sparsity(twice, {"0.weight": torch.ones(8, 8, dtype=torch.bool), "1.weight": before})
     assert torch.equal(out(x), expected(x))  # 1.weight kept its mask: its buffer is not the one written
     assert bool(shared.all())  # as documented: the output's mask buffers are the tensors given
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_each_masked_product_is_made_just_before_its_use(mode: str) -> None:
+    """torch.export reads every parameter at the top of its graph; were the products made there,
+    all of them would be alive at once through the whole forward: one more copy of the weights."""
+    family = FAMILIES["llama"]
+    model = build(family).train(mode == "train")
+    masks = {name: mask for name, mask in random_masks(model).items() if name.startswith("model.layers.")}
+    out = fxsparse.transform(model, masks, example_kwargs=family.inputs(1, 8))
+    nodes = list(out.graph.nodes)
+    position = {node: index for index, node in enumerate(nodes)}
+    products = [n for n in nodes if n.meta.get(fxsparse.META_KEY, {}).get("role") == "masked"]
+    assert len(products) == len(masks)
+    for product in products:  # none made while another is still waiting for its use
+        last_use = max(position[user] for user in product.users)
+        assert not [other for other in products if position[product] < position[other] < last_use], product
+    got = out(**family.inputs(1, 8)).logits
+    expected = fake_sparsity(model, masks)(**family.inputs(1, 8)).logits
+    assert torch.equal(got, expected)

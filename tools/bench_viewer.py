@@ -90,7 +90,7 @@ def main() -> None:
     started = time.perf_counter()
     out = fxsparse.transform(model, masks)
     transform_s = time.perf_counter() - started
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as folder:
         started = time.perf_counter()
         page = fxsparse.viz.view(out, torch.fx.symbolic_trace(model), Path(folder) / "graph.html")
         write_s = time.perf_counter() - started
