@@ -198,7 +198,10 @@ def _rebuilt_from_config(
 ) -> nn.Module:
     """An instance of the model's class built from an updated config, holding the smaller tensors."""
     updates: dict[str, int] = {}
-    intermediate = next((f for f in _INTERMEDIATE_FIELDS if isinstance(getattr(config, f, None), int)), None)
+    intermediate = next((f for f in _INTERMEDIATE_FIELDS if hasattr(config, f)), None)
+    mlp_width = getattr(config, intermediate, None) if intermediate else None
+    if intermediate == "n_inner" and mlp_width is None:
+        mlp_width = 4 * config.hidden_size  # GPT-2's default
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     widths: dict[str, set[int]] = {}
@@ -209,7 +212,7 @@ def _rebuilt_from_config(
         elif group.unit_width > 1 and kv_heads and group.units == kv_heads and heads:
             widths.setdefault("num_key_value_heads", set()).add(kept)
             widths.setdefault("num_attention_heads", set()).add(kept * (heads // kv_heads))
-        elif group.unit_width == 1 and intermediate and group.units == getattr(config, intermediate):
+        elif group.unit_width == 1 and intermediate and group.units == mlp_width:
             widths.setdefault(intermediate, set()).add(kept)
         else:
             raise MaskError(
