@@ -300,3 +300,33 @@ def test_shrink_refuses_heads_a_config_cannot_express() -> None:
     masks = fxsparse.masks.channels(model, 0.5, example_kwargs=inputs, include="*attn*")
     with pytest.raises(fxsparse.MaskError, match="GPT2LMHeadModel built from the updated config"):
         fxsparse.shrink(fxsparse.transform(model, masks, example_kwargs=inputs))
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+
+
+def test_check_groups_lists_the_groups_and_shrink_writes_a_smaller_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fxsparse._cli import main
+
+    assert main(["check", "test_structured:mlp", "--groups", "--input-shape", "2x6"]) == 0
+    listed = capsys.readouterr().out
+    assert "0.weight[0]: 16 units (channel), prunable" in listed and "blocked: a model input" in listed
+    assert (
+        main(["shrink", "test_structured:mlp", "--input-shape", "2x6", "--sparsity", "0.5", "--out", str(tmp_path)])
+        == 0
+    )
+    state = torch.load(tmp_path / "model.pt")
+    assert state["0.weight"].shape == (8, 6) and state["2.weight"].shape == (6, 8)
+    assert "checked against the masked model" in capsys.readouterr().out
+
+
+def test_shrink_command_needs_example_inputs(capsys: pytest.CaptureFixture[str]) -> None:
+    from fxsparse._cli import main
+
+    with pytest.raises(SystemExit) as exit_status:
+        main(["shrink", "test_structured:mlp", "--out", "unused"])
+    assert exit_status.value.code == 2
+    assert "pass --input-shape or --token-ids" in capsys.readouterr().err

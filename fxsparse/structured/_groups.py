@@ -233,8 +233,10 @@ class _Finder:
         return tuple(dims)
 
     def join(self, a: _Dim, b: _Dim) -> None:
-        if a[1] != b[1]:
-            raise AssertionError(f"joining dimensions of sizes {a[1]} and {b[1]}")
+        if a[1] != b[1]:  # an op used in a way its handler did not foresee: keep both as they are
+            self.fix(a, f"dimensions of sizes {a[1]} and {b[1]} an op relates in a way fxsparse does not know")
+            self.fix(b, f"dimensions of sizes {a[1]} and {b[1]} an op relates in a way fxsparse does not know")
+            return
         if a[0] != b[0]:
             self.edges_a.append(np.arange(a[0], a[0] + a[1]))
             self.edges_b.append(np.arange(b[0], b[0] + b[1]))
@@ -916,15 +918,16 @@ def _pool(finder: _Finder, node: torch.fx.Node) -> Any:
     xs = finder.space(node.args[0])
     if xs is None:
         return finder.unknown(node, "pooling of something that is not a tensor")
+    name = _op_name(node)
+    spatial = 1 if "1d" in name else 3 if "3d" in name else 2
+    leading = len(xs) - spatial
     for out in _spaces(value):
-        batched = len(out) - len(xs) == 0 and len(xs) >= 3
-        leading = len(xs) - (len(xs) - 2 if batched else len(xs) - 1)
         for index, dim in enumerate(out):
-            if index < leading:
+            if index < leading and len(out) == len(xs):
                 finder.join(dim, xs[index])
             else:
                 finder.fix(dim, f"{node.name}: a spatial dimension of pooling")
-    for dim in xs[2:] if len(xs) >= 3 else xs[1:]:
+    for dim in xs[max(leading, 0) :]:
         finder.fix(dim, f"{node.name}: a spatial dimension of pooling")
     return value
 
