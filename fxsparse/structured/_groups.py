@@ -148,8 +148,11 @@ def groups(
         >>> import torch, fxsparse
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> found = fxsparse.groups(model, example_inputs=(torch.randn(1, 4),))
-        >>> [(g.name, g.units, g.prunable) for g in found]
-        [('0.weight[1]', 4, False), ('0.weight[0]', 8, True), ('2.weight[0]', 2, False)]
+        >>> print(found[0])
+        0.weight[0]: 8 units (channel), prunable
+            0.weight[0] (rows), 0.bias[0] (rows), 2.weight[1] (columns)
+        >>> found[1].blocked
+        'a model input'
     """
     return analyse(model, example_inputs, example_kwargs).groups
 

@@ -43,10 +43,12 @@ def channels(
 
     Args:
         sparsity: the fraction of units to remove, in ``[0, 1)``; every group keeps at least one.
-        example_inputs, example_kwargs: inputs to capture the model with (only shapes and dtypes
+        example_inputs: positional inputs to capture the model with (only shapes and dtypes
             matter for ``score="l2"``; ``"activation"`` runs the model on them).
-        include, exclude: ``fnmatch`` globs over parameter names: a group is pruned when one of
-            its parameters matches ``include`` (default: every group) and none matches ``exclude``.
+        example_kwargs: keyword inputs, the same.
+        include: ``fnmatch`` globs over parameter names: a group is pruned when one of its
+            parameters matches (default: every group) and none matches ``exclude``.
+        exclude: globs over parameter names: a group one of whose parameters matches is left out.
         round_to: the number of units each group keeps is a multiple of it (``8``: widths
             that suit matrix kernels), at least ``round_to``.
         scope: ``"layer"``: each group loses ``sparsity`` of its units; ``"global"``: the

@@ -48,8 +48,9 @@ def shrink(
     own class work; every layer must then keep the same width (the config holds one).
 
     Args:
-        example_inputs, example_kwargs: inputs to find the groups and check the result on;
-            optional for an output captured with ``torch.export`` (inputs of its shapes are made).
+        example_inputs: positional inputs to find the groups and check the result on; optional
+            for an output captured with ``torch.export`` (inputs of its shapes are made).
+        example_kwargs: keyword inputs, the same.
         exact: leave units of groups where removing differs from masking (a hidden size
             under LayerNorm/RMSNorm) masked but in place; ``False`` removes them too (then the
             outputs differ from the masked model's, and only their shapes are checked).
