@@ -330,3 +330,35 @@ def test_shrink_command_needs_example_inputs(capsys: pytest.CaptureFixture[str])
         main(["shrink", "test_structured:mlp", "--out", "unused"])
     assert exit_status.value.code == 2
     assert "pass --input-shape or --token-ids" in capsys.readouterr().err
+
+
+class GroupedQueryAttention(nn.Module):
+    """4 query heads sharing 2 key/value heads through scaled_dot_product_attention(enable_gqa=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.o = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, -1, 4).transpose(1, 2)
+        k = self.k(x).view(b, s, -1, 4).transpose(1, 2)
+        v = self.v(x).view(b, s, -1, 4).transpose(1, 2)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(attended.transpose(1, 2).reshape(b, s, -1))  # type: ignore[no-any-return]
+
+
+def test_enable_gqa_attention_removes_a_key_value_head_with_its_query_heads() -> None:
+    torch.manual_seed(0)
+    model, x = GroupedQueryAttention(), torch.randn(2, 5, 16)
+    heads = by_name(fxsparse.groups(model, example_inputs=(x,)))["q.weight[0]"]
+    assert heads.units == 2 and heads.prunable and heads.exact
+    indices = {member.tensor: member.indices for member in heads.members}
+    assert indices["q.weight"] == (tuple(range(8)), tuple(range(8, 16)))  # query heads 0-1, then 2-3
+    assert indices["k.weight"] == (tuple(range(4)), tuple(range(4, 8)))
+    assert indices["o.weight"] == indices["q.weight"]
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,), include="q.*")
+    small = fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(x,))
+    assert small.q.out_features == 8 and small.k.out_features == 4 and small.o.in_features == 8
+    torch.testing.assert_close(small(x), reference_output(model, masks, x), rtol=1e-5, atol=1e-6)

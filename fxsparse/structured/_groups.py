@@ -296,7 +296,10 @@ class _Finder:
             if not _has_tensor(node.meta.get("val")):
                 return None  # asserts, symbolic sizes: no tensor comes out
             return self.unknown(node, f"fxsparse does not know how {_op_name(node)} treats channels")
-        value = handler(self, node)
+        try:
+            value = handler(self, node)
+        except (TypeError, ValueError, IndexError, KeyError) as exc:  # arguments of a form the handler did not foresee
+            return self.unknown(node, f"{_op_name(node)} with arguments fxsparse does not read ({type(exc).__name__})")
         if all(self.is_parameter_only(arg) for arg in node.all_input_nodes) and node.all_input_nodes:
             self.parameter_only.add(node)
         return value
