@@ -10,7 +10,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .._capture import copy_model, lookup
+from .._capture import lookup
 from .._deploy import to_model
 from .._emit import captured_by
 from .._errors import MaskError
@@ -80,10 +80,14 @@ def shrink(
     if example_inputs is None and not example_kwargs:
         example_inputs, example_kwargs = _inputs_of(out)
     analysis = analyse(masked, example_inputs, example_kwargs)
+    found, args, kwargs = analysis.groups, analysis.args, analysis.kwargs
+    del analysis  # its captured copy of the model: one model's worth of memory
+    with torch.no_grad():
+        expected = list(_tensors(masked(*args, **kwargs)))
     masks = _masks_by_first_name(out, masked)
     removals: dict[tuple[str, int], set[int]] = {}
     changed: list[tuple[Group, list[int]]] = []
-    for group in analysis.groups.prunable:
+    for group in found.prunable:
         if exact and not group.exact:
             continue
         units = [u for u in range(group.units) if _fully_masked(group, u, masks)]
@@ -100,8 +104,8 @@ def shrink(
     tensors: dict[str, torch.Tensor] = dict(masked.named_parameters())
     tensors.update(masked.named_buffers())
     new = {name: _without(tensors[name], removals, name) for name in {name for name, _ in removals}}
-    small = _rebuilt(masked, new, changed)
-    _check(masked, small, analysis.args, analysis.kwargs, compare_values=all(g.exact for g, _ in changed))
+    small = _rebuilt(masked, new, changed)  # may be ``masked`` itself, made smaller: it is fxsparse's own copy
+    _check(expected, small, args, kwargs, compare_values=all(g.exact for g, _ in changed))
     return small.train(training)
 
 
@@ -149,28 +153,26 @@ def _rebuilt(masked: nn.Module, new: dict[str, torch.Tensor], changed: list[tupl
 
 
 def _rebuilt_in_place(masked: nn.Module, new: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``masked`` with the smaller tensors, and the sizes torch.nn layers record updated."""
-    small = copy_model(masked)
+    """``masked`` (fxsparse's own copy) with the smaller tensors, and the sizes torch.nn layers record updated."""
     first: dict[int, str] = {}
     for first_name, first_tensor in (*masked.named_parameters(), *masked.named_buffers()):
         first.setdefault(id(first_tensor), first_name)
     replacements: dict[str, torch.Tensor] = {}
-    for module_name, module in small.named_modules(remove_duplicate=False):
-        original = masked.get_submodule(module_name)
-        held: list[tuple[str, torch.Tensor | None]] = [*original._parameters.items(), *original._buffers.items()]
+    for module in masked.modules():
+        held: list[tuple[str, torch.Tensor | None]] = [*module._parameters.items(), *module._buffers.items()]
         for attribute, tensor in held:
             name = first.get(id(tensor)) if tensor is not None else None
             if tensor is None or name is None or name not in new:
                 continue
-            is_parameter = attribute in original._parameters
+            is_parameter = attribute in module._parameters
             if name not in replacements:
                 replacements[name] = nn.Parameter(new[name], tensor.requires_grad) if is_parameter else new[name]
             if is_parameter:
-                module._parameters[attribute] = replacements[name]
+                module._parameters[attribute] = replacements[name]  # type: ignore[assignment]  # an nn.Parameter, made above
             else:
                 module._buffers[attribute] = replacements[name]
         _update_sizes(module)
-    return small
+    return masked
 
 
 def _update_sizes(module: nn.Module) -> None:
@@ -260,12 +262,11 @@ def _rebuilt_from_config(
 
 
 def _check(
-    masked: nn.Module, small: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], compare_values: bool
+    expected: list[torch.Tensor], small: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], compare_values: bool
 ) -> None:
-    """Refuse a shrunk model whose outputs differ from the masked one's (beyond round-off) on the example inputs."""
+    """Refuse a shrunk model whose outputs differ from the masked model's (``expected``, beyond round-off)."""
     small.eval()
     with torch.no_grad():
-        expected = list(_tensors(masked(*args, **kwargs)))
         try:
             got = list(_tensors(small(*args, **kwargs)))
         except Exception as exc:
