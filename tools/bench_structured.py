@@ -231,6 +231,7 @@ def fx_groups() -> dict[str, Any]:
     import fxsparse
 
     found: dict[str, Any] = {}
+    fxsparse.groups(nn.Linear(2, 2), example_inputs=(torch.randn(1, 2),))  # warm up: torch.export's first run
     for name, (factory, inputs) in comparison_models().items():
         model = factory()
         start = time.perf_counter()
@@ -413,6 +414,51 @@ def perplexity_part(quick: bool) -> dict[str, Any]:
     return results
 
 
+# --------------------------------------------------------------------------- report
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """The tables of docs/structured-pruning.md's measured section."""
+    lines: list[str] = []
+    machine = results.get("machine", {})
+    if machine:
+        lines.append(
+            f"{machine.get('cpu')}, {machine.get('threads')} thread(s), torch {machine.get('torch')}; load average "
+            f"{machine.get('load_average', [0])[0]:.2f} at the start, {machine.get('load_average_end', [0])[0]:.2f} "
+            "at the end.\n"
+        )
+    if "speed" in results:
+        lines += [
+            "| model | removed | batch | dense ms | shrunk ms | speed-up | ideal | of ideal | CSR ms (same weights) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in results["speed"]:
+            csr = f"{row['csr_ms']:.1f} ({row['csr_speedup']:.2f}×)" if "csr_ms" in row else "-"
+            lines.append(
+                f"| {row['model']} | {row['removed']:.0%} | {row['batch']} | {row['dense_ms']:.1f} | "
+                f"{row['shrunk_ms']:.1f} | {row['speedup']:.2f}× | {row['ideal']:.2f}× | {row['of_ideal']:.2f} "
+                f"| {csr} |"
+            )
+        lines.append("")
+    if "groups" in results:
+        lines += ["| model | fxsparse s | Torch-Pruning s | fxsparse / Torch-Pruning |", "|---|---|---|---|"]
+        for name, row in results["groups"]["compared"].items():
+            if "torch_pruning_s" in row:
+                ratio = row["fxsparse_s"] / row["torch_pruning_s"]
+                lines.append(f"| {name} | {row['fxsparse_s']:.3f} | {row['torch_pruning_s']:.3f} | {ratio:.0f}× |")
+            else:
+                lines.append(f"| {name} | {row['fxsparse_s']:.3f} | {row['torch_pruning']} | - |")
+        lines.append("")
+    if "perplexity" in results:
+        ppl = results["perplexity"]
+        lines += ["| MLP channels removed (25 %) | perplexity | increase |", "|---|---|---|"]
+        lines.append(f"| none (dense) | {ppl['dense']:.3f} | - |")
+        for score in ("l2", "activation"):
+            lines.append(f"| score={score!r} | {ppl[score]['perplexity']:.3f} | +{ppl[score]['increase']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -423,8 +469,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tp-python", default="/work/venv-tp/bin/python", help="Python with torch-pruning")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the timed runs (default 1)")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="print the tables of earlier runs' results")
     parser.add_argument("--tp-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.from_json:
+        for path in args.from_json:
+            print(markdown(json.loads(path.read_text())))
+        return 0
     if args.tp_child:
         print(json.dumps(tp_child(args.tp_child)))
         return 0
