@@ -234,9 +234,9 @@ def _rebuilt_from_config(
     head_dim = getattr(config, "head_dim", None)
     if head_dim is None and heads:
         head_dim = config.hidden_size // heads
+    if getattr(config, "num_key_value_heads", None) is None:
+        updates.pop("num_key_value_heads", None)  # a config without grouped-query attention
     for field, value in updates.items():
-        if field == "num_key_value_heads" and getattr(config, "num_key_value_heads", None) is None:
-            continue
         setattr(new_config, field, value)
     if ("num_attention_heads" in updates or "hidden_size" in updates) and head_dim is not None:
         new_config.head_dim = head_dim  # per-head width stays; models that derive it from hidden_size need it set
