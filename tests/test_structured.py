@@ -362,3 +362,43 @@ def test_enable_gqa_attention_removes_a_key_value_head_with_its_query_heads() ->
     small = fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(x,))
     assert small.q.out_features == 8 and small.k.out_features == 4 and small.o.in_features == 8
     torch.testing.assert_close(small(x), reference_output(model, masks, x), rtol=1e-5, atol=1e-6)
+
+
+def test_exact_false_removes_the_hidden_size_and_the_config_follows(tmp_path: Path) -> None:
+    family = hf_zoo.FAMILIES["llama"]
+    model, inputs = hf_zoo.build(family), family.inputs(2, 6)
+    masks = fxsparse.masks.channels(model, 0.25, example_kwargs=inputs, exact=False)
+    out = fxsparse.transform(model, masks, example_kwargs=inputs)
+    assert fxsparse.shrink(out).config.hidden_size == 32  # exact: the RMSNorm'd hidden size stays, masked
+    small = fxsparse.shrink(out, exact=False)
+    assert (small.config.hidden_size, small.config.head_dim, small.config.intermediate_size) == (24, 8, 48)
+    small.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, small(**inputs).logits)
+
+
+def test_activation_score_removes_a_large_unit_that_never_fires() -> None:
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-1.0, -1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.tensor([[9.0, 1.0, 1.2, 1.1]]))  # unit 0: the largest weights, input always 0
+    x = torch.rand(16, 2)  # positive: relu(-x0 - x1) = 0
+    l2 = fxsparse.masks.channels(model, 0.25, example_inputs=(x,))
+    assert l2["0.weight"].all(dim=1).tolist() == [True, False, True, True]  # L2: unit 1 has the least weight
+    calibrated = fxsparse.masks.channels(model, 0.25, example_inputs=(x,), score="activation")
+    assert calibrated["0.weight"].all(dim=1).tolist() == [False, True, True, True]
+
+
+def test_global_scope_ranks_units_across_groups() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[2].bias.mul_(100)  # layer 2's outputs (its bias, the columns of layer 4): every unit scores high
+        model[4].weight.mul_(100)
+    x = (torch.randn(3, 4),)
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=x, scope="global")
+    assert masks["0.weight"].all(dim=1).sum() == 1  # the 8 lowest of 16 units are all layer 0's; one stays
+    assert masks["2.weight"].any(dim=0).sum() == 1 and masks["2.weight"].any(dim=1).all()
+    assert "4.weight" not in masks
