@@ -218,8 +218,10 @@ def test_groups_and_channels_leave_the_model_as_it_was() -> None:
     model, x = mlp(), torch.randn(2, 6)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     out = fxsparse.transform(model, fxsparse.masks.channels(model, 0.5, example_inputs=(x,)))
+    before = {k: v.clone() for k, v in out.state_dict().items()}
     fxsparse.shrink(out, example_inputs=(x,))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert all(torch.equal(out.state_dict()[k], v) for k, v in before.items())  # nor the output it shrinks
     assert model[0].weight.shape == (16, 6)
 
 
