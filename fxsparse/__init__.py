@@ -19,8 +19,9 @@ Where things live (imports flow one way: errors → plan → capture → rewrite
 - ``_tags`` (the typed node tags: how fxsparse knows its own nodes), ``_compat`` (every private
   torch API, and nothing else reaches one), ``_runtime/`` (what graphs call: the weight swap,
   sparse operators, input guards), ``_kernels`` (sparse layouts, chosen by measurement);
-- ``masks/`` (makers, importers, files, check, update) and ``viz/`` (diff, draw, report):
-  packages of their own, built on the core and never imported by it.
+- ``masks/`` (makers, importers, files, check, update), ``structured/`` (groups, channel
+  scores, shrink) and ``viz/`` (diff, draw, report): packages of their own, built on the core
+  and never imported by it (``masks.channels`` comes from ``structured``, which never imports ``masks``).
 
 Example:
     >>> import torch, fxsparse
@@ -41,7 +42,7 @@ Example:
     True
 """
 
-from . import masks, viz
+from . import masks, structured, viz
 from ._deploy import to_model
 from ._emit import EMITS, MaskedGraphModule
 from ._errors import EmitError, FxsparseError, MaskError, TraceError
@@ -54,6 +55,7 @@ from ._transform import plan, transform
 from .masks._check import CheckReport, MaskCheck, check
 from .masks._files import load_masks, save_masks
 from .masks._update import update_masks
+from .structured import Group, Groups, Member, groups, shrink
 
 __version__ = "0.3.0"
 
@@ -65,23 +67,29 @@ __all__ = [
     "CheckReport",
     "EmitError",
     "FxsparseError",
+    "Group",
+    "Groups",
     "LayoutChoice",
     "MaskCheck",
     "MaskError",
     "MaskedGraphModule",
     "MaskedParameter",
+    "Member",
     "Plan",
     "Role",
     "Tag",
     "TraceError",
     "check",
     "freeze",
+    "groups",
     "layouts",
     "load_masks",
     "masks",
     "plan",
     "save",
     "save_masks",
+    "shrink",
+    "structured",
     "tag_of",
     "to_model",
     "transform",

@@ -133,9 +133,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model with neither has nothing to check: the command then fails (exit status 2)",
     )
     checker.add_argument("--pattern", help="require this pattern of every mask: N:M such as 2:4, or 'block 4x4'")
+    checker.add_argument(
+        "--groups",
+        action="store_true",
+        help="list the model's dependency groups (what structured pruning removes together); needs --input-shape "
+        "or --token-ids. Without --masks, only the groups are listed",
+    )
+    _add_example_inputs(checker)
     prune = _add_prune(commands)
+    shrinker = _add_shrink(commands)
     args = parser.parse_args(argv)
-    command = {"demo": demo, "draw": draw, "diff": diff, "masks": make, "check": checker, "prune": prune}[args.command]
+    command = {
+        "demo": demo, "draw": draw, "diff": diff, "masks": make, "check": checker, "prune": prune, "shrink": shrinker,
+    }[args.command]  # fmt: skip
     try:
         with _working_folder_last() if _is_factory(getattr(args, "source", "")) else contextlib.nullcontext():
             return _run(parser, command, args)
@@ -153,6 +163,10 @@ def _run(parser: argparse.ArgumentParser, command: argparse.ArgumentParser, args
         return run_masks(command, args)
     if args.command == "prune":
         return run_prune(command, args)
+    if args.command == "shrink":
+        return run_shrink(command, args)
+    if args.command == "check" and args.groups:
+        return run_groups(command, args)
     if args.command == "check":
         return run_check(command, args.source, args.masks, args.pattern, **loading)
     if args.command in ("draw", "diff") and args.out is not None:
@@ -801,6 +815,120 @@ def _file_stamps(folder: Path) -> dict[str, tuple[int, int, int]]:
             status = path.stat()
             stamps[path.name] = (status.st_ino, status.st_size, status.st_mtime_ns)
     return stamps
+
+
+# -- fxsparse shrink, and check --groups ----------------------------------------------------------
+
+
+def _add_example_inputs(command: argparse.ArgumentParser) -> None:
+    inputs = command.add_mutually_exclusive_group()
+    inputs.add_argument(
+        "--input-shape", metavar="SHAPE", help="run the model on one float input of this shape, such as 1x3x32x32"
+    )
+    inputs.add_argument(
+        "--token-ids",
+        metavar="SHAPE",
+        help="run the model on input_ids=zeros of this shape, such as 1x16 (transformers)",
+    )
+
+
+def _example_inputs(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    text = args.input_shape or args.token_ids
+    if text is None:
+        parser.error("structured pruning runs the model once to find its groups: pass --input-shape or --token-ids")
+    parts = text.lower().split("x")
+    if not all(part.isdigit() and int(part) > 0 for part in parts):
+        parser.error(f"a shape is positive whole numbers joined by x, such as 1x16; got {text!r}")
+    shape = tuple(int(part) for part in parts)
+    if args.token_ids is not None:
+        return (), {"input_ids": torch.zeros(shape, dtype=torch.long)}
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(0)),), {}
+
+
+def _add_shrink(commands: Any) -> argparse.ArgumentParser:
+    shrink: argparse.ArgumentParser = commands.add_parser(
+        "shrink",
+        help="remove whole channels and heads (structured pruning) and write the smaller model",
+        description="Find the model's dependency groups, mask the lowest-scoring units of each (L2 norm), and "
+        "remove them: a smaller dense model, checked against the masked one on the example input. A transformers "
+        "model is written with save_pretrained (its config updated: it loads with from_pretrained); any other "
+        "model as model.pt (its state_dict) and model.full.pt (the module, for torch.load).",
+    )  # fmt: skip
+    shrink.add_argument("source", help=SOURCE)
+    shrink.add_argument("--trust-source", action="store_true", help=TRUST_SOURCE)
+    shrink.add_argument("--sparsity", type=float, default=0.5, help="fraction of each group's units to remove")
+    shrink.add_argument("--round-to", type=_positive, default=1, help="keep a multiple of this many units per group")
+    shrink.add_argument("--scope", choices=("layer", "global"), default="layer", help="per group, or one ranking")
+    shrink.add_argument("--include", action="append", help="parameter-name glob: prune the groups it touches")
+    shrink.add_argument("--exclude", action="append", help="parameter-name glob: leave the groups it touches")
+    _add_example_inputs(shrink)
+    shrink.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (made if missing)")
+    return shrink
+
+
+def run_groups(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import fxsparse
+
+    from .masks._check import printable
+
+    model = _load(parser, args.source, trust=args.trust_source)
+    if isinstance(model, torch.export.ExportedProgram):
+        parser.error(f"{args.source!r} is an exported program; check --groups needs the model: pass its factory")
+    inputs, kwargs = _example_inputs(parser, args)
+    found = fxsparse.groups(model, example_inputs=inputs, example_kwargs=kwargs)
+    for line in str(found).splitlines():
+        print(printable(line))
+    if args.masks is None:
+        return 0
+    return run_check(parser, args.source, args.masks, args.pattern, trust=args.trust_source)
+
+
+def run_shrink(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import fxsparse
+
+    from ._save import atomic_write
+    from .masks._check import printable
+
+    if not 0.0 <= args.sparsity < 1.0:
+        parser.error(f"--sparsity must be at least 0 and below 1, got {args.sparsity}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out must be a folder, but {args.out} is a file")
+    model = _load(parser, args.source, trust=args.trust_source)
+    if isinstance(model, torch.export.ExportedProgram):
+        parser.error(f"{args.source!r} is an exported program; shrink needs the model: pass its factory")
+    inputs, kwargs = _example_inputs(parser, args)
+    started = time.perf_counter()
+    masks = fxsparse.masks.channels(
+        model, args.sparsity, include=args.include, exclude=args.exclude, round_to=args.round_to, scope=args.scope,
+        example_inputs=inputs, example_kwargs=kwargs,
+    )  # fmt: skip
+    if not masks:
+        parser.error(f"{args.source!r}: no prunable group (see fxsparse check --groups)")
+    out = fxsparse.transform(model, masks, example_inputs=inputs, example_kwargs=kwargs)
+    small = fxsparse.shrink(out, example_inputs=inputs, example_kwargs=kwargs)
+    elapsed = time.perf_counter() - started
+    transformers = sys.modules.get("transformers")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if transformers is not None and isinstance(small, transformers.PreTrainedModel):
+            small.save_pretrained(args.out)
+        else:
+            state = small.state_dict()
+            atomic_write(args.out / "model.pt", lambda temporary: torch.save(state, temporary), error=FxsparseError)
+            atomic_write(
+                args.out / "model.full.pt", lambda temporary: torch.save(small, temporary), error=FxsparseError
+            )
+    except Exception as error:
+        _fail(parser, f"cannot write {args.out}: {type(error).__name__}: {error}")
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in small.parameters())
+    print(
+        f"fxsparse shrink: {before:,} -> {after:,} parameters ({after / before:.1%}) in {elapsed:.2f} s, outputs "
+        f"checked against the masked model -> {printable(str(args.out))}"
+    )
+    return 0
 
 
 def run_check(

@@ -271,3 +271,14 @@ def export_input_guards(program: torch.export.ExportedProgram, unlifted: nn.Modu
     recorded = unlift._force_ep_signature_match(program._guards_code, paths)
     code += unlift._force_gm_signature_match(recorded, signature)
     return code, paths
+
+
+# ATen operators with private names, as torch.export's graphs hold them (structured pruning's op semantics).
+ATEN_PRIVATE_OPS: dict[str, Any] = {
+    name: getattr(torch.ops.aten, name)
+    for name in (
+        "_to_copy", "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training",
+        "_native_batch_norm_legit", "_convolution", "_unsafe_view", "_log_softmax", "_softmax",
+        "_adaptive_avg_pool2d",
+    )
+}  # fmt: skip

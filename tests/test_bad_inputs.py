@@ -33,6 +33,8 @@ class Untraceable(nn.Module):
 
 
 ONES4 = torch.ones(4, 4)
+X24 = (torch.randn(2, 4),)
+ZERO34 = torch.zeros(3, 4)
 
 
 @torch.fx.wrap
@@ -454,6 +456,39 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
             fxsparse.transform(m, {"0": ONES}, capture="export", example_inputs=(torch.randn(2, 4),))
         ),
         (fxsparse.EmitError, "to_model cannot rebuild Sequential: its root module had forward hooks"),
+    ),
+    (
+        "structured groups without example inputs",
+        small,
+        lambda m, _: fxsparse.groups(m),
+        (fxsparse.TraceError, "structured pruning finds its groups on the graph torch.export captures"),
+    ),
+    (
+        "channels with a sparsity outside [0, 1)",
+        small,
+        lambda m, _: fxsparse.masks.channels(m, 1.5, example_inputs=(torch.randn(2, 4),)),
+        (fxsparse.MaskError, "sparsity must be a number in [0, 1), got 1.5"),
+    ),
+    (
+        "shrink given something other than a transform output with masks",
+        small,
+        lambda m, _: fxsparse.shrink(m),
+        (fxsparse.MaskError, "shrink takes the output of fxsparse.transform (emit='graph') with masks, got Sequential"),
+    ),
+    (
+        "shrink of an output captured with torch.fx, without example inputs",
+        small,
+        lambda m, _: fxsparse.shrink(fxsparse.transform(m, fxsparse.masks.channels(m, 0.5, example_inputs=X24))),
+        (fxsparse.MaskError, "this output was captured with torch.fx, which records no input shapes"),
+    ),
+    (
+        "shrink of masks that zero every unit of a group",
+        small,
+        lambda m, _: fxsparse.shrink(
+            fxsparse.transform(m, {"0.weight": ZERO34, "0.bias": torch.zeros(3), "2.weight": torch.zeros(2, 3)}),
+            example_inputs=X24,
+        ),
+        (fxsparse.MaskError, "the masks zero every unit of group 0.weight[0] (3 units)"),
     ),
 ]
 

@@ -4,6 +4,8 @@ Every function returns ``{parameter name: bool mask}`` for :func:`fxsparse.trans
 none changes the model it reads:
 
 - :func:`magnitude`: unstructured, per layer or global;
+- :func:`channels`: structured, whole channels and heads of the dependency groups
+  :func:`fxsparse.groups` finds (for :func:`fxsparse.shrink`);
 - :func:`n_m`: N of every M along the input dimension (2:4 by default);
 - :func:`block` and :func:`weight_norm`: whole blocks, and ``WeightNormSparsifier``'s rule,
   equal to its masks for the same configuration;
@@ -26,6 +28,7 @@ Example:
     >>> out = fxsparse.transform(model, masks)
 """
 
+from ..structured._score import channels
 from ._calibrated import SparseGPTResult, sparsegpt, wanda
 from ._checkpoints import from_compressed_tensors, from_pretrained, save_pretrained
 from ._importers import from_parametrized, from_prune, from_sparsifier, of, to_sparsifier
@@ -34,6 +37,7 @@ from ._makers import block, from_zeros, magnitude, n_m, select, weight_norm
 __all__ = [
     "SparseGPTResult",
     "block",
+    "channels",
     "from_compressed_tensors",
     "from_parametrized",
     "from_pretrained",

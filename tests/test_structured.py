@@ -1,0 +1,406 @@
+"""Structured pruning: groups found on the captured graph, channel masks, and shrinking.
+
+Every shrunk model is compared with the FakeSparsity-masked model (tests/reference.py) on the
+same inputs; the groups are compared with what the layers' shapes say by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fxsparse
+
+import hf_zoo
+from reference import fake_sparsity_on_every_name
+from zoo import TiedEmbeddingHead
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 3))
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(6, 16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.fc3 = nn.Linear(16, 32)
+        self.fc4 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj_in(x)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        h = h + self.fc4(torch.relu(self.fc3(h)))
+        return self.head(h)  # type: ignore[no-any-return]
+
+
+class GroupedCNN(nn.Module):
+    """Conv + BatchNorm, a grouped conv (4 groups), a depthwise conv, pooling and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.conv3 = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)))
+        h = torch.relu(self.conv3(torch.relu(self.depthwise(h))))
+        return self.head(h.mean(dim=(2, 3)))  # type: ignore[no-any-return]
+
+
+class Flipped(nn.Module):
+    """An op fxsparse does not know (flip) between two layers: pruning index i of fc1 is not column i of fc2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.flip(self.fc1(x), [-1]))  # type: ignore[no-any-return]
+
+
+class HardCodedHeads(nn.Module):
+    """A forward that writes its head count into its code (view(-1, 2, 4)): shrinking cannot follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = torch.relu(self.fc1(x).view(-1, 2, 4))
+        return self.fc2(heads.reshape(-1, 8))  # type: ignore[no-any-return]
+
+
+def by_name(groups: fxsparse.Groups) -> dict[str, fxsparse.Group]:
+    return {group.name: group for group in groups}
+
+
+def members(group: fxsparse.Group) -> set[tuple[str, int]]:
+    return {(member.tensor, member.dim) for member in group.members}
+
+
+def reference_output(model: nn.Module, masks: dict[str, torch.Tensor], *args: torch.Tensor, **kwargs: torch.Tensor):  # type: ignore[no-untyped-def]
+    reference = fake_sparsity_on_every_name(model, masks).eval()
+    with torch.no_grad():
+        return reference(*args, **kwargs)
+
+
+def test_groups_of_an_mlp_couple_rows_bias_and_the_next_columns() -> None:
+    model = mlp()
+    found = by_name(fxsparse.groups(model, example_inputs=(torch.randn(2, 6),)))
+    assert members(found["0.weight[0]"]) == {("0.weight", 0), ("0.bias", 0), ("2.weight", 1)}
+    assert members(found["2.weight[0]"]) == {("2.weight", 0), ("2.bias", 0), ("4.weight", 1)}
+    assert found["0.weight[0]"].units == 16 and found["0.weight[0]"].prunable and found["0.weight[0]"].exact
+    assert all(len(unit) == 1 for member in found["0.weight[0]"].members for unit in member.indices)
+    assert found["0.weight[1]"].blocked == "a model input"
+    assert found["4.weight[0]"].blocked == "a model output"
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_shrunk_mlp_equals_the_fake_sparsity_masked_model(sparsity: float) -> None:
+    model, x = mlp(), torch.randn(5, 6)
+    masks = fxsparse.masks.channels(model, sparsity, example_inputs=(x,))
+    out = fxsparse.transform(model, masks)
+    small = fxsparse.shrink(out, example_inputs=(x,))
+    kept = 16 - int(sparsity * 16)
+    assert small[0].weight.shape == (kept, 6) and small[2].weight.shape == (12 - int(sparsity * 12), kept)
+    assert small[0].out_features == kept
+    expected = reference_output(model, masks, x)
+    assert torch.equal(out(x), expected)  # masks: exactly FakeSparsity's
+    torch.testing.assert_close(small(x), expected, rtol=1e-5, atol=1e-6)  # fewer zero terms: round-off only
+
+
+def test_channels_masks_whole_units_in_every_coupled_parameter() -> None:
+    model = mlp()
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(torch.randn(2, 6),))
+    rows = masks["0.weight"].all(dim=1)
+    assert torch.equal(masks["0.weight"], rows[:, None].expand(16, 6))
+    assert torch.equal(masks["0.bias"], rows)
+    assert torch.equal(masks["2.weight"].any(dim=0), rows)  # its own rows are another group's
+    # L2 score: the kept rows are the largest coupled norms (row of 0.weight, its bias, column of 2.weight)
+    norms = model[0].weight.pow(2).sum(1) + model[0].bias.pow(2) + model[2].weight.pow(2).sum(0)
+    assert set(norms.topk(8).indices.tolist()) == set(rows.nonzero().flatten().tolist())
+
+
+def test_channels_round_to_keeps_a_multiple_and_exclude_leaves_a_group() -> None:
+    model = mlp()
+    masks = fxsparse.masks.channels(model, 0.4, example_inputs=(torch.randn(2, 6),), round_to=8, exclude="4.*")
+    assert masks["0.weight"].all(dim=1).sum() == 8  # keeps 16 - floor(6.4) = 10, to the nearest multiple: 8
+    assert "4.weight" not in masks and masks["2.weight"].any(dim=1).all()  # layer 2's outputs reach 4.weight
+
+
+def test_residual_mlp_couples_the_stream_and_shrinks_to_the_masked_output() -> None:
+    model, x = ResidualMLP(), torch.randn(4, 6)
+    found = by_name(fxsparse.groups(model, example_inputs=(x,)))
+    stream = {("proj_in.weight", 0), ("proj_in.bias", 0), ("fc1.weight", 1), ("fc2.weight", 0), ("fc2.bias", 0)}
+    stream |= {("fc3.weight", 1), ("fc4.weight", 0), ("fc4.bias", 0), ("head.weight", 1)}
+    assert members(found["proj_in.weight[0]"]) == stream
+    assert found["proj_in.weight[0]"].prunable and found["proj_in.weight[0]"].exact
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,))
+    small = fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(x,))
+    assert small.proj_in.out_features == 8 and small.fc1.in_features == 8 and small.fc1.out_features == 16
+    torch.testing.assert_close(small(x), reference_output(model, masks, x), rtol=1e-5, atol=1e-6)
+
+
+def test_cnn_with_batchnorm_and_grouped_convolutions_shrinks_to_the_masked_output() -> None:
+    torch.manual_seed(0)
+    model, x = GroupedCNN().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):  # running statistics that are not the identity
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    found = by_name(fxsparse.groups(model, example_inputs=(x,)))
+    # conv2 has 4 groups of 4 channels: a unit is one whole group, its 4 input channels (conv1's outputs)
+    # with its 4 outputs; the depthwise conv keeps each channel to itself, so conv3's columns follow.
+    group = found["conv1.weight[0]"]
+    assert group.units == 4 and {len(u) for m in group.members for u in m.indices} == {4}
+    assert members(group) == {
+        ("conv1.weight", 0), ("conv1.bias", 0), ("bn1.weight", 0), ("bn1.bias", 0), ("bn1.running_mean", 0),
+        ("bn1.running_var", 0), ("conv2.weight", 0), ("conv2.bias", 0), ("bn2.weight", 0), ("bn2.bias", 0),
+        ("bn2.running_mean", 0), ("bn2.running_var", 0), ("depthwise.weight", 0), ("depthwise.bias", 0),
+        ("conv3.weight", 1),
+    }  # fmt: skip
+    assert group.prunable and group.exact
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,))
+    small = fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(x,))
+    assert small.conv2.groups == 2 and small.depthwise.groups == 8 and small.bn2.num_features == 8
+    torch.testing.assert_close(small(x), reference_output(model, masks, x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_op_blocks_its_group_with_the_reason() -> None:
+    found = by_name(fxsparse.groups(Flipped(), example_inputs=(torch.randn(2, 4),)))
+    group = found["fc1.weight[0]"]
+    assert not group.prunable
+    assert "flip" in str(group.blocked) and "does not know" in str(group.blocked)
+    assert fxsparse.masks.channels(Flipped(), 0.5, example_inputs=(torch.randn(2, 4),)) == {}
+
+
+def test_tied_embedding_and_head_make_one_group_through_the_tie() -> None:
+    torch.manual_seed(0)
+    model, ids = TiedEmbeddingHead(), torch.randint(0, 20, (2, 5))
+    found = by_name(fxsparse.groups(model, example_inputs=(ids,)))
+    # embed.weight's columns are both the embedding's output (hidden's input) and the head's input
+    # (hidden's output): one tied tensor, so hidden's rows and columns go together.
+    group = found["hidden.weight[0]"]
+    assert members(group) == {("hidden.weight", 0), ("hidden.weight", 1), ("hidden.bias", 0), ("embed.weight", 1)}
+    assert group.prunable and group.units == 8
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(ids,))
+    assert set(masks) == {"embed.weight", "hidden.weight", "hidden.bias"}  # one key for the tied pair
+    small = fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(ids,))
+    assert small.lm_head.weight is small.embed.weight and small.embed.weight.shape == (20, 4)
+    torch.testing.assert_close(small(ids), reference_output(model, masks, ids), rtol=1e-5, atol=1e-6)
+
+
+def test_shrink_refuses_a_forward_that_writes_a_width_into_its_code() -> None:
+    model, x = HardCodedHeads(), torch.randn(3, 4)
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,))
+    assert masks  # fc1's rows go by blocks of 4 (view(-1, 2, 4) splits them)
+    with pytest.raises(fxsparse.MaskError, match="no longer runs with its smaller weights"):
+        fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(x,))
+
+
+def test_groups_and_channels_leave_the_model_as_it_was() -> None:
+    model, x = mlp(), torch.randn(2, 6)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = fxsparse.transform(model, fxsparse.masks.channels(model, 0.5, example_inputs=(x,)))
+    before = {k: v.clone() for k, v in out.state_dict().items()}
+    fxsparse.shrink(out, example_inputs=(x,))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert all(torch.equal(out.state_dict()[k], v) for k, v in before.items())  # nor the output it shrinks
+    assert model[0].weight.shape == (16, 6)
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers
+
+
+def test_llama_gqa_group_removes_a_key_value_head_with_its_query_heads() -> None:
+    family = hf_zoo.FAMILIES["llama"]
+    model = hf_zoo.build(family)
+    found = by_name(fxsparse.groups(model, example_kwargs=family.inputs(1, 5)))
+    heads = found["model.layers.0.self_attn.q_proj.weight[0]"]
+    assert heads.units == 2  # num_key_value_heads
+    q = next(m for m in heads.members if m.tensor.endswith("q_proj.weight"))
+    k = next(m for m in heads.members if m.tensor.endswith("k_proj.weight"))
+    assert q.indices[1] == tuple(range(16, 32))  # two query heads of 8 per key/value head
+    assert k.indices[1] == tuple(range(8, 16))
+    hidden = next(g for g in found.values() if ("model.norm.weight", 0) in members(g))
+    assert hidden.prunable and not hidden.exact and "mean" in str(hidden.inexact)
+    assert found["lm_head.weight[0]"].blocked == "a model output"
+
+
+def test_channels_leaves_out_inexact_groups_unless_asked() -> None:
+    family = hf_zoo.FAMILIES["llama"]
+    model, inputs = hf_zoo.build(family), family.inputs(1, 5)
+    exact = fxsparse.masks.channels(model, 0.5, example_kwargs=inputs)
+    assert "model.norm.weight" not in exact and "model.embed_tokens.weight" not in exact
+    loose = fxsparse.masks.channels(model, 0.5, example_kwargs=inputs, exact=False)
+    assert loose["model.norm.weight"].sum() == 16
+
+
+def test_shrunk_llama_equals_the_masked_model_and_reloads_with_from_pretrained(tmp_path: Path) -> None:
+    family = hf_zoo.FAMILIES["llama"]
+    model, inputs = hf_zoo.build(family), family.inputs(2, 6)
+    masks = fxsparse.masks.channels(model, 0.5, example_kwargs=inputs)
+    out = fxsparse.transform(model, masks, example_kwargs=inputs)
+    small = fxsparse.shrink(out)
+    assert type(small) is type(model)
+    assert (small.config.intermediate_size, small.config.num_attention_heads) == (32, 2)
+    assert (small.config.num_key_value_heads, small.config.hidden_size, small.config.head_dim) == (1, 32, 8)
+    expected = reference_output(model, masks, **inputs).logits
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+    small.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, small(**inputs).logits)
+
+
+@pytest.mark.parametrize(("family_name", "include"), [("bert", "*intermediate*"), ("gpt2", "*mlp*")])
+def test_shrunk_bert_and_gpt2_equal_the_masked_model(family_name: str, include: str | None) -> None:
+    family = hf_zoo.FAMILIES[family_name]
+    model, inputs = hf_zoo.build(family), family.inputs(2, 6)
+    masks = fxsparse.masks.channels(model, 0.5, example_kwargs=inputs, include=include)
+    small = fxsparse.shrink(fxsparse.transform(model, masks, example_kwargs=inputs))
+    assert type(small) is type(model)
+    expected = getattr(reference_output(model, masks, **inputs), family.output)
+    with torch.no_grad():
+        torch.testing.assert_close(getattr(small(**inputs), family.output), expected, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_emit_forms_work_on_a_shrunk_model() -> None:
+    model, x = mlp(), torch.randn(3, 6)
+    small = fxsparse.shrink(
+        fxsparse.transform(model, fxsparse.masks.channels(model, 0.5, example_inputs=(x,))), example_inputs=(x,)
+    )
+    masks = {"0.weight": torch.ones_like(small[0].weight, dtype=torch.bool)}
+    for emit in ("script", "trace", "export"):
+        emitted = fxsparse.transform(small, masks, emit=emit, example_inputs=(x,))
+        result = emitted.module()(x) if emit == "export" else emitted(x)
+        torch.testing.assert_close(result, small(x))
+
+
+def test_shrink_refuses_heads_a_config_cannot_express() -> None:
+    family = hf_zoo.FAMILIES["gpt2"]  # GPT-2 derives its head width from n_embd // n_head
+    model, inputs = hf_zoo.build(family), family.inputs(1, 4)
+    masks = fxsparse.masks.channels(model, 0.5, example_kwargs=inputs, include="*attn*")
+    with pytest.raises(fxsparse.MaskError, match="GPT2LMHeadModel built from the updated config"):
+        fxsparse.shrink(fxsparse.transform(model, masks, example_kwargs=inputs))
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+
+
+def test_check_groups_lists_the_groups_and_shrink_writes_a_smaller_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fxsparse._cli import main
+
+    assert main(["check", "test_structured:mlp", "--groups", "--input-shape", "2x6"]) == 0
+    listed = capsys.readouterr().out
+    assert "0.weight[0]: 16 units (channel), prunable" in listed and "blocked: a model input" in listed
+    assert (
+        main(["shrink", "test_structured:mlp", "--input-shape", "2x6", "--sparsity", "0.5", "--out", str(tmp_path)])
+        == 0
+    )
+    state = torch.load(tmp_path / "model.pt")
+    assert state["0.weight"].shape == (8, 6) and state["2.weight"].shape == (6, 8)
+    assert "checked against the masked model" in capsys.readouterr().out
+
+
+def test_shrink_command_needs_example_inputs(capsys: pytest.CaptureFixture[str]) -> None:
+    from fxsparse._cli import main
+
+    with pytest.raises(SystemExit) as exit_status:
+        main(["shrink", "test_structured:mlp", "--out", "unused"])
+    assert exit_status.value.code == 2
+    assert "pass --input-shape or --token-ids" in capsys.readouterr().err
+
+
+class GroupedQueryAttention(nn.Module):
+    """4 query heads sharing 2 key/value heads through scaled_dot_product_attention(enable_gqa=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.o = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, -1, 4).transpose(1, 2)
+        k = self.k(x).view(b, s, -1, 4).transpose(1, 2)
+        v = self.v(x).view(b, s, -1, 4).transpose(1, 2)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(attended.transpose(1, 2).reshape(b, s, -1))  # type: ignore[no-any-return]
+
+
+def test_enable_gqa_attention_removes_a_key_value_head_with_its_query_heads() -> None:
+    torch.manual_seed(0)
+    model, x = GroupedQueryAttention(), torch.randn(2, 5, 16)
+    heads = by_name(fxsparse.groups(model, example_inputs=(x,)))["q.weight[0]"]
+    assert heads.units == 2 and heads.prunable and heads.exact
+    indices = {member.tensor: member.indices for member in heads.members}
+    assert indices["q.weight"] == (tuple(range(8)), tuple(range(8, 16)))  # query heads 0-1, then 2-3
+    assert indices["k.weight"] == (tuple(range(4)), tuple(range(4, 8)))
+    assert indices["o.weight"] == indices["q.weight"]
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,), include="q.*")
+    small = fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(x,))
+    assert small.q.out_features == 8 and small.k.out_features == 4 and small.o.in_features == 8
+    torch.testing.assert_close(small(x), reference_output(model, masks, x), rtol=1e-5, atol=1e-6)
+
+
+def test_exact_false_removes_the_hidden_size_and_the_config_follows(tmp_path: Path) -> None:
+    family = hf_zoo.FAMILIES["llama"]
+    model, inputs = hf_zoo.build(family), family.inputs(2, 6)
+    masks = fxsparse.masks.channels(model, 0.25, example_kwargs=inputs, exact=False)
+    out = fxsparse.transform(model, masks, example_kwargs=inputs)
+    assert fxsparse.shrink(out).config.hidden_size == 32  # exact: the RMSNorm'd hidden size stays, masked
+    small = fxsparse.shrink(out, exact=False)
+    assert (small.config.hidden_size, small.config.head_dim, small.config.intermediate_size) == (24, 8, 48)
+    small.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, small(**inputs).logits)
+
+
+def test_activation_score_removes_a_large_unit_that_never_fires() -> None:
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-1.0, -1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.tensor([[9.0, 1.0, 1.2, 1.1]]))  # unit 0: the largest weights, input always 0
+    x = torch.rand(16, 2)  # positive: relu(-x0 - x1) = 0
+    l2 = fxsparse.masks.channels(model, 0.25, example_inputs=(x,))
+    assert l2["0.weight"].all(dim=1).tolist() == [True, False, True, True]  # L2: unit 1 has the least weight
+    calibrated = fxsparse.masks.channels(model, 0.25, example_inputs=(x,), score="activation")
+    assert calibrated["0.weight"].all(dim=1).tolist() == [False, True, True, True]
+
+
+def test_global_scope_ranks_units_across_groups() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[2].bias.mul_(100)  # layer 2's outputs (its bias, the columns of layer 4): every unit scores high
+        model[4].weight.mul_(100)
+    x = (torch.randn(3, 4),)
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=x, scope="global")
+    assert masks["0.weight"].all(dim=1).sum() == 1  # the 8 lowest of 16 units are all layer 0's; one stays
+    assert masks["2.weight"].any(dim=0).sum() == 1 and masks["2.weight"].any(dim=1).all()
+    assert "4.weight" not in masks
