@@ -46,6 +46,7 @@ from . import masks, structured, viz
 from ._deploy import to_model
 from ._emit import EMITS, MaskedGraphModule
 from ._errors import EmitError, FxsparseError, MaskError, TraceError
+from ._fold import fold, unfold
 from ._freeze import freeze, layouts
 from ._kernels import LAYOUTS, LayoutChoice
 from ._plan import MaskedParameter, Plan
@@ -80,6 +81,7 @@ __all__ = [
     "Tag",
     "TraceError",
     "check",
+    "fold",
     "freeze",
     "groups",
     "layouts",
@@ -93,6 +95,7 @@ __all__ = [
     "tag_of",
     "to_model",
     "transform",
+    "unfold",
     "update_masks",
     "viz",
 ]

@@ -31,6 +31,7 @@ from ._capture import MISSING, Exported, lookup
 from ._compat import linear_c
 from ._errors import TraceError
 from ._plan import ADDED_ATTRIBUTES, KEPT_ROOT, MaskedParameter, Plan
+from ._runtime.folded import masked_gradient, zero_pruned
 from ._runtime.sparse_ops import bsr_linear, csr_linear
 from ._runtime.swap import call_with_parameters
 from ._tags import Role, Tag, retag, set_tag, tag_of, tagged
@@ -38,9 +39,11 @@ from ._tags import Role, Tag, retag, set_tag, tag_of, tagged
 __all__ = [
     "LINEAR_CALLS",
     "bias_argument",
+    "fold_into_weights",
     "fold_masks",
     "frozen_linear_uses",
     "rewrite",
+    "unfold_from_weights",
     "use_layouts",
 ]
 
@@ -86,18 +89,22 @@ def fold_masks(root: nn.Module, graph: torch.fx.Graph, values: bool = True) -> d
     bit the same), every use reads the parameter, and the mask buffer is removed from
     ``root``. Returns each folded parameter's name and mask.
 
+    A weight folded for training already (:func:`fold_into_weights`) holds its product: it
+    is read as it is, and its value is not computed again (nothing is allocated for it).
+
     ``values=False`` edits ``graph`` alone, for a second graph over the same ``root`` (a
     model's other mode) whose parameters and buffers the first fold already changed.
     """
     folded = {}
-    for product, tag in list(tagged(graph, Role.MASKED)):
+    for product, tag in list(tagged(graph, Role.MASKED, Role.FOLDED)):
         mask_node, weight_node = product.args
         assert isinstance(mask_node, torch.fx.Node) and isinstance(weight_node, torch.fx.Node)
         if values:
             parameter = root.get_parameter(str(weight_node.target))
             mask = folded[str(tag.param)] = root.get_buffer(str(mask_node.target))
-            with torch.no_grad():
-                parameter.copy_(torch.mul(mask, parameter))  # what the product node computes
+            if tag.role is Role.MASKED:
+                with torch.no_grad():
+                    parameter.copy_(torch.mul(mask, parameter))  # what the product node computes
             owner, _, buffer = str(mask_node.target).rpartition(".")
             del root.get_submodule(owner)._buffers[buffer]
         product.replace_all_uses_with(weight_node)
@@ -107,6 +114,35 @@ def fold_masks(root: nn.Module, graph: torch.fx.Graph, values: bool = True) -> d
         set_tag(weight_node, Tag(Role.FROZEN, param=tag.param))
     graph.lint()
     return folded
+
+
+def fold_into_weights(root: nn.Module, graph: torch.fx.Graph, values: bool = True) -> None:
+    """Fold each ``mask * weight`` of ``graph`` into its weight for training, in place.
+
+    The parameter takes the product's value (its pruned entries set to zero: a NaN or inf
+    there too), and the product node becomes ``masked_gradient(mask, weight)``, which reads
+    the weight as it is and masks its gradient; the mask buffer stays. ``values=False`` edits
+    ``graph`` alone (a model's other mode, whose weights the first call folded).
+    """
+    for product, tag in list(tagged(graph, Role.MASKED)):
+        mask_node, weight_node = product.args
+        assert isinstance(mask_node, torch.fx.Node) and isinstance(weight_node, torch.fx.Node)
+        if values:
+            zero_pruned(root.get_parameter(str(weight_node.target)), root.get_buffer(str(mask_node.target)))
+        product.target = masked_gradient
+        set_tag(product, dataclasses.replace(tag, role=Role.FOLDED))
+    graph.lint()
+
+
+def unfold_from_weights(graph: torch.fx.Graph) -> None:
+    """Undo :func:`fold_into_weights` in ``graph``: each folded weight is read through ``mask * weight`` again.
+
+    The weights keep their values (pruned entries zero): the masks multiply them again.
+    """
+    for folded, tag in list(tagged(graph, Role.FOLDED)):
+        folded.target = torch.mul
+        set_tag(folded, dataclasses.replace(tag, role=Role.MASKED))
+    graph.lint()
 
 
 LINEAR_CALLS = (linear_c, torch.nn.functional.linear, torch.ops.aten.linear.default)

@@ -47,6 +47,7 @@ __all__ = [
     "SCRIPT_MASKS_ATTRIBUTE",
     "Role",
     "Tag",
+    "is_folded",
     "mask_registry",
     "recorded_masks",
     "retag",
@@ -71,6 +72,7 @@ class Role(str, Enum):
     WEIGHT = "weight"
     MASK = "mask"
     MASKED = "masked"
+    FOLDED = "folded"
     PARAM = "param"
     OPENED = "opened"
     MODULE = "module"
@@ -93,6 +95,10 @@ _DESCRIPTIONS = {
     Role.WEIGHT: "fetches a masked parameter",
     Role.MASK: "fetches a mask buffer",
     Role.MASKED: "mask * weight, read by every use of the parameter",
+    Role.FOLDED: (
+        "a masked weight that holds mask * weight itself (fxsparse.fold), read by every use of the parameter "
+        "as it is; its gradient is multiplied by the mask"
+    ),
     Role.PARAM: "fetches an unmasked parameter of an opened module",
     Role.OPENED: "a leaf module call opened into its functional form",
     Role.MODULE: "fetches a module that is called with masked parameters swapped in",
@@ -200,8 +206,14 @@ def tagged(graph: torch.fx.Graph, *roles: Role) -> Iterator[tuple[torch.fx.Node,
 
 
 def mask_registry(graph: torch.fx.Graph) -> dict[str, str]:
-    """The masks fxsparse made in ``graph``: mask buffer FQN -> parameter FQN, read from its tags."""
-    return {str(tag.mask): str(tag.param) for _, tag in tagged(graph, Role.MASKED)}
+    """The masks fxsparse made in ``graph``: mask buffer FQN -> parameter FQN, read from its tags
+    (of its ``mask * weight`` products, or of its folded weights)."""
+    return {str(tag.mask): str(tag.param) for _, tag in tagged(graph, Role.MASKED, Role.FOLDED)}
+
+
+def is_folded(graph: torch.fx.Graph) -> bool:
+    """Whether ``graph`` reads folded weights (``fxsparse.fold``): weights that hold ``mask * weight``."""
+    return next(tagged(graph, Role.FOLDED), None) is not None
 
 
 def recorded_masks(module: nn.Module) -> dict[str, str] | None:

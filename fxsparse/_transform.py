@@ -13,10 +13,10 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import _capture, _emit, _functions, _rewrite
+from . import _capture, _emit, _fold, _functions, _rewrite
 from ._errors import EmitError, MaskError, TraceError
 from ._plan import MASK_SUFFIX, Plan, build_plan
-from ._tags import mask_registry
+from ._tags import is_folded, mask_registry
 
 __all__ = ["CAPTURES", "check_arguments", "plan", "transform"]
 
@@ -35,6 +35,7 @@ def transform(
     dynamic_shapes: Any = None,
     concrete_args: dict[str, Any] | None = None,
     share_weights: bool = False,
+    fold: bool = False,
 ) -> Any:
     """Mask weights of ``model`` as ``torch.ao.pruning.FakeSparsity`` would, as an explicit FX graph rewrite.
 
@@ -78,6 +79,14 @@ def transform(
             either where they already are ``bool`` (or the weight's dtype) on the weight's
             device: the output's mask buffers are those tensors, so change neither
             afterwards (``fxsparse.update_masks`` replaces masks safely).
+        fold: ``False`` (default): the graph computes ``mask * weight`` on every forward, as
+            FakeSparsity does. ``True``: for fine-tuning at the dense model's cost, each masked
+            weight holds ``mask * weight`` itself (pruned entries exactly zero), the graph reads
+            it as it is, and its gradient is multiplied by the mask before anything else sees it
+            (see :func:`fxsparse.fold`, which does the same to an output, and
+            :func:`fxsparse.unfold`). Binary masks only; ``emit="graph"`` only; not with
+            ``share_weights=True``, which would write the zeros into the model's own weights
+            (``fxsparse.fold(out, inplace=True)`` does that, when asked).
 
     Returns:
         For ``"graph"`` a ``torch.fx.GraphModule`` whose ``state_dict`` holds every key
@@ -99,9 +108,12 @@ def transform(
         ['0.weight_mask', '2.weight_mask']
     """
     args, kwargs = check_arguments(capture, emit, example_inputs, example_kwargs, dynamic_shapes)
+    _check_fold(model, fold, share_weights, emit)
     # Python's garbage collector stays as the caller has it: it is process-wide, and other threads
     # (and the model's own forward, which capture runs) must not find it switched off.
     root, the_plan = _prepare(model, masks, share_weights)
+    if fold:  # before the capture: a soft mask is refused at once
+        _fold.refuse_soft_masks((p.name, p.mask) for p in the_plan.parameters)
     if emit == "parametrize":
         return _emit.parametrized(root, the_plan)
     exported = None
@@ -146,6 +158,8 @@ def transform(
     was_exported = isinstance(model, torch.fx.GraphModule) and _emit.captured_by(model) == "export"
     capture_used = "export" if exported is not None or was_exported else "fx"
     out = _emit.graph_module(root, graph, capture_used, modes, modes_bound)
+    if fold:
+        _fold.fold_in_place(out)  # the output's own weights: copies of the model's (share_weights is refused)
     for function in traced_through:
         how = (
             "torch.export inlines every custom autograd.Function"
@@ -163,6 +177,30 @@ def transform(
     # A module registered under two names holds its mask under both; ONNX may pick either.
     mask_names = {f"{alias}{MASK_SUFFIX}" for p in the_plan.parameters for alias in p.aliases}
     return _emit.emit_as(out, emit, args, kwargs, dynamic_shapes, mask_names)
+
+
+def _check_fold(model: nn.Module, fold: bool, share_weights: bool, emit: str) -> None:
+    if not isinstance(fold, bool):
+        raise MaskError(f"fold must be True or False, got {fold!r}")
+    if isinstance(model, torch.fx.GraphModule) and is_folded(model.graph):
+        raise MaskError(
+            "this output is folded (its weights hold mask * weight, fxsparse.fold): transform "
+            "fxsparse.unfold(out) instead, or change its masks in place with fxsparse.update_masks"
+        )
+    if not fold:
+        return
+    if share_weights:
+        raise MaskError(
+            "fold=True with share_weights=True would write mask * weight (zeros at every pruned entry) into "
+            "the model's own parameters, which the output shares. Pass share_weights=False (the output folds "
+            "its own copy), or ask for it explicitly: out = fxsparse.transform(model, masks, share_weights=True); "
+            "fxsparse.fold(out, inplace=True)"
+        )
+    if emit != "graph":
+        raise EmitError(
+            f"fold=True makes a model to train, which only emit='graph' keeps as such, got emit={emit!r}; "
+            "for an inference artifact, fxsparse.freeze(out, emit=...) folds the masks"
+        )
 
 
 def _forget_the_frames_of(failure: BaseException) -> None:

@@ -43,17 +43,25 @@ def spawn(mode: str, folder: Path, attempts: int = 2) -> list[dict[str, object]]
     return [torch.load(folder / f"{mode}-{rank}.pt") for rank in range(WORLD)]
 
 
-def single_process(sparsity_after: float | None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """The same fine-tuning in one process on the whole batches: the mean of the ranks' losses."""
+def single_process(
+    sparsity_after: float | None,
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The same fine-tuning in one process on the whole batches (the mean of the ranks' losses), by
+    FakeSparsity: its losses, its parameters (by the model's names) and its masked weights (mask * weight)."""
     model = worker.make_model()
-    out = fxsparse.transform(model, fxsparse.masks.magnitude(model, 0.5))
-    if sparsity_after is not None:
-        fxsparse.update_masks(out, fxsparse.masks.magnitude(model, sparsity_after))
+    masks = fxsparse.masks.magnitude(model, 0.5 if sparsity_after is None else sparsity_after)
+    out = fxsparse.transform(model, masks, emit="parametrize")
     losses = worker.train(out, 0, 1)
-    return losses, {name: p.detach() for name, p in out.named_parameters()}
+    raw = {
+        name.replace("parametrizations.", "").replace(".original", ""): p.detach() for name, p in out.named_parameters()
+    }
+    effective = {name: out.get_submodule(name.rpartition(".")[0]).weight.detach() for name in masks}
+    return losses, raw, effective
 
 
-@pytest.mark.parametrize(("mode", "sparsity_after"), [("ddp", None), ("fsdp", 0.75)])
+@pytest.mark.parametrize(
+    ("mode", "sparsity_after"), [("ddp", None), ("fsdp", 0.75), ("ddp-fold", None), ("fsdp-fold", 0.75)]
+)
 def test_masked_fine_tuning_across_ranks(mode: str, sparsity_after: float | None, tmp_path: Path) -> None:
     ranks = spawn(mode, tmp_path)
     first = ranks[0]
@@ -63,12 +71,17 @@ def test_masked_fine_tuning_across_ranks(mode: str, sparsity_after: float | None
     masks: dict[str, torch.Tensor] = first["masks"]  # type: ignore[assignment]
     parameters: dict[str, torch.Tensor] = first["parameters"]  # type: ignore[assignment]
     initial = dict(worker.make_model().named_parameters())
-    for name, mask in masks.items():  # pruned weights get no gradient: SGD leaves them as they were
-        assert torch.equal(parameters[name][~mask.bool()], initial[name].detach()[~mask.bool()])
+    for name, mask in masks.items():  # pruned weights get no gradient: SGD leaves them as they were (folded: zero)
+        pruned = parameters[name][~mask.bool()]
+        assert torch.equal(
+            pruned, torch.zeros_like(pruned) if mode.endswith("-fold") else initial[name].detach()[~mask.bool()]
+        )
+    assert all(r["unmasked"] == [] for r in ranks)  # DDP: every gradient masked before the all-reduce
     if sparsity_after is not None:  # the masks changed after sharding
         assert [round(float((~m).float().mean()), 2) for m in masks.values()] == [sparsity_after] * 3
-    expected_losses, expected_parameters = single_process(sparsity_after)
+    expected_losses, raw, effective = single_process(sparsity_after)
     mean_losses = torch.stack([torch.stack(r["losses"]) for r in ranks]).mean(dim=0)  # type: ignore[arg-type]
     torch.testing.assert_close(mean_losses, torch.stack(expected_losses), rtol=1e-5, atol=1e-6)
-    for name, parameter in expected_parameters.items():
-        torch.testing.assert_close(parameters[name], parameter, rtol=1e-5, atol=1e-6)
+    for name, parameter in parameters.items():
+        folded = mode.endswith("-fold") and name in masks  # a folded weight holds mask * weight
+        torch.testing.assert_close(parameter, effective[name] if folded else raw[name], rtol=1e-5, atol=1e-6)

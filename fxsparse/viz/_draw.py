@@ -167,12 +167,12 @@ def _draw(
         run = next((end for end in range(1, len(path) + 1) if tuple(path[:end]) in runs), None)
         cut = min(depth + 1 if depth is not None else len(path) + 1, run or len(path) + 1)
         box = ids(f"collapsed__{'.'.join(path[:cut])}") if cut <= len(path) else None
-        if role_of(node) is Role.MASKED and box is not None:
+        if role_of(node) in _PRODUCTS and box is not None:
             masked[box] = masked.get(box, 0) + 1
         if node in hidden:
             continue
         if compact and _folds(node):
-            if role_of(node) is Role.MASKED:
+            if role_of(node) in _PRODUCTS:
                 for user in node.users:
                     folded.setdefault(user.name, []).append(node)
             continue
@@ -426,7 +426,7 @@ def _mark(attributes: dict[str, str], mark: str) -> None:
 def _folds(node: torch.fx.Node) -> bool:
     """Whether a compact drawing leaves ``node`` out as a parameter read: fetches and mask * weight
     (the plumbing it leaves out is :func:`plumbing`'s)."""
-    return node.op == "get_attr" or role_of(node) in (Role.WEIGHT, Role.MASK, Role.PARAM, Role.MASKED)
+    return node.op == "get_attr" or role_of(node) in (Role.WEIGHT, Role.MASK, Role.PARAM, *_PRODUCTS)
 
 
 def _module_path(node: torch.fx.Node) -> list[str]:
@@ -449,6 +449,8 @@ def _module_path(node: torch.fx.Node) -> list[str]:
     return calls[-1][1].split(".") if calls and calls[-1][1] else []
 
 
+# A masked weight as its uses read it: mask * weight, or a weight holding it (folded, drawn the same).
+_PRODUCTS = (Role.MASKED, Role.FOLDED)
 # Roles drawn as a kind of their own (KINDS has an entry of the role's name for each).
 _DRAWN_BY_ROLE = (Role.WEIGHT, Role.MASK, Role.MASKED, Role.OPENED, Role.CALLED, Role.GUARDS, Role.SPARSE)
 
@@ -458,6 +460,8 @@ def kind_of(node: torch.fx.Node) -> str:
     role = role_of(node)
     if node.op in ("placeholder", "output"):
         return "input"
+    if role is Role.FOLDED:
+        return str(Role.MASKED)
     if role in _DRAWN_BY_ROLE:
         return str(role)
     if node.op == "get_attr":
@@ -471,7 +475,8 @@ def _node_style(node: torch.fx.Node, module: torch.fx.GraphModule | None) -> dic
     if kind == "input":
         return {"label": node.name, "fillcolor": KINDS[kind], "shape": "ellipse"}
     if kind == "masked":
-        label = f"mask * weight\n{tag['param']}"
+        folded = " (folded)" if tag["role"] is Role.FOLDED else ""
+        label = f"mask * weight{folded}\n{tag['param']}"
         mask = _buffer(module, tag.get("mask"))
         if mask is not None and mask.is_meta:
             label += f"\n{'×'.join(str(size) for size in mask.shape)}  (meta: no values)"

@@ -1,0 +1,128 @@
+"""``fold`` and ``unfold``: masks folded into the weights for training, and back.
+
+A folded output's masked weights hold ``mask * weight`` themselves (pruned entries exactly
+zero); its graph reads them as they are and masks their gradients (``_runtime.folded``), so
+a training step costs what the dense model's does. The graph edits are the rewriter's
+(``_rewrite.fold_into_weights``, ``_rewrite.unfold_from_weights``); this module checks what
+may be folded and works on a copy unless asked not to.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.fx
+
+from . import _emit, _rewrite
+from ._errors import EmitError, MaskError
+from ._tags import is_folded, mask_registry
+
+__all__ = ["fold", "fold_in_place", "refuse_soft_masks", "unfold"]
+
+
+def fold(out: torch.fx.GraphModule, *, inplace: bool = False) -> torch.fx.GraphModule:
+    """``out`` with its masks folded into its weights, for fine-tuning at the dense model's cost.
+
+    Each masked weight holds ``mask * weight`` itself (its pruned entries exactly zero), the
+    graph multiplies nothing in the forward and reads the weight as it is, and the weight's
+    gradient is multiplied by its mask on its way back, before it reaches ``weight.grad``
+    (and before a DDP all-reduce or an FSDP reduce-scatter). The mask buffers, node names,
+    ``state_dict`` keys, :func:`fxsparse.masks.of` and :func:`fxsparse.update_masks` stay as
+    they are; each product node is tagged :attr:`Role.FOLDED <fxsparse.Role>` instead of
+    ``masked``. ``fxsparse.transform(model, masks, fold=True)`` makes the same in one step.
+
+    With fixed masks, finite weights and an optimizer that leaves an entry with zero
+    gradient, zero state and zero value at zero (SGD, Adam, AdamW and the others listed in
+    docs/distributed.md), every step's loss, output and effective weight equal
+    ``torch.ao.pruning.FakeSparsity``'s bit for bit. Where they differ (documented there):
+    a NaN or inf under a pruned entry is gone, and an entry unpruned later by
+    ``update_masks`` starts from zero instead of the value FakeSparsity kept.
+
+    Args:
+        out: ``fxsparse.transform``'s output (``emit="graph"``), with binary masks.
+        inplace: ``False`` (default): ``out`` is not changed, and the folded model is a copy.
+            ``True``: ``out``'s own weights are folded, and ``out`` is returned. An output made
+            with ``share_weights=True`` shares its weights with its model, which then holds the
+            folded weights too (its pruned entries set to zero): the way to fold a model too
+            big for two copies, asked for by ``inplace=True``.
+
+    Raises:
+        MaskError: ``out`` has no masks, or a mask holds values other than 0 and 1 (named).
+
+    Example:
+        >>> import torch, fxsparse
+        >>> out = fxsparse.transform(torch.nn.Linear(2, 2), {"weight": torch.eye(2, dtype=torch.bool)})
+        >>> folded = fxsparse.fold(out)
+        >>> folded.weight[0, 1].item(), sorted(folded.state_dict()) == sorted(out.state_dict())
+        (0.0, True)
+    """
+    _check_output(out, "fold", inplace)
+    if is_folded(out.graph):
+        return out if inplace else copy.deepcopy(out)
+    refuse_soft_masks(_masks_of(out))
+    folded = out if inplace else copy.deepcopy(out)
+    fold_in_place(folded)
+    return folded
+
+
+def unfold(out: torch.fx.GraphModule, *, inplace: bool = False) -> torch.fx.GraphModule:
+    """A folded output (:func:`fold`) as the masked graph again: every use reads ``mask * weight``.
+
+    The weights keep their folded values (pruned entries zero): the raw values FakeSparsity
+    would keep under a pruned entry are gone, so an entry unpruned later starts from zero.
+    ``inplace`` as for :func:`fold`.
+
+    Example:
+        >>> import torch, fxsparse
+        >>> out = fxsparse.transform(torch.nn.Linear(2, 2), {"weight": torch.eye(2)}, fold=True)
+        >>> "torch.mul" in fxsparse.unfold(out).code, "torch.mul" in out.code
+        (True, False)
+    """
+    _check_output(out, "unfold", inplace)
+    unfolded = out if inplace else copy.deepcopy(out)
+    _edit_every_mode(unfolded, lambda graph, first: _rewrite.unfold_from_weights(graph))
+    return unfolded
+
+
+def fold_in_place(out: torch.fx.GraphModule) -> None:
+    """Fold ``out``'s masks into its own weights (its masks checked binary beforehand)."""
+    _edit_every_mode(out, lambda graph, first: _rewrite.fold_into_weights(out, graph, values=first))
+
+
+def refuse_soft_masks(masks: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """A ``MaskError`` naming the first parameter whose mask holds values other than 0 and 1."""
+    for name, mask in masks:
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise MaskError(
+                f"mask for {name!r} has values other than 0 and 1, and a folded weight holds mask * weight: "
+                "training 0.5 * w is not training w under a 0.5 mask. Fold binary masks only (fold=False "
+                "keeps soft masks, as FakeSparsity does)"
+            )
+
+
+def _masks_of(out: torch.fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    return [(param, out.get_buffer(mask)) for mask, param in mask_registry(out.graph).items()]
+
+
+def _check_output(out: torch.fx.GraphModule, caller: str, inplace: bool) -> None:
+    if not isinstance(out, torch.fx.GraphModule):
+        raise TypeError(f"{caller} takes fxsparse.transform's output (emit='graph'), got {type(out).__name__}")
+    if not isinstance(inplace, bool):
+        raise EmitError(f"inplace must be True or False, got {inplace!r}")
+    if not mask_registry(out.graph):
+        raise MaskError(f"{type(out).__name__} has no masks to {caller}: pass fxsparse.transform's output")
+
+
+def _edit_every_mode(out: torch.fx.GraphModule, edit: Callable[[torch.fx.Graph, bool], None]) -> None:
+    """Edit each mode's graph of ``out`` (the current one first), and make its code again."""
+    modes = _emit.mode_graphs(out)
+    edit(out.graph, True)
+    for graph in modes.values():
+        if graph is not out.graph:
+            edit(graph, False)  # the other mode's graph, over the same weights
+    if len(modes) > 1:
+        _emit.keep_mode_graphs(out, modes)  # drops the other mode's code, made from the graph before
+    else:
+        out.recompile()
