@@ -310,6 +310,42 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         (fxsparse.MaskError, "share_weights must be True or False, got 'yes'"),
     ),
     (
+        "fold that is not a bool",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": ONES}, fold="yes"),
+        (fxsparse.MaskError, "fold must be True or False, got 'yes'"),
+    ),
+    (
+        "soft mask with fold=True",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": torch.full((3, 4), 0.5)}, fold=True),
+        (
+            fxsparse.MaskError,
+            "mask for '0.weight' has values other than 0 and 1, and a folded weight holds mask * weight",
+        ),
+    ),
+    (
+        "fold=True with share_weights=True",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": ONES}, fold=True, share_weights=True),
+        (fxsparse.MaskError, "fold=True with share_weights=True would write mask * weight"),
+    ),
+    (
+        "fold=True with an emit other than 'graph'",
+        small,
+        lambda m, _: fxsparse.transform(m, {"0": ONES}, fold=True, emit="script"),
+        (
+            fxsparse.EmitError,
+            "fold=True makes a model to train, which only emit='graph' keeps as such, got emit='script'",
+        ),
+    ),
+    (
+        "folded output transformed again",
+        lambda: fxsparse.transform(small(), {"0": ONES}, fold=True),
+        lambda m, _: fxsparse.transform(m, {"2": torch.ones(2, 3)}),
+        (fxsparse.MaskError, "this output is folded (its weights hold mask * weight, fxsparse.fold)"),
+    ),
+    (
         "freeze inplace that is not a bool",
         small,
         lambda m, _: fxsparse.freeze(fxsparse.transform(m, {"0": ONES}), inplace="yes"),

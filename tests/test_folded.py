@@ -464,3 +464,35 @@ def test_freeze_of_a_folded_output_in_place_allocates_nothing() -> None:
     with _Allocations() as counted:
         fxsparse.freeze(masked, inplace=True)
     assert counted.bytes > 0
+
+
+def test_adafactor_keeps_folded_weights_pruned_but_is_not_fake_sparsitys() -> None:
+    """Adafactor scales its step by the weight's root mean square, over every entry: FakeSparsity's
+    raw values under pruned entries count there, a folded weight's zeros here. Sparsity is kept
+    (its update is the gradient's, scaled), bit-for-bit equality with FakeSparsity is not."""
+    model, masks, batches = zoo_case("nested_sequential")
+    folded, reference = fxsparse.transform(model, masks, fold=True), fake_sparsity_on_every_name(model, masks)
+    optimizers = [torch.optim.Adafactor(m.parameters(), lr=0.01) for m in (folded, reference)]
+    for inputs in batches:
+        for module, optimizer in zip((folded, reference), optimizers, strict=True):
+            optimizer.zero_grad()
+            positional(module, inputs).backward()
+            optimizer.step()
+    names = every_name(model, masks)
+    for name in names:
+        assert not bool(folded.get_parameter(name)[fxsparse.masks.of(folded)[name] == 0].any())
+    assert not all(torch.equal(folded.get_parameter(name), effective(reference, name)) for name in names)
+
+
+def test_muon_does_not_qualify_it_moves_pruned_entries_of_a_folded_weight() -> None:
+    """Muon orthogonalizes each update matrix: entries with zero gradient get nonzero updates. Under
+    FakeSparsity the mask hides them; a folded weight would hold them (docs/distributed.md says so)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 4, bias=False))
+    masks = {"0.weight": torch.rand(8, 8) > 0.5}
+    folded = fxsparse.transform(model, masks, fold=True)
+    optimizer = torch.optim.Muon(folded.parameters(), lr=0.02)
+    folded(torch.randn(4, 8)).square().mean().backward()
+    assert not bool(folded.get_parameter("0.weight").grad[~masks["0.weight"]].any())  # the gradient is masked
+    optimizer.step()
+    assert bool(folded.get_parameter("0.weight")[~masks["0.weight"]].any())  # but the update is not
