@@ -978,6 +978,18 @@ def gpu_section(gpu: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def folded_training_section() -> list[str]:
+    """The folded mode's section, from tools/bench_train.py's saved results (none where they are not saved)."""
+    saved = ROOT / "tools" / "results" / "train-cpu.json"
+    if not saved.exists():
+        return []
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_train
+
+    return ["", *bench_train.docs_section(json.loads(saved.read_text()))]
+
+
 def docs_page(results: Mapping[str, Any], gpu: Mapping[str, Any] | None) -> str:
     layouts = results["machine"].get("layouts_api", False)
     lines = [
@@ -1049,6 +1061,7 @@ def docs_page(results: Mapping[str, Any], gpu: Mapping[str, Any] | None) -> str:
             "",
             *table_training(results["training"]),
         ]
+    lines += folded_training_section()
     if "kernels" in results:
         lines += [
             "",
