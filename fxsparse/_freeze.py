@@ -123,7 +123,10 @@ def freeze(
     for graph in modes.values():
         if graph is not frozen.graph:
             _rewrite.fold_masks(frozen, graph, values=False)  # the other mode's graph, over the same weights
-    frozen.recompile()
+    if len(modes) > 1:  # the other mode's code, made before (a switch of `out`), would still read the masks
+        _emit.keep_mode_graphs(frozen, modes)
+    else:
+        frozen.recompile()
     if layout != "dense":
         _store_in_layout(frozen, masks, layout, args, kwargs)
         if len(modes) > 1:  # the layouts were chosen on this mode's graph: the frozen model keeps it alone

@@ -310,7 +310,8 @@ def test_fold_and_unfold_switch_an_existing_output_without_changing_it() -> None
     assert fxsparse.fold(out, inplace=True) is out and "torch.mul" not in out.code
 
 
-def test_fold_of_a_model_traced_in_both_modes_folds_each_modes_graph() -> None:
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fold_of_a_model_traced_in_both_modes_folds_each_modes_graph(inplace: bool) -> None:
     from test_training import StochasticDepthBlock, seeded
 
     torch.manual_seed(0)
@@ -319,12 +320,16 @@ def test_fold_of_a_model_traced_in_both_modes_folds_each_modes_graph() -> None:
     out = fxsparse.transform(model, masks)
     out.train()  # the train graph's code made too, before the fold
     out.eval()
-    folded = fxsparse.fold(out)
+    folded = fxsparse.fold(out, inplace=inplace)
     reference = fake_sparsity_on_every_name(model, masks)
     x = torch.randn(16, 8)
     for training in (True, False, True):
         assert torch.equal(seeded(folded, training, x), seeded(reference, training, x))
         assert "torch.mul" not in folded.code
+    unfolded = fxsparse.unfold(folded, inplace=inplace)
+    for training in (True, False):
+        assert torch.equal(seeded(unfolded, training, x), seeded(reference, training, x))
+        assert "torch.mul" in unfolded.code
 
 
 def test_update_masks_on_a_folded_output_unprunes_from_zero() -> None:
@@ -496,3 +501,22 @@ def test_muon_does_not_qualify_it_moves_pruned_entries_of_a_folded_weight() -> N
     assert not bool(folded.get_parameter("0.weight").grad[~masks["0.weight"]].any())  # the gradient is masked
     optimizer.step()
     assert bool(folded.get_parameter("0.weight")[~masks["0.weight"]].any())  # but the update is not
+
+
+@pytest.mark.parametrize("fold_first", [False, True], ids=["masked", "folded"])
+def test_freeze_in_place_after_a_mode_switch_runs_the_frozen_graph_in_both_modes(fold_first: bool) -> None:
+    """An output switched to train mode and back holds the train graph's code, made before the freeze:
+    the frozen model must not run it (it read the mask buffers the freeze removed)."""
+    from test_training import StochasticDepthBlock, seeded
+
+    torch.manual_seed(0)
+    model = StochasticDepthBlock().eval()
+    masks = {"fc.weight": torch.rand(8, 8) > 0.5}
+    out = fxsparse.transform(model, masks, fold=fold_first)
+    out.train()
+    out.eval()
+    frozen = fxsparse.freeze(out, inplace=True)
+    reference = fake_sparsity_on_every_name(model, masks)
+    x = torch.randn(16, 8)
+    for training in (True, False):
+        assert torch.equal(seeded(frozen, training, x), seeded(reference, training, x))
