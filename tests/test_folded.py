@@ -286,8 +286,10 @@ def test_folded_output_keeps_the_masked_graphs_names_keys_and_masks() -> None:
         torch.equal(fxsparse.masks.of(folded)[k], fxsparse.masks.of(masked)[k]) for k in fxsparse.masks.of(masked)
     )
     assert "folded" in fxsparse.ROLES
-    picture = fxsparse.viz.draw(folded).source
-    assert "mask * weight (folded)" in picture
+    assert "mask * weight (folded)" in fxsparse.viz.draw(folded, compact=False).source
+    for compact in (True, False):  # the masked graph's pictures, the product labelled folded
+        drawn = fxsparse.viz.draw(folded, compact=compact).source.replace(" (folded)", "")
+        assert drawn == fxsparse.viz.draw(masked, compact=compact).source
     for kept in (copy.deepcopy(folded), pickle.loads(pickle.dumps(folded))):
         ids = case.inputs()
         assert torch.equal(kept(*ids), folded(*ids))

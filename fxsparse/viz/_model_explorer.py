@@ -97,7 +97,7 @@ def model_explorer_data(
     results: dict[str, float | str] = {}
     for node in out.graph.nodes:
         tag = tag_of(node)
-        if role_of(node) is not Role.MASKED or tag is None or str(tag["param"]) not in values:
+        if role_of(node) not in (Role.MASKED, Role.FOLDED) or tag is None or str(tag["param"]) not in values:
             continue
         shown = values[str(tag["param"])]
         results[node.name] = shown
@@ -105,7 +105,7 @@ def model_explorer_data(
             if source.op == "placeholder":  # the weight and the mask, lifted to inputs
                 results[source.name] = shown
         for user in node.users:
-            readers = [source for source in user.all_input_nodes if role_of(source) is Role.MASKED]
+            readers = [source for source in user.all_input_nodes if role_of(source) in (Role.MASKED, Role.FOLDED)]
             if len(readers) == 1:  # an operation reading two masked weights has no one value
                 results[user.name] = shown
     data = _built(results, value)
@@ -165,7 +165,7 @@ def _holder_kinds(graph: torch.fx.Graph, model: nn.Module | None) -> dict[str, l
     kinds: dict[str, list[type[nn.Module]]] = {}
     for node in graph.nodes:
         tag = tag_of(node)
-        if role_of(node) is not Role.MASKED or tag is None:
+        if role_of(node) not in (Role.MASKED, Role.FOLDED) or tag is None:
             continue
         holder = str(tag["param"]).rpartition(".")[0]
         for user in [node, *node.users]:

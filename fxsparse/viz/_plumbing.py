@@ -150,7 +150,7 @@ def _touching_weights(
 
 
 def _is_weight(node: torch.fx.Node, module: torch.nn.Module | None) -> bool:
-    if role_of(node) in (Role.WEIGHT, Role.MASK, Role.MASKED, Role.PARAM):
+    if role_of(node) in (Role.WEIGHT, Role.MASK, Role.MASKED, Role.FOLDED, Role.PARAM):
         return True
     if node.op == "get_attr":
         if module is None:
@@ -187,7 +187,7 @@ def _takes_as_side_input(
 
 def _is_activation(node: torch.fx.Node) -> bool:
     """Whether a node reading weights is a computed value, not a weight fetched (or masked)."""
-    return node.op != "get_attr" and role_of(node) not in (Role.WEIGHT, Role.MASK, Role.MASKED, Role.PARAM)
+    return node.op != "get_attr" and role_of(node) not in (Role.WEIGHT, Role.MASK, Role.MASKED, Role.FOLDED, Role.PARAM)
 
 
 def _name_of(target: Any) -> str:
