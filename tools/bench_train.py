@@ -409,6 +409,36 @@ def table_finetune(tuned: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def time_summary(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[str]:
+    """Folded ÷ dense at its worst and at its best over both runs, and FakeSparsity's, for comparison."""
+    lines = []
+    for name, label in (("folded", "Folded"), ("fakesparsity", "FakeSparsity"), ("masked", "The masked graph")):
+        ratios = [r["to_dense"] for rows in runs for r in rows if r["variant"] == name]
+        within = sum(ratio <= 1.05 for ratio in ratios)
+        lines.append(
+            f"- {label}: {min(ratios):.2f}× to {max(ratios):.2f}× the dense step; {within} of {len(ratios)} "
+            "measurements within 1.05×."
+        )
+    return lines
+
+
+def memory_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each workload's folded step against the target (dense + masks) and against the dense capture + masks."""
+    lines = []
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        by = {r["measured"]: r for r in rows if r["workload"] == workload}
+        masks = by["train/folded"]["masks_mib"]
+        folded, dense = by["train/folded"]["peak_mib"], by["train/dense"]["peak_mib"]
+        line = f"- {workload}: folded {folded:.0f} MiB against dense + masks {dense + masks:.0f} MiB"
+        if "train/dense graph" in by:
+            line += f" (the dense capture + masks: {by['train/dense graph']['peak_mib'] + masks:.0f} MiB)"
+        fake = by["train/fakesparsity"]["peak_mib"]
+        lines.append(line + f"; FakeSparsity {fake:.0f} MiB. Freezing the folded output in place: "
+                     f"{by['freeze/folded']['step_peak_mib']:+.0f} MiB, the masked one "
+                     f"{by['freeze/masked']['step_peak_mib']:+.0f} MiB.")  # fmt: skip
+    return lines
+
+
 def docs_section(results: Mapping[str, Any]) -> list[str]:
     """The "Fine-tuning, folded" section of docs/performance.md (see tools/bench_speed.py's ``docs_page``)."""
     lines = [
@@ -436,6 +466,7 @@ def docs_section(results: Mapping[str, Any]) -> list[str]:
         ]
         for number, rows in enumerate(results["time"], 1):
             lines += ["", f"Run {number} of 2:", "", *table_time(rows)]
+        lines += ["", *time_summary(results["time"])]
     if "memory" in results:
         lines += [
             "",
@@ -444,9 +475,13 @@ def docs_section(results: Mapping[str, Any]) -> list[str]:
             'the peak of `fxsparse.freeze(out, inplace=True)`. Target: folded ≤ dense + masks. "dense graph" is '
             "the dense model captured as fxsparse captures it (`transform(dense, {})`: FX for the linear stack, "
             "torch.export for the Llama), which holds the captured graph besides the weights: a few MiB, whatever "
-            "the model's width. " + machine_of(results, "memory"),
+            "the model's width. The Llama, captured by torch.export in train mode, is captured again in eval mode by "
+            "`freeze` (one capture, folded or not); the linear stack, an FX capture, is frozen where it is. "
+            + machine_of(results, "memory"),
             "",
             *table_memory(results["memory"]),
+            "",
+            *memory_summary(results["memory"]),
         ]
     if "finetune" in results:
         tuned = results["finetune"]
