@@ -460,7 +460,8 @@ def docs_section(results: Mapping[str, Any]) -> list[str]:
             "",
             "Training step time (forward, backward, `AdamW.step`) ÷ the dense step's: 4 × (Linear(2048, 2048) + ReLU) "
             "at 1 and 64 rows, and a `LlamaForCausalLM` (4 layers, hidden 256, vocabulary 4096, random weights) at "
-            "32 to 512 tokens; each the fastest of 15 steps after 3 warm-up steps, one torch thread; compiled: "
+            "32 to 512 tokens; each the fastest of "
+            f"{results.get('repeats', 10)} steps after 3 warm-up steps, one torch thread; compiled: "
             "`torch.compile` of the model (forward and backward), the optimizer eager. Target: folded ≤ 1.05×. "
             + machine_of(results, "time"),
         ]
@@ -518,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="peak memory of a step, in child processes")
     parser.add_argument("--finetune", action="store_true", help="the 200-step fine-tune, folded vs FakeSparsity")
     parser.add_argument("--docs", action="store_true", help="write docs/performance.md (bench_speed's page) again")
-    parser.add_argument("--repeats", type=int, default=15, help="timed steps per measurement (default: 15)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per measurement (default: 10)")
     parser.add_argument("--pretrain-steps", type=int, default=300, help="dense training first (default: 300)")
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps (default: 200)")
     parser.add_argument("--quick", action="store_true", help="smaller everything: a smoke test")
@@ -540,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kept = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     results: dict[str, Any] = {**kept, "machine": machine_info(), "quick": args.quick}
     if args.time:
-        repeats = 3 if args.quick else args.repeats
+        repeats = results["repeats"] = 3 if args.quick else args.repeats
         results["time"] = [
             with_ratios([row for workload in workloads(args.quick).values() for row in time_steps(workload, repeats)])
             for _ in range(2)
