@@ -522,3 +522,21 @@ def test_freeze_in_place_after_a_mode_switch_runs_the_frozen_graph_in_both_modes
     x = torch.randn(16, 8)
     for training in (True, False):
         assert torch.equal(seeded(frozen, training, x), seeded(reference, training, x))
+
+
+def test_a_folded_weights_second_derivative_is_fake_sparsitys() -> None:
+    """Gradient penalties differentiate the gradient (create_graph=True): masked the same way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    masks = {"0.weight": torch.rand(4, 4) > 0.5}
+    folded, reference = fxsparse.transform(model, masks, fold=True), fake_sparsity_on_every_name(model, masks)
+    x = torch.randn(3, 4)
+    results = []
+    for module, weight in (
+        (folded, folded.get_parameter("0.weight")),
+        (reference, original_parameters(reference)["0.weight"]),
+    ):
+        (gradient,) = torch.autograd.grad(module(x).sum(), weight, create_graph=True)
+        (second,) = torch.autograd.grad(gradient.square().sum(), weight)
+        results.append((gradient.detach(), second))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

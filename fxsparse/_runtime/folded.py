@@ -18,6 +18,31 @@ import torch
 __all__ = ["masked_gradient", "zero_pruned"]
 
 
+@torch.library.custom_op("fxsparse::mask_gradient", mutates_args=())
+def _mask_gradient(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``grad * mask``, as one operator: torch.compile calls it as it is rather than generating a
+    kernel of its own for it (inductor's CPU kernel for a float times a bool mask measured 3-4x
+    slower than torch's own, single-threaded)."""
+    return torch.mul(grad, mask)
+
+
+@_mask_gradient.register_fake
+def _(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(grad, dtype=torch.result_type(grad, mask))
+
+
+def _keep_mask(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[1])
+
+
+def _mask_gradient_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    (mask,) = ctx.saved_tensors
+    return _mask_gradient(grad, mask), None  # a gradient of the gradient (create_graph=True): masked the same
+
+
+_mask_gradient.register_autograd(_mask_gradient_backward, setup_context=_keep_mask)
+
+
 class _MaskedGradient(torch.autograd.Function):
     @staticmethod
     def forward(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -31,7 +56,7 @@ class _MaskedGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
         (mask,) = ctx.saved_tensors
-        return None, torch.mul(grad, mask)  # what mul's backward gives the weight of mask * weight
+        return None, _mask_gradient(grad, mask)  # what mul's backward gives the weight of mask * weight
 
 
 def masked_gradient(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
