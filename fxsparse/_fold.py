@@ -23,7 +23,7 @@ __all__ = ["fold", "fold_in_place", "refuse_soft_masks", "unfold"]
 
 
 def fold(out: torch.fx.GraphModule, *, inplace: bool = False) -> torch.fx.GraphModule:
-    """``out`` with its masks folded into its weights, for fine-tuning at the dense model's cost.
+    """``out`` with its masks folded into its weights, for fine-tuning without the cost of the product.
 
     Each masked weight holds ``mask * weight`` itself (its pruned entries exactly zero), the
     graph multiplies nothing in the forward and reads the weight as it is, and the weight's

@@ -80,7 +80,7 @@ def transform(
             device: the output's mask buffers are those tensors, so change neither
             afterwards (``fxsparse.update_masks`` replaces masks safely).
         fold: ``False`` (default): the graph computes ``mask * weight`` on every forward, as
-            FakeSparsity does. ``True``: for fine-tuning at the dense model's cost, each masked
+            FakeSparsity does. ``True``: for fine-tuning without the product's cost, each masked
             weight holds ``mask * weight`` itself (pruned entries exactly zero), the graph reads
             it as it is, and its gradient is multiplied by the mask before anything else sees it
             (see :func:`fxsparse.fold`, which does the same to an output, and

@@ -505,8 +505,8 @@ def docs_section(results: Mapping[str, Any]) -> list[str]:
         "## Fine-tuning, folded",
         "",
         "`fxsparse.transform(model, masks, fold=True)` "
-        "([how it works](distributed.md#folded-fine-tuning-at-the-dense-models-cost)) trains at the dense "
-        "model's cost: its weights hold `mask * weight`, its graph reads them as they are. "
+        "([how it works](distributed.md#folded-fine-tuning-without-the-product)) trains without the product: its "
+        "weights hold `mask * weight`, its graph reads them as they are, and only the gradients are masked. "
         "`tools/bench_train.py` measures it against dense (the weights masked once, no masks), FakeSparsity "
         "and the masked graph, every linear weight 50 % pruned by magnitude (the Llama's head left out). "
         "Rerun it, and this section, with:",
@@ -554,8 +554,9 @@ def docs_section(results: Mapping[str, Any]) -> list[str]:
             "the dense model captured as fxsparse captures it (`transform(dense, {})`: FX for the linear stack, "
             "torch.export for the Llama), which holds the captured graph besides the weights: a few MiB, whatever "
             "the model's width. The Llama, captured by torch.export in train mode, is captured again in eval mode by "
-            "`freeze` (one capture, folded or not); the linear stack, an FX capture, is frozen where it is. "
-            + machine_of(results, "memory"),
+            "`freeze` (one capture, folded or not); the linear stack, an FX capture, is frozen where it is. What "
+            "a folded step holds beyond the dense one and its masks is, for a moment, one weight's gradient twice "
+            "(as computed, and masked: 16 MiB for a 2048 × 2048 weight). " + machine_of(results, "memory"),
             "",
             *table_memory(results["memory"]),
             "",
