@@ -44,7 +44,10 @@ RUN_HEAD = 2  # members shown before a folded run (the last one is shown after i
 RUN_PIECES = 8  # what a folded run opens into: at most this many smaller runs or members
 _ROOT = 0
 # Roles of what fetches or prepares a weight (placed where the rewrite put them, not where it is used).
-_FETCHES = {role.value for role in (Role.WEIGHT, Role.MASK, Role.MASKED, Role.PARAM, Role.FROZEN, Role.SPARSE_WEIGHT)}
+_FETCHES = {
+    role.value
+    for role in (Role.WEIGHT, Role.MASK, Role.MASKED, Role.FOLDED, Role.PARAM, Role.FROZEN, Role.SPARSE_WEIGHT)
+}
 
 
 def view_data(
