@@ -25,22 +25,12 @@ from typing import Any
 
 import torch
 import torch.fx
+from bench_draw import Looped  # tools/ is the script's folder: the model bench_draw draws
 from torch import nn
 
 import fxsparse
 
 ROOT = Path(__file__).parent.parent
-
-
-class Looped(nn.Module):
-    def __init__(self, layers: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
 
 
 def chromium_class() -> Any:
