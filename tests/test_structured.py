@@ -404,3 +404,87 @@ def test_global_scope_ranks_units_across_groups() -> None:
     assert masks["0.weight"].all(dim=1).sum() == 1  # the 8 lowest of 16 units are all layer 0's; one stays
     assert masks["2.weight"].any(dim=0).sum() == 1 and masks["2.weight"].any(dim=1).all()
     assert "4.weight" not in masks
+
+
+# ------------------------------------------------------------------------------------------------
+# review: cases where a zeroed channel is not "off", and dimensions no producer owns
+
+
+class DividedByAParameter(nn.Module):
+    """``h / self.temperature``: masking a unit zeroes its temperature, so the masked model divides 0 by 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(4, 8)
+        self.temperature = nn.Parameter(torch.rand(8) + 0.5)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x) / self.temperature)  # type: ignore[no-any-return]
+
+
+class RatioOfTwoLayers(nn.Module):
+    """``a(x) / b(x)``: a masked unit of b is a zero divisor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.a(x) / self.b(x))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("model_class", [DividedByAParameter, RatioOfTwoLayers])
+def test_groups_block_a_unit_whose_masked_channel_would_be_a_zero_divisor(model_class: type[nn.Module]) -> None:
+    model, x = model_class(), torch.randn(3, 4)
+    found = fxsparse.groups(model, example_inputs=(x,))
+    divided = next(g for g in found if ("fc2.weight" in dict(members(g)) or "head.weight" in dict(members(g))))
+    assert not divided.prunable and "zero" in str(divided.blocked)
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,))
+    masked = reference_output(model, masks, x) if masks else model(x)
+    assert torch.isfinite(masked).all()  # the masked model never divides by a masked zero
+
+
+class NotFiniteOutput(nn.Module):
+    """An MLP that also returns a log of its input: NaN for a negative input, whatever is pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc2(torch.relu(self.fc1(x))), torch.log(x)
+
+
+def test_shrink_compares_outputs_that_hold_nan_where_the_masked_model_does() -> None:
+    model, x = NotFiniteOutput(), torch.randn(3, 4)
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,))
+    small = fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(x,))
+    expected, logs = reference_output(model, masks, x)
+    got, got_logs = small(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_logs, logs, equal_nan=True)
+
+
+class Tiled(nn.Module):
+    """``h[:, None].expand(-1, 2, -1)``: two copies of every unit; the copy index is owned by no layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h[:, None, :].expand(-1, 2, -1).reshape(x.shape[0], 16))  # type: ignore[no-any-return]
+
+
+def test_groups_fix_a_dimension_that_expand_creates() -> None:
+    found = fxsparse.groups(Tiled(), example_inputs=(torch.randn(3, 4),))
+    # Before: "fc2.weight[1]: 2 units (block of 8), prunable", a unit of copies that no layer
+    # produces (removing it leaves fc1 and the code producing 16 features for a 8-wide fc2).
+    assert all(any(m.role == "rows" for m in g.members) for g in found.prunable)
+    assert fxsparse.masks.channels(Tiled(), 0.5, example_inputs=(torch.randn(3, 4),)) == {}

@@ -502,8 +502,12 @@ def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     ]
 
 
-def _broadcast(finder: _Finder, out: _Space, inputs: Sequence[torch.fx.Node], why: str) -> None:
-    """Join each input's dimensions with the output's, aligned from the right; broadcast ones stay apart."""
+def _broadcast(finder: _Finder, out: _Space, inputs: Sequence[torch.fx.Node], why: str) -> set[int]:
+    """Join each input's dimensions with the output's, aligned from the right; broadcast ones stay apart.
+
+    Returns the offsets from the right of the output dimensions some input was joined with.
+    """
+    joined = set()
     for arg in inputs:
         space = finder.space(arg)
         if space is None:
@@ -512,8 +516,17 @@ def _broadcast(finder: _Finder, out: _Space, inputs: Sequence[torch.fx.Node], wh
             dim = space[-offset]
             if offset <= len(out) and dim[1] == out[-offset][1]:
                 finder.join(dim, out[-offset])
+                joined.add(offset)
             else:
                 finder.fix(dim, why)  # broadcast (size 1) or more dimensions than the output
+    return joined
+
+
+# Ops for which zero is not "off": a masked (zeroed) channel in these operands becomes inf or
+# NaN, and a consumer's masked column times inf is NaN, not the 0 removing it would give.
+_SINGULAR_OPERAND: dict[Any, int] = {
+    _aten.div: 1, _aten.floor_divide: 1, _aten.remainder: 1, _aten.reciprocal: 0, _aten.rsqrt: 0, _aten.log: 0,
+}  # fmt: skip
 
 
 @_handles(
@@ -532,8 +545,28 @@ def _elementwise(finder: _Finder, node: torch.fx.Node) -> Any:
     out = finder.fresh(node)
     if not isinstance(out, tuple):
         return finder.unknown(node, f"{_op_name(node)} returns more than one tensor")
-    _broadcast(finder, out, _tensor_args(node), f"{node.name}: broadcast by {_op_name(node)}")
+    joined = _broadcast(finder, out, _tensor_args(node), f"{node.name}: broadcast by {_op_name(node)}")
+    for offset in range(1, len(out) + 1):
+        if offset not in joined:  # copies of one value (expand): no layer produces them, none can be removed
+            finder.fix(out[-offset], f"{node.name}: a dimension {_op_name(node)} broadcasts to")
+    singular = _singular_operand(node)
+    if singular is not None:
+        finder.fix_all(
+            finder.values.get(singular), f"{node.name}: a masked channel would be a zero operand of {_op_name(node)}"
+        )
     return out
+
+
+def _singular_operand(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The operand of ``node`` where a zero gives inf or NaN (a divisor, a logarithm's argument), if any."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet is _aten.pow:  # 0 ** a negative exponent; a tensor exponent's sign is not known
+        base, exponent = node.args[0], node.args[1]
+        unsafe = not isinstance(exponent, int | float) or exponent < 0
+        return base if unsafe and isinstance(base, torch.fx.Node) else None
+    index = _SINGULAR_OPERAND.get(packet)
+    arg = node.args[index] if index is not None and len(node.args) > index else None
+    return arg if isinstance(arg, torch.fx.Node) else None
 
 
 @_handles(_aten.expand)
