@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import fxsparse
 
@@ -488,3 +489,49 @@ def test_groups_fix_a_dimension_that_expand_creates() -> None:
     # produces (removing it leaves fc1 and the code producing 16 features for a 8-wide fc2).
     assert all(any(m.role == "rows" for m in g.members) for g in found.prunable)
     assert fxsparse.masks.channels(Tiled(), 0.5, example_inputs=(torch.randn(3, 4),)) == {}
+
+
+class FixedMixingConv(nn.Module):
+    """A 1x1 convolution with a fixed (buffer) filter after a sigmoid: a masked channel is 0.5 there, not 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.register_buffer("mixing", torch.randn(4, 8, 1, 1))
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = F.conv2d(torch.sigmoid(self.conv(x)), self.mixing)
+        return self.head(mixed).mean((2, 3))  # type: ignore[no-any-return]
+
+
+class ExponentiatedWeight(nn.Module):
+    """``F.linear(h, exp(self.log_weight))``: a masked log-weight is exp(0) = 1 in the weight, not 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(3, 8)
+        self.log_weight = nn.Parameter(torch.randn(4, 8) * 0.1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.linear(torch.sigmoid(self.fc1(x)), torch.exp(self.log_weight)))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("model_class", "x", "producer"),
+    [
+        (FixedMixingConv, torch.randn(2, 3, 4, 4), "conv.weight[0]"),
+        (ExponentiatedWeight, torch.randn(2, 3), "fc1.weight[0]"),
+    ],
+)
+def test_a_layer_whose_weight_is_not_zero_where_masked_makes_its_inputs_inexact(
+    model_class: type[nn.Module], x: torch.Tensor, producer: str
+) -> None:
+    model = model_class()
+    assert not by_name(fxsparse.groups(model, example_inputs=(x,)))[producer].exact
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,))
+    small = fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(x,))  # the masked model is the shrunk one
+    torch.testing.assert_close(small(x), reference_output(model, masks, x), rtol=1e-5, atol=1e-6)

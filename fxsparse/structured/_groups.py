@@ -216,7 +216,11 @@ class _Finder:
         self.values: dict[torch.fx.Node, Any] = {}
         self.tensors: dict[tuple[str, int], tuple[_Dim, str]] = {}  # (name, dim) -> (dim, role)
         self.roles: dict[tuple[str, int], str] = {}
-        self.parameter_only: set[torch.fx.Node] = set()  # nodes computed from parameters alone
+        # Nodes computed from parameters alone by ops that keep a masked zero zero (views, products):
+        # a layer whose weight is one of them multiplies a masked input by a masked zero. Any other
+        # weight (a buffer, exp(parameter)) still reads a masked input, which is not zero after a
+        # sigmoid, so removing that input differs from masking it.
+        self.zero_where_masked: set[torch.fx.Node] = set()
         self.view_of: dict[torch.fx.Node, tuple[torch.fx.Node, list[int | None]]] = {}  # transposed weights
         names: dict[int, str] = {}
         for name, parameter in root.named_parameters():
@@ -300,12 +304,13 @@ class _Finder:
             value = handler(self, node)
         except (TypeError, ValueError, IndexError, KeyError) as exc:  # arguments of a form the handler did not foresee
             return self.unknown(node, f"{_op_name(node)} with arguments fxsparse does not read ({type(exc).__name__})")
-        if all(self.is_parameter_only(arg) for arg in node.all_input_nodes) and node.all_input_nodes:
-            self.parameter_only.add(node)
+        inputs = node.all_input_nodes
+        if inputs and packet in _KEEP_ZERO and all(self.is_zero_where_masked(arg) for arg in inputs):
+            self.zero_where_masked.add(node)
         return value
 
-    def is_parameter_only(self, node: Any) -> bool:
-        return node in self.parameter_only
+    def is_zero_where_masked(self, node: Any) -> bool:
+        return node in self.zero_where_masked
 
     def fresh(self, node: torch.fx.Node) -> Any:
         return _allocate(self, node.meta.get("val"))
@@ -326,7 +331,7 @@ class _Finder:
             self.fix_all(value, f"{node.target}: a constant of the graph")
             return value
         if name in self.parameters:
-            self.parameter_only.add(node)
+            self.zero_where_masked.add(node)
         space = []
         for dim, size in enumerate(tensor.shape):
             key = (name, dim)
@@ -522,6 +527,14 @@ def _broadcast(finder: _Finder, out: _Space, inputs: Sequence[torch.fx.Node], wh
     return joined
 
 
+# Ops whose output is zero wherever their inputs are (views, copies, products): a weight made
+# from masked parameters by these is zero where they are masked.
+_KEEP_ZERO = {
+    _aten.view, _aten.reshape, _PRIVATE["_unsafe_view"], _aten.t, _aten.transpose, _aten.permute, _aten.squeeze,
+    _aten.unsqueeze, _aten.flatten, _aten.unflatten, _aten.expand, _aten.slice, _aten.select, _aten.mul, _aten.neg,
+    _aten.to, _PRIVATE["_to_copy"], _aten.clone, _aten.contiguous, _aten.alias, _aten.detach, _aten.type_as,
+}  # fmt: skip
+
 # Ops for which zero is not "off": a masked (zeroed) channel in these operands becomes inf or
 # NaN, and a consumer's masked column times inf is NaN, not the 0 removing it would give.
 _SINGULAR_OPERAND: dict[Any, int] = {
@@ -591,8 +604,10 @@ def _linear(finder: _Finder, node: torch.fx.Node) -> Any:
     if bs is not None:
         finder.join(bs[0], ws[0])
         finder.role(bias, 0, "rows")
-    if not finder.is_parameter_only(weight):
-        finder.mark_inexact(xs[-1], f"{node.name}: a linear layer whose weight is an activation")
+    if not finder.is_zero_where_masked(weight):
+        finder.mark_inexact(
+            xs[-1], f"{node.name}: a linear layer whose weight is not a masked parameter (an activation, a buffer)"
+        )
     return out
 
 
@@ -611,12 +626,14 @@ def _matmul_like(finder: _Finder, node: torch.fx.Node, a: Any, b: Any, out: _Spa
                 finder.join(batch[-offset], out[-2 - offset])
             else:
                 finder.fix(batch[-offset], f"{node.name}: broadcast by {_op_name(node)}")
-    if finder.is_parameter_only(b):
+    if finder.is_zero_where_masked(b):
         finder.role(b, -2, "columns")
         finder.role(b, -1, "rows")
-    elif not finder.is_parameter_only(a):
-        # A masked channel of two activations multiplies what each holds there, not zero.
-        finder.mark_inexact(sa[-1], f"{node.name}: a product of two activations over this dimension")
+    elif not finder.is_zero_where_masked(a):
+        # Neither factor is zero where masked (activations, buffers): a masked channel adds their product.
+        finder.mark_inexact(
+            sa[-1], f"{node.name}: a product over this dimension of factors that are not masked parameters"
+        )
 
 
 @_handles(_aten.mm, _aten.bmm, _aten.matmul)
@@ -632,7 +649,7 @@ def _addmm(finder: _Finder, node: torch.fx.Node) -> Any:
     out = finder.fresh(node)
     _matmul_like(finder, node, a, b, out)
     _broadcast(finder, out, [bias] if isinstance(bias, torch.fx.Node) else [], f"{node.name}: broadcast by addmm")
-    if finder.is_parameter_only(b):
+    if finder.is_zero_where_masked(b):
         finder.role(bias, -1, "rows")
     return out
 
@@ -735,6 +752,8 @@ def _convolution(finder: _Finder, node: torch.fx.Node) -> Any:
     bs = finder.space(bias)
     if groups == 1:
         finder.join(xs[1], ws[1])
+        if not finder.is_zero_where_masked(weight):
+            finder.mark_inexact(xs[1], f"{node.name}: a convolution whose filters are not masked parameters")
     else:
         # A unit is one whole convolution group: its input channels, output channels and filters.
         whole_groups = finder.new((groups,))[0]
@@ -782,8 +801,6 @@ def _transpose(finder: _Finder, node: torch.fx.Node) -> Any:
     if rank >= 2:
         a, b = (_int(node.args[1]) % rank, _int(node.args[2]) % rank) if len(node.args) > 2 else (0, 1)
         order[a], order[b] = order[b], order[a]
-    if node.args[0] is not None and finder.is_parameter_only(node.args[0]):
-        finder.parameter_only.add(node)
     out = _positions(finder, node, order)
     _follow_roles(finder, node, order)
     return out
