@@ -23,6 +23,17 @@ def small() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
 
 
+class ReturnsAWidth(nn.Module):
+    """A forward whose output is a number, not a tensor: nothing to check a shrunk model on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> list[int]:
+        return [self.fc2(torch.relu(self.fc1(x))).shape[-1]]
+
+
 class Untraceable(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -525,6 +536,15 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
             example_inputs=X24,
         ),
         (fxsparse.MaskError, "the masks zero every unit of group 0.weight[0] (3 units)"),
+    ),
+    (
+        "shrink of a model whose outputs hold no tensor",
+        ReturnsAWidth,
+        lambda m, _: fxsparse.shrink(
+            fxsparse.transform(m, fxsparse.masks.channels(m, 0.5, example_inputs=X24), example_inputs=X24),
+            example_inputs=X24,
+        ),
+        (fxsparse.MaskError, "found no tensor in the outputs of ReturnsAWidth"),
     ),
 ]
 

@@ -6,6 +6,7 @@ same inputs; the groups are compared with what the layers' shapes say by hand.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -535,3 +536,33 @@ def test_a_layer_whose_weight_is_not_zero_where_masked_makes_its_inputs_inexact(
     masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,))
     small = fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(x,))  # the masked model is the shrunk one
     torch.testing.assert_close(small(x), reference_output(model, masks, x), rtol=1e-5, atol=1e-6)
+
+
+@dataclasses.dataclass
+class HeadsOutput:
+    logits: torch.Tensor
+
+
+torch.export.register_dataclass(HeadsOutput)
+
+
+class TwoHeadsInADataclass(nn.Module):
+    """``view(b, 2, -1)`` writes the head count into the code (the shrunk model splits other blocks), and
+    the output is a dataclass that torch.export knows: its tensors must still be compared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> HeadsOutput:
+        heads = self.fc1(x).view(x.shape[0], 2, -1).softmax(-1)
+        return HeadsOutput(self.fc2(heads.reshape(x.shape[0], -1)))
+
+
+def test_shrink_checks_the_tensors_inside_any_output_torch_export_knows() -> None:
+    model, x = TwoHeadsInADataclass(), torch.randn(3, 4)
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,))
+    assert masks  # one of the two heads
+    with pytest.raises(fxsparse.MaskError, match="computes other outputs than the masked model"):
+        fxsparse.shrink(fxsparse.transform(model, masks, example_inputs=(x,)), example_inputs=(x,))

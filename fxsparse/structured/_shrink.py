@@ -12,6 +12,7 @@ import torch.fx
 from torch import nn
 
 from .._capture import lookup
+from .._compat import tree_leaves
 from .._deploy import to_model
 from .._emit import captured_by
 from .._errors import MaskError
@@ -85,6 +86,11 @@ def shrink(
     del analysis  # its captured copy of the model: one model's worth of memory
     with torch.no_grad():
         expected = list(_tensors(masked(*args, **kwargs)))
+    if not expected:
+        raise MaskError(
+            f"shrink checks the smaller model against the masked one on their outputs, and found no tensor in the "
+            f"outputs of {type(masked).__name__}"
+        )
     masks = _masks_by_first_name(out, masked)
     removals: dict[tuple[str, int], set[int]] = {}
     changed: list[tuple[Group, list[int]]] = []
@@ -297,14 +303,11 @@ def _check(
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _tensors(item)
+    # Every tensor torch.export would see in an output (dataclasses and model outputs registered
+    # with pytree included): walking only lists and dicts compared nothing inside a dataclass.
+    for leaf in tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            yield leaf
 
 
 def _inputs_of(out: torch.fx.GraphModule) -> tuple[tuple[Any, ...], dict[str, Any]]:
