@@ -566,3 +566,28 @@ def test_shrink_checks_the_tensors_inside_any_output_torch_export_knows() -> Non
     assert masks  # one of the two heads
     with pytest.raises(fxsparse.MaskError, match="computes other outputs than the masked model"):
         fxsparse.shrink(fxsparse.transform(model, masks, example_inputs=(x,)), example_inputs=(x,))
+
+
+class NormedTwoHeads(nn.Module):
+    """A LayerNorm'd hidden size (inexact) before two heads whose count is written into the code (exact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc0, self.norm = nn.Linear(4, 6), nn.LayerNorm(6)
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = self.fc1(self.norm(self.fc0(x))).view(x.shape[0], 2, -1).softmax(-1)
+        return self.fc2(heads.reshape(x.shape[0], -1))  # type: ignore[no-any-return]
+
+
+def test_shrink_exact_false_still_checks_the_values_of_the_exact_removals() -> None:
+    model, x = NormedTwoHeads(), torch.randn(3, 4)
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,), exact=False)
+    assert {"norm.weight", "fc2.weight"} <= set(masks)  # the hidden size and a head
+    out = fxsparse.transform(model, masks, example_inputs=(x,))
+    # Only the output shapes can be compared once the hidden size goes; the head is removed
+    # exactly, and a forward that cannot follow it (view(b, 2, -1)) must still be refused.
+    with pytest.raises(fxsparse.MaskError, match="computes other outputs than the masked model"):
+        fxsparse.shrink(out, example_inputs=(x,), exact=False)
