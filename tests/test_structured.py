@@ -591,3 +591,23 @@ def test_shrink_exact_false_still_checks_the_values_of_the_exact_removals() -> N
     # exactly, and a forward that cannot follow it (view(b, 2, -1)) must still be refused.
     with pytest.raises(fxsparse.MaskError, match="computes other outputs than the masked model"):
         fxsparse.shrink(out, example_inputs=(x,), exact=False)
+
+
+def test_channels_scores_a_fake_sparsity_model_by_the_weights_it_computes_with() -> None:
+    from torch.ao.pruning.sparsifier.utils import FakeSparsity
+    from torch.nn.utils import parametrize
+
+    model, x = mlp(), torch.randn(3, 6)
+    sparse = torch.rand(16, 6, generator=torch.Generator().manual_seed(1)) > 0.5
+    parametrize.register_parametrization(model[0], "weight", FakeSparsity(sparse))
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,))  # was a KeyError on "0.weight"
+    plain = mlp()
+    with torch.no_grad():
+        plain[0].weight.copy_(model[0].weight)  # the weight the parametrized model computes with
+    expected_masks = fxsparse.masks.channels(plain, 0.5, example_inputs=(x,))
+    assert masks.keys() == expected_masks.keys()
+    assert all(torch.equal(masks[name], expected_masks[name]) for name in masks)
+    # transform's explicit masks replace the inherited FakeSparsity mask of the same weight (docs/index.md)
+    small = fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(x,))
+    torch.testing.assert_close(small(x), reference_output(mlp(), masks, x), rtol=1e-5, atol=1e-6)
+    assert parametrize.is_parametrized(model[0])  # left as it was

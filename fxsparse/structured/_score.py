@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._capture import copy_model
+from .._capture import copy_model, lookup
 from .._errors import MaskError
 from ._groups import Analysis, Group, analyse
 
@@ -91,7 +91,9 @@ def channels(
     ]
     if includes is not None and not chosen:
         raise MaskError(f"include {include!r} matches the parameters of no prunable group")
-    parameters = dict(model.named_parameters())
+    # By name, not from named_parameters(): under a FakeSparsity parametrization "0.weight" is
+    # the masked weight the model computes with (its parameter is "0.parametrizations.weight.original").
+    parameters = {m.tensor: _tensor(model, m.tensor) for group in chosen for m in group.members if m.is_parameter}
     norms = _input_norms(model, analysis) if score == "activation" else {}
     scores = [_scores(group, parameters, norms) for group in chosen]
     removed = _removed(chosen, scores, float(sparsity), scope, round_to)
@@ -180,6 +182,13 @@ def _input_norms(model: nn.Module, analysis: Analysis) -> dict[str, torch.Tensor
     with torch.no_grad():
         copied(*analysis.args, **analysis.kwargs)
     return {name: total.sqrt() for name, total in squares.items()}
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    tensor = lookup(model, name)
+    if not isinstance(tensor, torch.Tensor):  # groups are found on a copy of this model: its names are these
+        raise MaskError(f"channels found parameter {name!r} in the captured graph but not in {type(model).__name__}")
+    return tensor.detach()
 
 
 def _globs(value: str | Sequence[str] | None, what: str) -> list[str] | None:
