@@ -611,3 +611,17 @@ def test_channels_scores_a_fake_sparsity_model_by_the_weights_it_computes_with()
     small = fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(x,))
     torch.testing.assert_close(small(x), reference_output(mlp(), masks, x), rtol=1e-5, atol=1e-6)
     assert parametrize.is_parametrized(model[0])  # left as it was
+
+
+class TwoHeadsDecisions(TwoHeadsInADataclass):
+    """The same heads written into the code, returning only decisions (bools) made from the logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x).logits > 0
+
+
+def test_shrink_compares_integer_and_bool_outputs_exactly() -> None:
+    model, x = TwoHeadsDecisions(), torch.randn(16, 4)
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,))
+    with pytest.raises(fxsparse.MaskError, match="computes other outputs than the masked model"):
+        fxsparse.shrink(fxsparse.transform(model, masks, example_inputs=(x,)), example_inputs=(x,))

@@ -301,12 +301,14 @@ def _check(
     if not compare_values:
         return
     for a, b in zip(expected, got, strict=True):
-        if not a.is_floating_point():
-            continue
-        finite = a[a.isfinite()]  # the tolerance's scale; inf and NaN must match exactly
-        scale = float(finite.abs().max()) if finite.numel() else 0.0
-        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + scale), equal_nan=True):
-            worst = float((a - b).abs().nan_to_num(nan=math.inf).max())
+        if a.is_floating_point():
+            finite = a[a.isfinite()]  # the tolerance's scale; inf and NaN must match exactly
+            scale = float(finite.abs().max()) if finite.numel() else 0.0
+            same = torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + scale), equal_nan=True)
+        else:  # integers and bools (indices, decisions): no round-off to allow
+            same = torch.equal(a, b)
+        if not same:
+            worst = float((a.double() - b.double()).abs().nan_to_num(nan=math.inf).max())
             raise MaskError(
                 f"shrink: {type(small).__name__} with its smaller weights computes other outputs than the masked "
                 f"model (largest difference {worst:.3g}); its forward uses a size that is not read from its layers"
