@@ -546,6 +546,15 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         ),
         (fxsparse.MaskError, "found no tensor in the outputs of ReturnsAWidth"),
     ),
+    (
+        "shrink checked on inputs whose outputs are all zero",
+        lambda: nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 2, bias=False)),
+        lambda m, _: fxsparse.shrink(
+            fxsparse.transform(m, fxsparse.masks.channels(m, 0.5, example_inputs=X24)),
+            example_inputs=(torch.zeros(2, 4),),
+        ),
+        (fxsparse.MaskError, "on the example inputs are all zero (or not finite): they cannot tell a wrong"),
+    ),
 ]
 
 

@@ -625,3 +625,27 @@ def test_shrink_compares_integer_and_bool_outputs_exactly() -> None:
     masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,))
     with pytest.raises(fxsparse.MaskError, match="computes other outputs than the masked model"):
         fxsparse.shrink(fxsparse.transform(model, masks, example_inputs=(x,)), example_inputs=(x,))
+
+
+class PaddedTokensTwoHeads(nn.Module):
+    """Token 0 is padding (a zero embedding, so all-zero outputs), and the head count is written into forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 8, padding_idx=0)
+        self.fc1, self.fc2 = nn.Linear(8, 8, bias=False), nn.Linear(8, 10, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        heads = self.fc1(self.embed(ids)).view(*ids.shape, 2, -1)
+        centred = heads - heads.mean(-1, keepdim=True)
+        return self.fc2(centred.reshape(*ids.shape, -1))  # type: ignore[no-any-return]
+
+
+def test_shrink_without_example_inputs_checks_on_inputs_that_reach_the_weights() -> None:
+    model, ids = PaddedTokensTwoHeads(), torch.randint(1, 10, (2, 5))
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(ids,))
+    out = fxsparse.transform(model, masks, example_inputs=(ids,))
+    # Inputs of zeros are all padding here: every output is 0 whatever shrink does.
+    with pytest.raises(fxsparse.MaskError, match="computes other outputs than the masked model"):
+        fxsparse.shrink(out)

@@ -51,7 +51,8 @@ def shrink(
 
     Args:
         example_inputs: positional inputs to find the groups and check the result on; optional
-            for an output captured with ``torch.export`` (inputs of its shapes are made).
+            for an output captured with ``torch.export`` (inputs of its shapes are made: random
+            floats, integers of ones, or zeros where ones do not run).
         example_kwargs: keyword inputs, the same.
         exact: leave units of groups where removing differs from masking (a hidden size
             under LayerNorm/RMSNorm) masked but in place; ``False`` removes them too (then the
@@ -81,7 +82,7 @@ def shrink(
     training = masked.training
     masked.eval()
     if example_inputs is None and not example_kwargs:
-        example_inputs, example_kwargs = _inputs_of(out)
+        example_inputs, example_kwargs = _inputs_that_run(out, masked)
     analysis = analyse(masked, example_inputs, example_kwargs)
     found, args, kwargs = analysis.groups, analysis.args, analysis.kwargs
     del analysis  # its captured copy of the model: one model's worth of memory
@@ -91,6 +92,14 @@ def shrink(
         raise MaskError(
             f"shrink checks the smaller model against the masked one on their outputs, and found no tensor in the "
             f"outputs of {type(masked).__name__}"
+        )
+    floats = [t for t in expected if t.is_floating_point()]
+    if floats and not any((t.isfinite() & (t != 0)).any() for t in floats):
+        raise MaskError(
+            f"shrink checks the smaller model against the masked one on their outputs, and the outputs of "
+            f"{type(masked).__name__} on the example inputs are all zero (or not finite): they cannot tell a wrong "
+            "smaller model from a right one; pass example inputs that reach the weights (token ids that are not "
+            "padding)"
         )
     masks = _masks_by_first_name(out, masked)
     changed: list[tuple[Group, list[int]]] = []
@@ -323,8 +332,24 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield leaf
 
 
-def _inputs_of(out: torch.fx.GraphModule) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Inputs of the shapes an export-captured ``out`` was captured with (random floats, zero integers)."""
+def _inputs_that_run(out: torch.fx.GraphModule, masked: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Inputs of the shapes an export-captured ``out`` was captured with, on which ``masked`` runs.
+
+    Floats are random; integers are ones (zeros are often padding: a token whose embedding is
+    zero, an attention mask that hides everything, so every output would be zero whatever
+    shrink did), or zeros where ones are out of range (an index into a table of one row).
+    """
+    args, kwargs = _inputs_of(out, 1)
+    try:
+        with torch.no_grad():
+            masked(*args, **kwargs)
+    except Exception:
+        return _inputs_of(out, 0)
+    return args, kwargs
+
+
+def _inputs_of(out: torch.fx.GraphModule, integers: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Inputs of the shapes an export-captured ``out`` was captured with (random floats, ``integers`` elsewhere)."""
     if captured_by(out) != "export":
         raise MaskError(
             "shrink finds the groups on the graph torch.export captures, and checks the result by running it: "
@@ -340,5 +365,5 @@ def _inputs_of(out: torch.fx.GraphModule) -> tuple[tuple[Any, ...], dict[str, An
         if value.is_floating_point():
             kwargs[node.name] = torch.randn(tuple(value.shape), generator=generator, dtype=value.dtype)
         else:
-            kwargs[node.name] = torch.zeros(tuple(value.shape), dtype=value.dtype)
+            kwargs[node.name] = torch.full(tuple(value.shape), integers, dtype=value.dtype)
     return (), kwargs
