@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.fx
+from torch import nn
 
 from . import _emit, _rewrite
 from ._errors import EmitError, MaskError
+from ._runtime.folded import zero_pruned
 from ._tags import is_folded, mask_registry
+
+# Set on an output once its load-state-dict hook is registered (the hook outlives unfold: it
+# then does nothing), so folding again registers none twice.
+_REFOLDS_ON_LOAD = "_fxsparse_refolds_on_load"
 
 __all__ = ["fold", "fold_in_place", "refuse_soft_masks", "unfold"]
 
@@ -89,6 +96,21 @@ def unfold(out: torch.fx.GraphModule, *, inplace: bool = False) -> torch.fx.Grap
 def fold_in_place(out: torch.fx.GraphModule) -> None:
     """Fold ``out``'s masks into its own weights (its masks checked binary beforehand)."""
     _edit_every_mode(out, lambda graph, first: _rewrite.fold_into_weights(out, graph, values=first))
+    if not out.__dict__.get(_REFOLDS_ON_LOAD):
+        out.register_load_state_dict_post_hook(refold_after_loading)  # type: ignore[no-untyped-call]  # torch leaves it untyped
+        out.__dict__[_REFOLDS_ON_LOAD] = True
+
+
+def refold_after_loading(out: nn.Module, incompatible_keys: Any) -> None:
+    """Zero the pruned entries of a folded output's weights again after ``load_state_dict``.
+
+    What is loaded (a masked output's state dict, FakeSparsity's raw weights, a checkpoint)
+    may hold values under pruned entries, and a folded graph reads its weights as they are:
+    left there, they would count. A module-level function, so the output still pickles.
+    """
+    if isinstance(out, torch.fx.GraphModule) and is_folded(out.graph):
+        for mask, parameter in mask_registry(out.graph).items():
+            zero_pruned(out.get_parameter(parameter), out.get_buffer(mask))
 
 
 def refuse_soft_masks(masks: Iterable[tuple[str, torch.Tensor]]) -> None:

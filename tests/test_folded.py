@@ -540,3 +540,27 @@ def test_a_folded_weights_second_derivative_is_fake_sparsitys() -> None:
         (second,) = torch.autograd.grad(gradient.square().sum(), weight)
         results.append((gradient.detach(), second))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("how", ["directly", "nested in a parent", "after pickling"])
+def test_a_state_dict_loaded_into_a_folded_output_is_folded_again(how: str) -> None:
+    """A masked output's (or a FakeSparsity model's) state dict holds values under pruned entries;
+    the folded graph reads its weights as they are, so loading must zero them again."""
+    from reference import fake_sparsity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    masks = {"0.weight": torch.rand(6, 6) > 0.5, "2.weight": torch.rand(3, 6) > 0.5}
+    folded = fxsparse.transform(model, masks, fold=True)
+    if how == "after pickling":
+        folded = pickle.loads(pickle.dumps(folded))
+    trained = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))  # other weights, same masks
+    state = fxsparse.transform(trained, masks).state_dict()
+    if how == "nested in a parent":
+        parent = nn.ModuleDict({"net": folded})
+        parent.load_state_dict({f"net.{key}": value for key, value in state.items()})
+    else:
+        folded.load_state_dict(state)
+    x = torch.randn(4, 6)
+    assert torch.equal(folded(x), fake_sparsity(trained, masks)(x))
+    assert not folded.get_parameter("0.weight")[~masks["0.weight"]].any()
