@@ -564,3 +564,31 @@ def test_a_state_dict_loaded_into_a_folded_output_is_folded_again(how: str) -> N
     x = torch.randn(4, 6)
     assert torch.equal(folded(x), fake_sparsity(trained, masks)(x))
     assert not folded.get_parameter("0.weight")[~masks["0.weight"]].any()
+
+
+def test_a_gradient_from_outside_the_graph_is_not_masked_and_the_masked_product_is_fake_sparsitys() -> None:
+    """Documented difference: the graph masks the gradients of its own uses of a folded weight; a
+    loss term computed outside it on the parameter itself (a regularizer on out.get_parameter)
+    sends its gradient to the pruned entries too, which then leave zero. The same term on
+    mask * weight (what FakeSparsity's attribute is) keeps every step FakeSparsity's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    masks = {"0.weight": torch.rand(6, 6) > 0.5, "2.weight": torch.rand(3, 6) > 0.5}
+    x = torch.randn(4, 6)
+
+    folded = fxsparse.transform(model, masks, fold=True)
+    raw = folded.get_parameter("0.weight")
+    (folded(x).square().mean() + (raw - 0.3).square().sum()).backward()
+    assert folded.get_parameter("0.weight").grad[~masks["0.weight"]].any()  # what the docs warn about
+
+    folded = fxsparse.transform(model, masks, fold=True)
+    reference = fake_sparsity_on_every_name(model, masks)
+
+    def step(module: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        if module is folded:
+            weight = fxsparse.masks.of(folded)["0.weight"] * folded.get_parameter("0.weight")
+        else:
+            weight = effective(reference, "0.weight")
+        return module(inputs["x"]).square().mean() + (weight - 0.3).square().sum()
+
+    assert_steps_match(folded, reference, list(masks), [{"x": x}] * 3, QUALIFYING["adamw"], step)
