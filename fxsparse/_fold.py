@@ -10,6 +10,7 @@ may be folded and works on a copy unless asked not to.
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,13 +21,32 @@ from torch import nn
 from . import _emit, _rewrite
 from ._errors import EmitError, MaskError
 from ._runtime.folded import zero_pruned
-from ._tags import is_folded, mask_registry
+from ._tags import Role, is_folded, mask_registry, tagged
 
 # Set on an output once its load-state-dict hook is registered (the hook outlives unfold: it
 # then does nothing), so folding again registers none twice.
 _REFOLDS_ON_LOAD = "_fxsparse_refolds_on_load"
 
-__all__ = ["fold", "fold_in_place", "refuse_soft_masks", "unfold"]
+__all__ = ["fold", "fold_in_place", "refuse_in_place_writes", "refuse_soft_masks", "unfold"]
+
+# Operations whose result may share the memory of their input: a write into it is a write into
+# the weight. Matched by name, so both the method and torch's function of that name count.
+_MAY_ALIAS = frozenset(
+    {
+        "getattr", "getitem", "__getitem__", "view", "view_as", "reshape", "reshape_as", "t", "transpose",
+        "permute", "expand", "expand_as", "narrow", "select", "squeeze", "unsqueeze", "flatten", "unflatten",
+        "movedim", "moveaxis", "swapaxes", "swapdims", "chunk", "split", "unbind", "tensor_split", "hsplit",
+        "vsplit", "diagonal", "as_strided", "unfold", "detach", "contiguous", "to", "type_as", "view_as_real",
+        "view_as_complex", "real", "imag", "conj", "alias", "masked_gradient", "__iter__",
+    }
+)  # fmt: skip
+_IN_PLACE_OPERATORS = frozenset(
+    {
+        operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+        operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+        operator.irshift, operator.imatmul,
+    }
+)  # fmt: skip
 
 
 def fold(out: torch.fx.GraphModule, *, inplace: bool = False) -> torch.fx.GraphModule:
@@ -95,6 +115,8 @@ def unfold(out: torch.fx.GraphModule, *, inplace: bool = False) -> torch.fx.Grap
 
 def fold_in_place(out: torch.fx.GraphModule) -> None:
     """Fold ``out``'s masks into its own weights (its masks checked binary beforehand)."""
+    for graph in _emit.mode_graphs(out).values():
+        refuse_in_place_writes(graph)  # before any weight is zeroed
     _edit_every_mode(out, lambda graph, first: _rewrite.fold_into_weights(out, graph, values=first))
     if not out.__dict__.get(_REFOLDS_ON_LOAD):
         out.register_load_state_dict_post_hook(refold_after_loading)  # type: ignore[no-untyped-call]  # torch leaves it untyped
@@ -111,6 +133,38 @@ def refold_after_loading(out: nn.Module, incompatible_keys: Any) -> None:
     if isinstance(out, torch.fx.GraphModule) and is_folded(out.graph):
         for mask, parameter in mask_registry(out.graph).items():
             zero_pruned(out.get_parameter(parameter), out.get_buffer(mask))
+
+
+def refuse_in_place_writes(graph: torch.fx.Graph) -> None:
+    """A ``MaskError`` naming the weight that ``graph`` writes into, through its product or a view of it.
+
+    The masked graph writes into a fresh ``mask * weight`` (as FakeSparsity does), which is
+    harmless; a folded graph reads the weight itself, which the write would change for good
+    (in ``no_grad``, call after call; with autograd on, torch refuses the write).
+    """
+    for product, tag in tagged(graph, Role.MASKED, Role.FOLDED):
+        reached, seen = [product], {product}
+        while reached:
+            node = reached.pop()
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                name = str(user.target) if user.op == "call_method" else getattr(user.target, "__name__", "")
+                called = user.op in ("call_method", "call_function")
+                writes = called and user.kwargs.get("out") is node
+                if called and user.args and user.args[0] is node:  # the tensor a write would go into
+                    writes = writes or user.kwargs.get("inplace") is True or user.target in _IN_PLACE_OPERATORS
+                    writes = writes or (name.endswith("_") and not name.startswith("_"))
+                if writes:
+                    raise MaskError(
+                        f"the model writes into the masked weight {tag.param!r} ({name or user.target} in "
+                        f"node {user.name!r}); a folded weight is the parameter itself, which the write would "
+                        "change for good, where FakeSparsity writes into a fresh mask * weight. Fold only a "
+                        "model that does not write into its weights (fold=False keeps the product)"
+                    )
+                if called and name in _MAY_ALIAS:
+                    reached.append(user)
 
 
 def refuse_soft_masks(masks: Iterable[tuple[str, torch.Tensor]]) -> None:

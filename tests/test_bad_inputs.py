@@ -43,6 +43,13 @@ class Untraceable(nn.Module):
         return self.fc(x) if x.sum() > 0 else x
 
 
+class ScalesItsWeightInPlace(Untraceable):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.fc.weight.t()
+        weight.mul_(2)
+        return x @ weight
+
+
 ONES4 = torch.ones(4, 4)
 X24 = (torch.randn(2, 4),)
 ZERO34 = torch.zeros(3, 4)
@@ -349,6 +356,12 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
             fxsparse.EmitError,
             "fold=True makes a model to train, which only emit='graph' keeps as such, got emit='script'",
         ),
+    ),
+    (
+        "fold=True of a model that writes into a masked weight",
+        ScalesItsWeightInPlace,
+        lambda m, _: fxsparse.transform(m, {"fc": ONES4}, fold=True),
+        (fxsparse.MaskError, "the model writes into the masked weight 'fc.weight' (mul_ in node 'mul_')"),
     ),
     (
         "folded output transformed again",

@@ -592,3 +592,37 @@ def test_a_gradient_from_outside_the_graph_is_not_masked_and_the_masked_product_
         return module(inputs["x"]).square().mean() + (weight - 0.3).square().sum()
 
     assert_steps_match(folded, reference, list(masks), [{"x": x}] * 3, QUALIFYING["adamw"], step)
+
+
+class _ScalesItsWeightInPlace(nn.Module):
+    """A forward that writes into the weight it reads: FakeSparsity's is a fresh mask * weight, a
+    folded graph's the parameter itself, which each call (in no_grad) would change again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.lin.weight.t()
+        weight.mul_(2)
+        return x @ weight
+
+
+@pytest.mark.parametrize("how", ["transform", "fold", "fold in place"])
+def test_fold_refuses_a_graph_that_writes_into_a_folded_weight(how: str) -> None:
+    torch.manual_seed(0)
+    model = _ScalesItsWeightInPlace()
+    masks = {"lin.weight": torch.rand(4, 4) > 0.5}
+    out = fxsparse.transform(model, masks)
+    before = out.get_parameter("lin.weight").clone()
+    with pytest.raises(fxsparse.MaskError, match=r"'lin.weight'.*mul_"):
+        if how == "transform":
+            fxsparse.transform(model, masks, fold=True)
+        else:
+            fxsparse.fold(out, inplace=how == "fold in place")
+    assert torch.equal(out.get_parameter("lin.weight"), before)  # refused before anything was zeroed
+    with torch.no_grad():  # the masked graph multiplies into a fresh tensor: FakeSparsity's, call after call
+        reference = fake_sparsity_on_every_name(model, masks)
+        for _ in range(2):
+            x = torch.randn(2, 4)
+            assert torch.equal(out(x), reference(x))
