@@ -828,7 +828,8 @@ def _add_example_inputs(command: argparse.ArgumentParser) -> None:
     inputs.add_argument(
         "--token-ids",
         metavar="SHAPE",
-        help="run the model on input_ids=zeros of this shape, such as 1x16 (transformers)",
+        help="run the model on input_ids of this shape, such as 1x16 (transformers); the ids are ones, since zeros "
+        "are often padding, which would hide every weight",
     )
 
 
@@ -843,7 +844,9 @@ def _example_inputs(
         parser.error(f"a shape is positive whole numbers joined by x, such as 1x16; got {text!r}")
     shape = tuple(int(part) for part in parts)
     if args.token_ids is not None:
-        return (), {"input_ids": torch.zeros(shape, dtype=torch.long)}
+        # Not zeros: token 0 is often padding (a zero embedding), whose outputs are all zero, so
+        # shrink's check of the smaller model against the masked one would compare nothing.
+        return (), {"input_ids": torch.ones(shape, dtype=torch.long)}
     return (torch.randn(shape, generator=torch.Generator().manual_seed(0)),), {}
 
 

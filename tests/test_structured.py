@@ -336,6 +336,34 @@ def test_shrink_command_needs_example_inputs(capsys: pytest.CaptureFixture[str])
     assert "pass --input-shape or --token-ids" in capsys.readouterr().err
 
 
+class PaddedTokens(nn.Module):
+    """Token ids through an embedding whose token 0 is padding (a zero vector), then an MLP without biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8, padding_idx=0)
+        self.up, self.down = nn.Linear(8, 16, bias=False), nn.Linear(16, 4, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(self.embed(input_ids))))  # type: ignore[no-any-return]
+
+
+def padded_tokens() -> nn.Module:
+    torch.manual_seed(0)
+    return PaddedTokens().eval()
+
+
+def test_shrink_command_token_ids_are_not_padding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --token-ids of zeros fed padding only: every output was zero and shrink refused its own check
+    # with advice (other inputs) that the command line cannot take.
+    from fxsparse._cli import main
+
+    assert main(["shrink", "test_structured:padded_tokens", "--token-ids", "1x4", "--out", str(tmp_path)]) == 0
+    state = torch.load(tmp_path / "model.pt")
+    assert state["up.weight"].shape == (8, 4) and state["down.weight"].shape == (4, 8)
+    assert "checked against the masked model" in capsys.readouterr().out
+
+
 class GroupedQueryAttention(nn.Module):
     """4 query heads sharing 2 key/value heads through scaled_dot_product_attention(enable_gqa=True)."""
 
