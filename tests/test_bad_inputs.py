@@ -195,6 +195,11 @@ def frozen_with_warning(model: nn.Module, warning: str, **options: Any) -> Any:
         return fxsparse.freeze(out, example_inputs=(torch.randn(2, 4),), **options)
 
 
+def shrunk_with_warning(out: torch.fx.GraphModule, warning: str) -> nn.Module:
+    with pytest.warns(UserWarning, match=warning):
+        return fxsparse.shrink(out, example_inputs=X24)
+
+
 # (case as named in docs/errors.md, model factory, call, expected: an error type and message, or None: works)
 CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any], tuple[type, str] | None]] = [
     (
@@ -534,6 +539,12 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         small,
         lambda m, _: fxsparse.shrink(m),
         (fxsparse.MaskError, "shrink takes the output of fxsparse.transform (emit='graph') with masks, got Sequential"),
+    ),
+    (
+        "shrink of masks that zero no whole unit (magnitude, n_m, block)",
+        small,
+        lambda m, _: shrunk_with_warning(fxsparse.transform(m, fxsparse.masks.magnitude(m, 0.5)), "removed nothing"),
+        None,
     ),
     (
         "shrink of an output captured with torch.fx, without example inputs",

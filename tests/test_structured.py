@@ -306,6 +306,24 @@ def test_shrink_refuses_heads_a_config_cannot_express() -> None:
         fxsparse.shrink(fxsparse.transform(model, masks, example_kwargs=inputs))
 
 
+def test_shrink_warns_when_unstructured_masks_remove_nothing() -> None:
+    model, x = mlp(), torch.randn(4, 6)
+    out = fxsparse.transform(model, fxsparse.masks.magnitude(model, 0.5))
+    with pytest.warns(UserWarning, match="shrink removed nothing.*fxsparse.masks.channels makes such masks"):
+        small = fxsparse.shrink(out, example_inputs=(x,))
+    assert [p.shape for p in small.parameters()] == [p.shape for p in model.parameters()]
+    assert torch.equal(small(x), out(x))  # still the masked model, at full size
+
+
+def test_shrink_warns_that_exact_false_removes_units_of_inexact_groups() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    x = torch.randn(4, 6)
+    masks = fxsparse.masks.channels(model, 0.5, example_inputs=(x,), exact=False)
+    with pytest.warns(UserWarning, match="the masks zero 4 unit.*which exact=False removes"):
+        fxsparse.shrink(fxsparse.transform(model, masks), example_inputs=(x,))
+
+
 # ------------------------------------------------------------------------------------------------
 # command line
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,10 +104,12 @@ def shrink(
         )
     masks = _masks_by_first_name(out, masked)
     changed: list[tuple[Group, list[int]]] = []
+    left_inexact = 0
     for group in found.prunable:
-        if exact and not group.exact:
-            continue
         units = [u for u in range(group.units) if _fully_masked(group, u, masks)]
+        if exact and not group.exact:
+            left_inexact += len(units)
+            continue
         if not units:
             continue
         if len(units) == group.units:
@@ -115,6 +118,23 @@ def shrink(
                 "leave a layer of width 0; keep at least one"
             )
         changed.append((group, units))
+    if not changed:
+        # Unstructured masks (magnitude, n_m, block) zero single weights, never a whole unit: the
+        # result would be the masked model at full size, which a user expecting a smaller one
+        # would not notice without looking at the shapes.
+        warnings.warn(
+            "shrink removed nothing: no unit of a prunable group is masked in every parameter the group couples "
+            + (
+                f"(the masks zero {left_inexact} unit(s) of groups where removing differs from masking, which "
+                "exact=False removes); "
+                if left_inexact
+                else "(fxsparse.masks.channels makes such masks; magnitude, n_m and block masks zero single "
+                "weights, which stay as mask * weight); "
+            )
+            + "the result is the masked model at full size",
+            UserWarning,
+            stacklevel=2,
+        )
     sure = [(group, units) for group, units in changed if group.exact]
     if len(sure) < len(changed) and sure:
         # Once an inexact unit goes only the output shapes can be compared, so the exact removals
