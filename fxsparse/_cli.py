@@ -21,7 +21,7 @@ import torch.export
 import torch.fx
 
 from ._compat import ONNX_REGISTRATION_LOGGER
-from ._errors import FxsparseError, MaskError
+from ._errors import FxsparseError, MaskError, percent_hint
 from ._tags import Role, role_of
 
 # Model files are pickles (torch.save), or hold pickles (torch.export's .pt2) or code (TorchScript):
@@ -175,7 +175,7 @@ def _run(parser: argparse.ArgumentParser, command: argparse.ArgumentParser, args
         out = args.out if args.out is not None or args.html is not None else Path("graph.svg")
         return run_draw(command, args.source, out, args.depth, args.full, args.html, **loading)
     if not 0.0 <= args.sparsity <= 1.0:
-        command.error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
+        command.error(f"--sparsity must be between 0 and 1, got {args.sparsity}" + percent_hint(args.sparsity))
     if args.command == "diff":
         out = args.out if args.out is not None or args.html is not None else Path("diff.svg")
         return run_diff(command, args.source, args.masks, args.sparsity, out, args.depth, args.full, args.html,
@@ -442,7 +442,7 @@ def run_masks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import fxsparse
 
     if not 0.0 <= args.sparsity <= 1.0:
-        parser.error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
+        parser.error(f"--sparsity must be between 0 and 1, got {args.sparsity}" + percent_hint(args.sparsity))
     model = _load(parser, args.source, trust=args.trust_source)
     if isinstance(model, torch.export.ExportedProgram):
         parser.error(f"{args.source!r} is an exported program; masks need the model: pass its factory")
@@ -574,7 +574,7 @@ def run_prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .masks._check import printable
 
     if not 0.0 <= args.sparsity <= 1.0:
-        parser.error(f"--sparsity must be between 0 and 1, got {args.sparsity}")
+        parser.error(f"--sparsity must be between 0 and 1, got {args.sparsity}" + percent_hint(args.sparsity))
     n_m = _n_m(parser, args.pattern) if args.pattern is not None else None
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out must be a folder, but {args.out} is a file")
@@ -895,7 +895,7 @@ def run_shrink(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     from .masks._check import printable
 
     if not 0.0 <= args.sparsity < 1.0:
-        parser.error(f"--sparsity must be at least 0 and below 1, got {args.sparsity}")
+        parser.error(f"--sparsity must be at least 0 and below 1, got {args.sparsity}" + percent_hint(args.sparsity))
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out must be a folder, but {args.out} is a file")
     model = _load(parser, args.source, trust=args.trust_source)
@@ -979,7 +979,10 @@ def run_diff(
     if masks_file is not None:
         masks = _load_masks(parser, masks_file)
     else:
-        masks = fxsparse.masks.magnitude(model, sparsity, filter_fn=_prunable)
+        try:
+            masks = fxsparse.masks.magnitude(model, sparsity, filter_fn=_prunable)
+        except fxsparse.MaskError:  # _prunable selected nothing
+            masks = {}
         if not masks:
             parser.error(f"{source!r} has no Linear, Conv or Conv1D weight to mask by magnitude; pass --masks")
         kinds = Counter(type(model.get_submodule(name.rpartition(".")[0])).__name__ for name in masks)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["EmitError", "FxsparseError", "MaskError", "TraceError", "describe"]
+__all__ = ["EmitError", "FxsparseError", "MaskError", "TraceError", "describe", "percent_hint"]
 
 _TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -37,6 +37,13 @@ class TraceError(FxsparseError, RuntimeError):
 
 class EmitError(FxsparseError, ValueError, RuntimeError):
     """The requested output format cannot be produced (bad ``emit`` arguments or a backend refusal)."""
+
+
+def percent_hint(value: object) -> str:
+    """What to write instead of a sparsity given in percent (``50`` for ``0.5``), or ``""``."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 1 < value <= 100:
+        return f": a fraction, so {value / 100:g} for {value:g} %"
+    return ""
 
 
 def describe(exc: BaseException) -> str:

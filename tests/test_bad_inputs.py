@@ -541,6 +541,25 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module, Path], Any]
         (fxsparse.MaskError, "shrink takes the output of fxsparse.transform (emit='graph') with masks, got Sequential"),
     ),
     (
+        "sparsity in percent (`magnitude(model, 50)`, `channels(model, 50, ...)`, `--sparsity 50`)",
+        small,
+        lambda m, _: fxsparse.masks.magnitude(m, 50),
+        (
+            fxsparse.MaskError,
+            "sparsity for '0.weight' must be a number between 0 and 1, got 50: a fraction, so 0.5 for 50 %",
+        ),
+    ),
+    (
+        "mask maker whose `include` or `filter_fn` selects no weight",
+        small,
+        lambda m, _: fxsparse.masks.magnitude(m, 0.5, include="*attn*"),
+        (
+            fxsparse.MaskError,
+            "no weight selected: include='*attn*' picks none of the modules with a weight ('0', '2'); include globs "
+            "match module names like these",
+        ),
+    ),
+    (
         "shrink of masks that zero no whole unit (magnitude, n_m, block)",
         small,
         lambda m, _: shrunk_with_warning(fxsparse.transform(m, fxsparse.masks.magnitude(m, 0.5)), "removed nothing"),

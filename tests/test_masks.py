@@ -53,6 +53,24 @@ def test_select_defaults_globs_and_filters() -> None:
     assert fxsparse.masks.select(model, include="*", filter_fn=lambda m, n: n.startswith("h")) == ["head.weight"]
 
 
+def test_a_selection_that_picks_no_weight_is_refused_naming_the_modules() -> None:
+    # A filter_fn written as (name, module) or a glob with a typo gave no masks at all, silently:
+    # the "pruned" model was the dense one.
+    model = Net()
+    with pytest.raises(fxsparse.MaskError, match=r"filter_fn is called as filter_fn\(module, name\)") as raised:
+        fxsparse.masks.magnitude(model, 0.5, filter_fn=lambda name, module: isinstance(module, nn.Linear))
+    assert "'encoder.0', 'encoder.2'" in str(raised.value)
+    with pytest.raises(fxsparse.MaskError, match=r"no weight selected: include='\*mlp\*' picks none"):
+        fxsparse.masks.n_m(model, include="*mlp*")
+    assert fxsparse.masks.select(nn.Sequential(nn.ReLU())) == []  # nothing asked for, nothing to refuse
+
+
+def test_the_masks_command_says_a_sparsity_is_a_fraction(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["masks", "test_masks:Net", "--sparsity", "50", "--out", "unused.safetensors"])
+    assert "got 50.0: a fraction, so 0.5 for 50 %" in capsys.readouterr().err
+
+
 def test_a_tied_weight_is_selected_once() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight

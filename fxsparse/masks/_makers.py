@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._errors import MaskError
+from .._errors import MaskError, percent_hint
 from .._sparsity import input_axis_of, is_transformers_conv1d
 from ._check import check
 
@@ -87,7 +87,26 @@ def select(
         if chosen and not (excludes and any(fnmatch.fnmatchcase(name, glob) for glob in excludes)):
             seen.add(id(weight))
             names.append(f"{name}.weight" if name else "weight")
+    if not names and (includes is not None or filter_fn is not None):
+        # A glob with a typo, or a filter_fn written as (name, module), would otherwise give no
+        # masks at all, and the "pruned" model would be the dense one.
+        _refuse_empty_selection(model, include, filter_fn)
     return names
+
+
+def _refuse_empty_selection(model: nn.Module, include: str | Sequence[str] | None, filter_fn: FilterFn | None) -> None:
+    candidates = [repr(name) for name, module in model.named_modules() if _stored_weight(module) is not None]
+    shown = ", ".join(candidates[:4]) + (", ..." if len(candidates) > 4 else "")
+    asked = " and ".join(
+        ([f"include={include!r}"] if include is not None else []) + (["filter_fn"] if filter_fn is not None else [])
+    )
+    how = ["include globs match module names like these"] if include is not None else []
+    if filter_fn is not None:
+        how.append("filter_fn is called as filter_fn(module, name) and returns True for the modules to mask")
+    raise MaskError(
+        f"no weight selected: {asked} picks none of the modules with a weight "
+        + (f"({shown}); {'; '.join(how)}" if candidates else "(the model has none)")
+    )
 
 
 def from_zeros(
@@ -376,7 +395,7 @@ def sparsity_levels(
 
 def _fraction(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise MaskError(f"sparsity for {name!r} must be a number between 0 and 1, got {value!r}")
+        raise MaskError(f"sparsity for {name!r} must be a number between 0 and 1, got {value!r}" + percent_hint(value))
     return float(value)
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._capture import copy_model, lookup
-from .._errors import MaskError
+from .._errors import MaskError, percent_hint
 from ._groups import Analysis, Group, analyse
 
 __all__ = ["SCOPES", "SCORES", "channels", "unit_masks"]
@@ -73,7 +73,7 @@ def channels(
         (['0.bias', '0.weight', '2.weight'], 4, 4)
     """
     if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0 <= sparsity < 1:
-        raise MaskError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        raise MaskError(f"sparsity must be a number in [0, 1), got {sparsity!r}" + percent_hint(sparsity))
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise MaskError(f"round_to must be a whole number >= 1, got {round_to!r}")
     if scope not in SCOPES:
