@@ -184,7 +184,19 @@ def _masks_of(out: torch.fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
 
 def _check_output(out: torch.fx.GraphModule, caller: str, inplace: bool) -> None:
     if not isinstance(out, torch.fx.GraphModule):
-        raise TypeError(f"{caller} takes fxsparse.transform's output (emit='graph'), got {type(out).__name__}")
+        if isinstance(out, torch.nn.Module) and not isinstance(out, torch.jit.ScriptModule):
+            advice = (
+                "fxsparse.transform(model, masks, fold=True) makes one (masks=None lowers the FakeSparsity "
+                "parametrizations a model carries)"
+            )
+        else:  # TorchScript, torch.export, ONNX: artifacts for inference, which no longer hold a graph to rewrite
+            advice = (
+                f"{caller} works on the graph before it is emitted (fxsparse.transform(model, masks, fold=True) folds "
+                "it there); for inference, fxsparse.freeze(out, emit=...) folds the masks into the artifact"
+            )
+        raise TypeError(
+            f"{caller} takes fxsparse.transform's output (emit='graph'), got {type(out).__name__}: {advice}"
+        )
     if not isinstance(inplace, bool):
         raise EmitError(f"inplace must be True or False, got {inplace!r}")
     if not mask_registry(out.graph):

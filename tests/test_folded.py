@@ -434,6 +434,17 @@ def test_fold_refuses_other_emits_and_a_folded_output_transformed_again() -> Non
         fxsparse.transform(folded, {"bias": torch.ones(4)})
 
 
+def test_fold_of_an_emitted_artifact_says_where_to_fold_instead() -> None:
+    model, masks, x = nn.Sequential(nn.Linear(4, 4)), {"0.weight": torch.ones(4, 4)}, torch.randn(2, 4)
+    program = fxsparse.transform(model, masks, emit="export", example_inputs=(x,))
+    with pytest.raises(TypeError, match=r"got ExportedProgram: fold works on the graph before it is emitted.*"
+                       r"fold=True.*fxsparse.freeze\(out, emit=...\)"):  # fmt: skip
+        fxsparse.fold(program)  # type: ignore[arg-type]
+    parametrized = fxsparse.transform(model, masks, emit="parametrize")
+    with pytest.raises(TypeError, match=r"got Sequential: fxsparse.transform\(model, masks, fold=True\) makes one"):
+        fxsparse.fold(parametrized)  # type: ignore[arg-type]
+
+
 class _Allocations(TorchDispatchMode):
     """Counts the bytes of every tensor an operator makes (outputs that are not views of an input)."""
 
