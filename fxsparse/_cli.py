@@ -395,7 +395,16 @@ def _prunable(module: torch.nn.Module, name: str) -> bool:
     return is_linear_like(module) or isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
 
 
-def _graph_of(parser: argparse.ArgumentParser, model: torch.nn.Module) -> torch.fx.GraphModule:
+_REPORT_IN_PYTHON = (
+    "fxsparse.viz.report(fxsparse.transform(model, {}, example_kwargs=...), "
+    "fxsparse.transform(model, masks, example_kwargs=...), 'report.html')"
+)
+_VIEW_IN_PYTHON = "fxsparse.viz.view(fxsparse.transform(model, masks, example_kwargs=...), path='graph.html')"
+
+
+def _graph_of(
+    parser: argparse.ArgumentParser, model: torch.nn.Module, in_python: str = _REPORT_IN_PYTHON
+) -> torch.fx.GraphModule:
     if isinstance(model, torch.fx.GraphModule):
         return model
     try:
@@ -404,8 +413,7 @@ def _graph_of(parser: argparse.ArgumentParser, model: torch.nn.Module) -> torch.
         parser.error(
             f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {str(error).splitlines()[0]}); "
             "the commands need a model FX can trace. For others (Hugging Face models), use the Python API with "
-            "example inputs: fxsparse.viz.report(fxsparse.transform(model, {}, example_kwargs=...), "
-            "fxsparse.transform(model, masks, example_kwargs=...), 'report.html')"
+            f"example inputs: {in_python}"
         )
 
 
@@ -422,7 +430,7 @@ def run_draw(
     from . import viz
 
     loaded = _load(parser, source, trust=trust)
-    graph = loaded if isinstance(loaded, torch.export.ExportedProgram) else _graph_of(parser, loaded)
+    graph = loaded if isinstance(loaded, torch.export.ExportedProgram) else _graph_of(parser, loaded, _VIEW_IN_PYTHON)
     nodes = len(graph.graph.nodes)
     if out is not None:
         _say(f"drawing {_count(nodes, 'node')}")

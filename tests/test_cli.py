@@ -278,3 +278,31 @@ def test_cli_failures_are_sentences_with_exit_status_2(
         main(["check", "test_cli:six_wide", "--masks", "m.safetensors"])
     assert exited.value.code == 2
     assert r"fxsparse check: error: RuntimeError: \x1b[31mboom" in capsys.readouterr().err
+
+
+class BranchesOnValues(torch.nn.Module):
+    """A forward torch.fx cannot trace (it branches on a tensor's value), as Hugging Face models' cannot be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.sum() > 0 else x
+
+
+def branches_on_values() -> torch.nn.Module:
+    return BranchesOnValues()
+
+
+def test_draw_of_a_model_fx_cannot_trace_points_to_the_viewer_in_python(capsys: pytest.CaptureFixture[str]) -> None:
+    # draw --html pointed to fxsparse.viz.report, a diff of two graphs, for a single model's viewer.
+    with pytest.raises(SystemExit) as exited:
+        main(["draw", "test_cli:branches_on_values", "--html", "unused.html"])
+    assert exited.value.code == 2
+    printed = capsys.readouterr().err
+    assert "torch.fx cannot trace BranchesOnValues" in printed
+    assert "fxsparse.viz.view(fxsparse.transform(model, masks, example_kwargs=...), path='graph.html')" in printed
+    with pytest.raises(SystemExit):
+        main(["diff", "test_cli:branches_on_values", "--html", "unused.html"])
+    assert "fxsparse.viz.report(" in capsys.readouterr().err
