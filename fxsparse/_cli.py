@@ -11,6 +11,7 @@ import os
 import sys
 import time
 import warnings
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -357,6 +358,7 @@ def _load(
             "the model, package.module:function"
         )
     elif Path(source).suffix == ".pt2":
+        _register_transformers_outputs(Path(source))
         try:
             return torch.export.load(source)
         except Exception as error:
@@ -400,6 +402,27 @@ _REPORT_IN_PYTHON = (
     "fxsparse.transform(model, masks, example_kwargs=...), 'report.html')"
 )
 _VIEW_IN_PYTHON = "fxsparse.viz.view(fxsparse.transform(model, masks, example_kwargs=...), path='graph.html')"
+
+
+def _register_transformers_outputs(path: Path) -> None:
+    """Import transformers' output classes when the program at ``path`` returns one.
+
+    torch.export.load rebuilds an output's pytree class only once its package has registered it
+    (transformers does on import); without, a transformers model's .pt2 (``fxsparse demo --model
+    gpt2-tiny`` writes one) failed to load with a warning and no reason."""
+    if "transformers.modeling_outputs" in sys.modules or importlib.util.find_spec("transformers") is None:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            mentions = any(
+                b"transformers.modeling_outputs." in archive.read(name)
+                for name in archive.namelist()
+                if name.endswith(".json") and "/models/" in f"/{name}"
+            )
+    except (OSError, zipfile.BadZipFile):
+        return  # torch.export.load says what is wrong with the file
+    if mentions:
+        importlib.import_module("transformers.modeling_outputs")
 
 
 def _graph_of(

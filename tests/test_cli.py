@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -306,3 +307,22 @@ def test_draw_of_a_model_fx_cannot_trace_points_to_the_viewer_in_python(capsys: 
     with pytest.raises(SystemExit):
         main(["diff", "test_cli:branches_on_values", "--html", "unused.html"])
     assert "fxsparse.viz.report(" in capsys.readouterr().err
+
+
+def test_draw_loads_a_transformers_models_exported_program(tmp_path: Path) -> None:
+    # In a fresh process torch.export.load could not rebuild the model's output class
+    # (transformers registers it on import): fxsparse demo --model gpt2-tiny's model.pt2 failed to load.
+    import fxsparse
+
+    import hf_zoo
+
+    family = hf_zoo.FAMILIES["gpt2"]
+    model, inputs = hf_zoo.build(family), family.inputs(1, 4)
+    torch.export.save(fxsparse.transform(model, {}, emit="export", example_kwargs=inputs), tmp_path / "gpt2.pt2")
+    environment = {**os.environ, "PYTHONPATH": str(Path(fxsparse.__file__).parent.parent)}
+    result = subprocess.run(
+        [sys.executable, "-m", "fxsparse", "draw", "gpt2.pt2", "--trust-source", "--html", "gpt2.html"],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "<input type='search'" in (tmp_path / "gpt2.html").read_text()
