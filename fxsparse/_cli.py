@@ -71,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("fxsparse-demo"), help="output folder (default: %(default)s)")
     demo.add_argument("--sparsity", type=float, default=0.5, help="fraction of each weight to prune (default: 0.5)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs (default: 0)")
-    draw = commands.add_parser("draw", help="draw a model's FX graph (or a saved fxsparse output's) as SVG or PNG")
+    draw = commands.add_parser(
+        "draw", help="draw a model's FX graph (or a saved fxsparse output's): SVG or PNG, or --html for the viewer"
+    )
     draw.add_argument("source", help=SOURCE)
     draw.add_argument("--trust-source", action="store_true", help=TRUST_SOURCE)
     picture = "picture to write; its suffix picks the format: .svg, .png, .jpg, .json, .dot (the source only), "
@@ -892,9 +894,16 @@ def _add_shrink(commands: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     shrink.add_argument("source", help=SOURCE)
     shrink.add_argument("--trust-source", action="store_true", help=TRUST_SOURCE)
-    shrink.add_argument("--sparsity", type=float, default=0.5, help="fraction of each group's units to remove")
-    shrink.add_argument("--round-to", type=_positive, default=1, help="keep a multiple of this many units per group")
-    shrink.add_argument("--scope", choices=("layer", "global"), default="layer", help="per group, or one ranking")
+    shrink.add_argument(
+        "--sparsity", type=float, default=0.5, help="fraction of each group's units to remove (default: 0.5)"
+    )
+    shrink.add_argument(
+        "--round-to", type=_positive, default=1, help="keep a multiple of this many units per group (default: 1)"
+    )
+    shrink.add_argument(
+        "--scope", choices=("layer", "global"), default="layer",
+        help="layer: each group loses --sparsity of its units; global: one ranking of all units (default: layer)",
+    )  # fmt: skip
     shrink.add_argument("--include", action="append", help="parameter-name glob: prune the groups it touches")
     shrink.add_argument("--exclude", action="append", help="parameter-name glob: leave the groups it touches")
     _add_example_inputs(shrink)

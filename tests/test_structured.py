@@ -315,6 +315,13 @@ def test_shrink_warns_when_unstructured_masks_remove_nothing() -> None:
     assert torch.equal(small(x), out(x))  # still the masked model, at full size
 
 
+def test_shrink_of_a_frozen_output_says_to_shrink_before_freezing() -> None:
+    model, x = mlp(), torch.randn(4, 6)
+    out = fxsparse.transform(model, fxsparse.masks.channels(model, 0.5, example_inputs=(x,)))
+    with pytest.raises(fxsparse.MaskError, match=r"applies no mask .*shrink before freezing"):
+        fxsparse.shrink(fxsparse.freeze(out), example_inputs=(x,))
+
+
 def test_shrink_warns_that_exact_false_removes_units_of_inexact_groups() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))

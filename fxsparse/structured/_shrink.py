@@ -77,7 +77,12 @@ def shrink(
     if not isinstance(out, torch.fx.GraphModule) or not mask_registry(out.graph):
         raise MaskError(
             f"shrink takes the output of fxsparse.transform (emit='graph') with masks, got {type(out).__name__}"
-            + ("" if not isinstance(out, torch.fx.GraphModule) else " that applies no mask")
+            + (
+                ""
+                if not isinstance(out, torch.fx.GraphModule)
+                else " that applies no mask (fxsparse.freeze folds the masks away: shrink before freezing, and freeze "
+                "the smaller model if you like)"
+            )
         )
     masked = to_model(out, masks="fold")
     training = masked.training
