@@ -62,8 +62,11 @@ def shrink(
 
     Raises:
         MaskError: ``out`` is not an output of ``transform``, a group would lose every unit,
-            the model's code or config cannot follow the new sizes.
-        TraceError: no example inputs, for an output captured with ``torch.fx``.
+            the model's code or config cannot follow the new sizes, no example inputs for an
+            output captured with ``torch.fx``.
+
+    Warns:
+        UserWarning: the masks zero no whole unit (unstructured masks): nothing is removed.
 
     Example:
         >>> import torch, fxsparse
