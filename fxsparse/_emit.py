@@ -213,6 +213,22 @@ def keep_mode_graphs(gm: torch.fx.GraphModule, modes: dict[bool, torch.fx.Graph]
     gm.recompile()
 
 
+def edit_mode_graphs(gm: torch.fx.GraphModule, edit: Callable[[torch.fx.Graph, bool], None]) -> None:
+    """Edit each mode's graph of ``gm`` (``edit(graph, first)``, the current one first), and make its code again.
+
+    Only the first edit changes ``gm``'s weights: the other mode's graph reads the same ones.
+    """
+    modes = mode_graphs(gm)
+    edit(gm.graph, True)
+    for graph in modes.values():
+        if graph is not gm.graph:
+            edit(graph, False)
+    if len(modes) > 1:  # the other mode's code, made from its graph before, would run the old graph
+        keep_mode_graphs(gm, modes)
+    else:
+        gm.recompile()
+
+
 def graph_module(
     root: nn.Module,
     graph: torch.fx.Graph,

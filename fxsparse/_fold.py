@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -109,7 +109,7 @@ def unfold(out: torch.fx.GraphModule, *, inplace: bool = False) -> torch.fx.Grap
     """
     _check_output(out, "unfold", inplace)
     unfolded = out if inplace else copy.deepcopy(out)
-    _edit_every_mode(unfolded, lambda graph, first: _rewrite.unfold_from_weights(graph))
+    _emit.edit_mode_graphs(unfolded, lambda graph, first: _rewrite.unfold_from_weights(graph))
     return unfolded
 
 
@@ -117,7 +117,7 @@ def fold_in_place(out: torch.fx.GraphModule) -> None:
     """Fold ``out``'s masks into its own weights (its masks checked binary beforehand)."""
     for graph in _emit.mode_graphs(out).values():
         refuse_in_place_writes(graph)  # before any weight is zeroed
-    _edit_every_mode(out, lambda graph, first: _rewrite.fold_into_weights(out, graph, values=first))
+    _emit.edit_mode_graphs(out, lambda graph, first: _rewrite.fold_into_weights(out, graph, values=first))
     if not out.__dict__.get(_REFOLDS_ON_LOAD):
         out.register_load_state_dict_post_hook(refold_after_loading)  # type: ignore[no-untyped-call]  # torch leaves it untyped
         out.__dict__[_REFOLDS_ON_LOAD] = True
@@ -201,16 +201,3 @@ def _check_output(out: torch.fx.GraphModule, caller: str, inplace: bool) -> None
         raise EmitError(f"inplace must be True or False, got {inplace!r}")
     if not mask_registry(out.graph):
         raise MaskError(f"{type(out).__name__} has no masks to {caller}: pass fxsparse.transform's output")
-
-
-def _edit_every_mode(out: torch.fx.GraphModule, edit: Callable[[torch.fx.Graph, bool], None]) -> None:
-    """Edit each mode's graph of ``out`` (the current one first), and make its code again."""
-    modes = _emit.mode_graphs(out)
-    edit(out.graph, True)
-    for graph in modes.values():
-        if graph is not out.graph:
-            edit(graph, False)  # the other mode's graph, over the same weights
-    if len(modes) > 1:
-        _emit.keep_mode_graphs(out, modes)  # drops the other mode's code, made from the graph before
-    else:
-        out.recompile()

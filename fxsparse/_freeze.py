@@ -118,18 +118,12 @@ def freeze(
     else:
         frozen = out if inplace else copy.deepcopy(out)
         _to_eval_mode(frozen)  # before anything changes: a refusal leaves an in-place `out` as it was
-    masks = _rewrite.fold_masks(frozen, frozen.graph)
-    modes = _emit.mode_graphs(frozen)
-    for graph in modes.values():
-        if graph is not frozen.graph:
-            _rewrite.fold_masks(frozen, graph, values=False)  # the other mode's graph, over the same weights
-    if len(modes) > 1:  # the other mode's code, made before (a switch of `out`), would still read the masks
-        _emit.keep_mode_graphs(frozen, modes)
-    else:
-        frozen.recompile()
+    masks: dict[str, torch.Tensor] = {}  # each folded parameter's mask, from the current mode's graph
+    _emit.edit_mode_graphs(frozen, lambda graph, first: masks.update(_rewrite.fold_masks(frozen, graph, first)))
     if layout != "dense":
         _store_in_layout(frozen, masks, layout, args, kwargs)
-        if len(modes) > 1:  # the layouts were chosen on this mode's graph: the frozen model keeps it alone
+        # the layouts were chosen on this mode's graph: the frozen model keeps it alone
+        if len(_emit.mode_graphs(frozen)) > 1:
             _emit.keep_mode_graphs(frozen, {frozen.training: frozen.graph})
         frozen.recompile()
     return _emit.emit_as(frozen, emit, args, kwargs, dynamic_shapes)
