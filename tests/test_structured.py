@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.ao.pruning import FakeSparsity
 from torch.nn import functional as F
 
 import fxsparse
@@ -444,6 +445,20 @@ def test_activation_score_removes_a_large_unit_that_never_fires() -> None:
     x = torch.rand(16, 2)  # positive: relu(-x0 - x1) = 0
     l2 = fxsparse.masks.channels(model, 0.25, example_inputs=(x,))
     assert l2["0.weight"].all(dim=1).tolist() == [True, False, True, True]  # L2: unit 1 has the least weight
+    calibrated = fxsparse.masks.channels(model, 0.25, example_inputs=(x,), score="activation")
+    assert calibrated["0.weight"].all(dim=1).tolist() == [False, True, True, True]
+
+
+def test_activation_score_of_a_parametrized_model_weighs_its_inputs_too() -> None:
+    # A FakeSparsity-parametrized consumer: its weight is made anew on every read, so the input
+    # norms were once looked up by its id, found nothing, and the score fell back to L2 silently.
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-1.0, -1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.tensor([[9.0, 1.0, 1.2, 1.1]]))  # unit 0: the largest weights, input always 0
+    torch.nn.utils.parametrize.register_parametrization(model[2], "weight", FakeSparsity(torch.ones(1, 4)))
+    x = torch.rand(16, 2)  # positive: relu(-x0 - x1) = 0
     calibrated = fxsparse.masks.channels(model, 0.25, example_inputs=(x,), score="activation")
     assert calibrated["0.weight"].all(dim=1).tolist() == [False, True, True, True]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -170,15 +171,18 @@ def _input_norms(model: nn.Module, analysis: Analysis) -> dict[str, torch.Tensor
     names = {id(t): n for n, t in copied.named_parameters()}
     squares: dict[str, torch.Tensor] = {}
 
-    def record(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        name = names.get(id(module.weight))
-        if name is not None and inputs and isinstance(inputs[0], torch.Tensor):
+    def record(name: str, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        # A parametrized weight (FakeSparsity) is made anew on each read, so it is named as the
+        # groups name it: by its module ("0.weight"); a shared one by its first name.
+        name = names.get(id(module.weight), name)
+        if inputs and isinstance(inputs[0], torch.Tensor):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             squares[name] = squares.get(name, 0) + x.pow(2).sum(0)
 
-    for module in copied.modules():
+    for module_name, module in copied.named_modules():
         if isinstance(module, nn.Linear):
-            module.register_forward_pre_hook(record)
+            weight = f"{module_name}.weight" if module_name else "weight"
+            module.register_forward_pre_hook(functools.partial(record, weight))
     with torch.no_grad():
         copied(*analysis.args, **analysis.kwargs)
     return {name: total.sqrt() for name, total in squares.items()}
