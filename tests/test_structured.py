@@ -463,6 +463,21 @@ def test_activation_score_of_a_parametrized_model_weighs_its_inputs_too() -> Non
     assert calibrated["0.weight"].all(dim=1).tolist() == [False, True, True, True]
 
 
+def test_activation_score_weighs_the_inputs_of_a_transformers_conv1d_consumer() -> None:
+    # GPT-2's MLP projections are transformers' Conv1D ([in, out] weights), not nn.Linear: their
+    # inputs were not recorded, and the score fell back to L2 silently.
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), Conv1D(1, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-1.0, -1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.tensor([[9.0], [1.0], [1.2], [1.1]]))  # unit 0: the largest weights, input 0
+    x = torch.rand(16, 2)  # positive: relu(-x0 - x1) = 0
+    calibrated = fxsparse.masks.channels(model, 0.25, example_inputs=(x,), score="activation")
+    assert calibrated["0.weight"].all(dim=1).tolist() == [False, True, True, True]
+
+
 def test_global_scope_ranks_units_across_groups() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -13,6 +13,7 @@ from torch import nn
 
 from .._capture import copy_model, lookup
 from .._errors import MaskError, percent_hint
+from .._sparsity import is_transformers_conv1d
 from ._groups import Analysis, Group, analyse
 
 __all__ = ["SCOPES", "SCORES", "channels", "unit_masks"]
@@ -163,7 +164,8 @@ def _removed(
 
 
 def _input_norms(model: nn.Module, analysis: Analysis) -> dict[str, torch.Tensor]:
-    """For each ``nn.Linear`` weight: the L2 norm of each input feature over the example inputs.
+    """For each ``nn.Linear`` (and transformers ``Conv1D``) weight: the L2 norm of each input feature
+    over the example inputs.
 
     Recorded by hooks on a copy of the model (the model given is left as it was).
     """
@@ -180,7 +182,7 @@ def _input_norms(model: nn.Module, analysis: Analysis) -> dict[str, torch.Tensor
             squares[name] = squares.get(name, 0) + x.pow(2).sum(0)
 
     for module_name, module in copied.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or is_transformers_conv1d(type(module)):  # GPT-2's Conv1D: [in, out]
             weight = f"{module_name}.weight" if module_name else "weight"
             module.register_forward_pre_hook(functools.partial(record, weight))
     with torch.no_grad():
