@@ -159,10 +159,9 @@ def groups(
 
 @dataclasses.dataclass(frozen=True)
 class Analysis:
-    """The groups, and the captured graph module they were found on (runnable on the inputs)."""
+    """The groups, and the inputs they were found with."""
 
     groups: Groups
-    module: torch.fx.GraphModule
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
 
@@ -178,21 +177,10 @@ def analyse(model: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, An
     args, kwargs = args or (), dict(kwargs or {})
     root = _capture.copy_model(model)
     _capture.lower_fake_sparsity(root)
-    exported = _capture.export(root, args, kwargs)
-    for target, value in exported.attributes.items():
-        _set_attribute(root, target, value)
-    module = torch.fx.GraphModule(root, exported.graph)
-    found = _Finder(root, exported.graph).run()
-    return Analysis(found, module, args, kwargs)
-
-
-def _set_attribute(root: nn.Module, target: str, value: Any) -> None:
-    owner_path, _, name = target.rpartition(".")
-    owner = root.get_submodule(owner_path) if owner_path else root
-    if isinstance(value, nn.Module):
-        owner.add_module(name, value)
-    else:
-        setattr(owner, name, value)
+    # The graph's other attributes (constants export lifted, control-flow subgraphs) are not
+    # installed: the finder reads only parameters and buffers, and fixes whatever else it meets.
+    found = _Finder(root, _capture.export(root, args, kwargs).graph).run()
+    return Analysis(found, args, kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

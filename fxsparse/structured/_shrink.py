@@ -94,7 +94,6 @@ def shrink(
         example_inputs, example_kwargs = _inputs_that_run(out, masked)
     analysis = analyse(masked, example_inputs, example_kwargs)
     found, args, kwargs = analysis.groups, analysis.args, analysis.kwargs
-    del analysis  # its captured copy of the model: one model's worth of memory
     with torch.no_grad():
         expected = list(_tensors(masked(*args, **kwargs)))
     if not expected:
