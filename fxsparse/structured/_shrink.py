@@ -177,9 +177,7 @@ def _fully_masked(group: Group, unit: int, masks: dict[str, torch.Tensor]) -> bo
 
 def _masks_by_first_name(out: torch.fx.GraphModule, model: nn.Module) -> dict[str, torch.Tensor]:
     """The masks ``out`` applies, keyed by the first name of their parameter in ``model`` (a tie has one)."""
-    first: dict[int, str] = {}
-    for first_name, parameter in model.named_parameters():
-        first.setdefault(id(parameter), first_name)
+    first = _first_names(model)
     by_alias = {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
     found = {}
     for mask_name, masked_name in mask_registry(out.graph).items():
@@ -187,6 +185,14 @@ def _masks_by_first_name(out: torch.fx.GraphModule, model: nn.Module) -> dict[st
         if isinstance(mask, torch.Tensor) and masked_name in by_alias:
             found[by_alias[masked_name]] = mask.detach().bool()
     return found
+
+
+def _first_names(model: nn.Module) -> dict[int, str]:
+    """Each parameter's and buffer's first name in ``model``, by ``id``: the one name a tied tensor is changed under."""
+    first: dict[int, str] = {}
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        first.setdefault(id(tensor), name)
+    return first
 
 
 def _without(tensor: torch.Tensor, removals: dict[tuple[str, int], set[int]], name: str) -> torch.Tensor:
@@ -208,9 +214,7 @@ def _rebuilt(masked: nn.Module, new: dict[str, torch.Tensor], changed: list[tupl
 
 def _rebuilt_in_place(masked: nn.Module, new: dict[str, torch.Tensor]) -> nn.Module:
     """``masked`` (fxsparse's own copy) with the smaller tensors, and the sizes torch.nn layers record updated."""
-    first: dict[int, str] = {}
-    for first_name, first_tensor in (*masked.named_parameters(), *masked.named_buffers()):
-        first.setdefault(id(first_tensor), first_name)
+    first = _first_names(masked)
     replacements: dict[str, torch.Tensor] = {}
     for module in masked.modules():
         held: list[tuple[str, torch.Tensor | None]] = [*module._parameters.items(), *module._buffers.items()]
@@ -295,9 +299,7 @@ def _rebuilt_from_config(
     if ("num_attention_heads" in updates or "hidden_size" in updates) and head_dim is not None:
         new_config.head_dim = head_dim  # per-head width stays; models that derive it from hidden_size need it set
     state = masked.state_dict(keep_vars=True)
-    first: dict[int, str] = {}
-    for name, tensor in (*masked.named_parameters(), *masked.named_buffers()):
-        first.setdefault(id(tensor), name)
+    first = _first_names(masked)
     new_state = {}
     for key, tensor in state.items():
         name = first.get(id(tensor), key)
