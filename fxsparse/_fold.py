@@ -19,6 +19,7 @@ import torch.fx
 from torch import nn
 
 from . import _emit, _rewrite
+from ._compat import OpOverload
 from ._errors import EmitError, MaskError
 from ._runtime.folded import zero_pruned
 from ._tags import Role, is_folded, mask_registry, tagged
@@ -37,7 +38,9 @@ _MAY_ALIAS = frozenset(
         "permute", "expand", "expand_as", "narrow", "select", "squeeze", "unsqueeze", "flatten", "unflatten",
         "movedim", "moveaxis", "swapaxes", "swapdims", "chunk", "split", "unbind", "tensor_split", "hsplit",
         "vsplit", "diagonal", "as_strided", "unfold", "detach", "contiguous", "to", "type_as", "view_as_real",
-        "view_as_complex", "real", "imag", "conj", "alias", "masked_gradient", "__iter__",
+        "view_as_complex", "real", "imag", "conj", "alias", "masked_gradient", "__iter__", "ravel",
+        # ATen's names, as torch.export records views (x[:2] is aten.slice)
+        "slice", "split_with_sizes", "unsafe_split", "_unsafe_view", "_reshape_alias", "lift_fresh",
     }
 )  # fmt: skip
 _IN_PLACE_OPERATORS = frozenset(
@@ -150,7 +153,7 @@ def refuse_in_place_writes(graph: torch.fx.Graph) -> None:
                 if user in seen:
                     continue
                 seen.add(user)
-                name = str(user.target) if user.op == "call_method" else getattr(user.target, "__name__", "")
+                name = _called_name(user)
                 called = user.op in ("call_method", "call_function")
                 writes = called and user.kwargs.get("out") is node
                 if called and user.args and user.args[0] is node:  # the tensor a write would go into
@@ -165,6 +168,16 @@ def refuse_in_place_writes(graph: torch.fx.Graph) -> None:
                     )
                 if called and name in _MAY_ALIAS:
                     reached.append(user)
+
+
+def _called_name(node: torch.fx.Node) -> str:
+    """The name of what ``node`` calls: ``"mul_"`` for ``x.mul_``, ``torch.mul_`` and ``aten.mul_.Tensor`` alike
+    (an ATen operator's own name holds its overload, ``"mul_.Tensor"``, which no name test would match)."""
+    if node.op == "call_method":
+        return str(node.target)
+    if isinstance(node.target, OpOverload):
+        return str(node.target.overloadpacket.__name__)
+    return str(getattr(node.target, "__name__", ""))
 
 
 def refuse_soft_masks(masks: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -637,3 +637,26 @@ def test_fold_refuses_a_graph_that_writes_into_a_folded_weight(how: str) -> None
         for _ in range(2):
             x = torch.randn(2, 4)
             assert torch.equal(out(x), reference(x))
+
+
+class _ScalesRowsOfItsWeightInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.lin.weight[:2].mul_(2)  # aten.slice in an exported graph
+        return x @ self.lin.weight.t()
+
+
+@pytest.mark.parametrize("model_class", [_ScalesItsWeightInPlace, _ScalesRowsOfItsWeightInPlace])
+def test_fold_refuses_an_exported_graph_that_writes_into_a_folded_weight_through_aten_ops(
+    model_class: type[nn.Module],
+) -> None:
+    # torch.export keeps the write as aten.mul_.Tensor and the views as aten.t.default/aten.slice.Tensor:
+    # matched by the operator's name with its overload, none was seen, and each call doubled the weight.
+    torch.manual_seed(0)
+    model = model_class().requires_grad_(False)  # export refuses the write into a grad leaf
+    masks = {"lin.weight": torch.rand(4, 4) > 0.5}
+    with pytest.raises(fxsparse.MaskError, match=r"'lin.weight'.*mul_"):
+        fxsparse.transform(model, masks, capture="export", example_inputs=(torch.randn(2, 4),), fold=True)
