@@ -274,6 +274,14 @@ def test_mask_files_round_trip(tmp_path: Path) -> None:
     assert (tmp_path / "m.safetensors").stat().st_size < weights * 1.1 + 2000  # bool stays 1 byte
 
 
+def test_mask_files_write_the_values_of_a_conjugate_view(tmp_path: Path) -> None:
+    # safetensors files are written from each tensor's memory: a conjugate view's memory holds the
+    # unconjugated values (torch conjugates lazily), which loaded back as other masks, silently.
+    mask = torch.tensor([[1 + 1j, 0j], [0j, 1 - 1j]], dtype=torch.complex64).conj()
+    loaded = fxsparse.load_masks(fxsparse.save_masks({"w": mask}, tmp_path / "m.safetensors"))
+    assert torch.equal(loaded["w"], torch.tensor([[1 - 1j, 0j], [0j, 1 + 1j]], dtype=torch.complex64))
+
+
 class RunsCode:
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (exec, ("open('ran.txt', 'w').write('code ran')",))

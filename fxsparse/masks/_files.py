@@ -193,7 +193,8 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], 
     for name, mask in masks.items():
         if not isinstance(name, str) or not isinstance(mask, torch.Tensor):
             raise MaskError(f"masks must map names (str) to tensors; {name!r} maps to {type(mask).__name__}")
-        tensor = mask.detach().to("cpu").contiguous()
+        # Written from its memory: a lazy conjugate or negative view is made real first.
+        tensor = mask.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
         if tensor.untyped_storage().data_ptr() in storages:
             tensor = tensor.clone()  # safetensors refuses tensors sharing memory
         storages.add(tensor.untyped_storage().data_ptr())
