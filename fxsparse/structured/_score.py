@@ -58,7 +58,9 @@ def channels(
             different widths compare) go, ``sparsity`` of all units.
         score: ``"l2"``: the L2 norm of the unit's coupled weights; ``"activation"``: each
             consumer column's ``|W|`` summed and scaled by the L2 norm of its input over the
-            example inputs (Wanda's score, summed over the unit), plus the producer rows' L2 norm.
+            example inputs (Wanda's score, summed over the unit), plus the producer rows' L2 norm;
+            inputs are measured for ``nn.Linear`` and transformers ``Conv1D`` consumers (a
+            convolution's columns count by their L2 norm).
         exact: leave out groups where removing a unit differs from masking it (a hidden size
             under LayerNorm/RMSNorm, whose statistics count masked channels); ``False`` prunes
             them too, and the shrunk model then differs from the masked one there.
